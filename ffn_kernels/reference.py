@@ -1,0 +1,249 @@
+"""Pure-PyTorch reference of the fused ops, written for clarity (DESIGN.md §3).
+
+This module is the oracle of every test and the "eager" side of the op benchmarks. It has two
+parts:
+
+* the op semantics — :func:`shift_alter`, :func:`freq_batch_norm`, :func:`bn_add_relu_shift_alter`
+  — written per segment with ordinary PyTorch (slicing shift, ``F.batch_norm``), differentiable by
+  autograd and updating running statistics in place like ``nn.BatchNorm2d``;
+* the *raw backend API* (``*_fwd`` / ``*_bwd``) that every backend (C++ CPU, CUDA, Triton and this
+  reference) implements with the same signature; the reference versions derive their backward
+  passes from the semantics with ``torch.autograd.grad``.
+
+Raw backend API (``frames``/``rows`` are lists of ints, ``clips`` an int; ``S`` segments, ``P``
+parameter rows; "acc" dtype is float64 for float64 input, else float32; an unused output is an
+empty tensor):
+
+``shift_alter_fwd(x, clips, frames, rows, alter, fold_div) -> y``
+``shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad) -> (dx, dalter[P,C])``
+``bn_fwd(x, clips, frames, rows, weight, bias, running_mean, running_var, training, momentum[S],
+         eps, relu, residual) -> (y, mean[S,C], invstd[S,C], new_running_mean[P,C], new_running_var[P,C])``
+``bn_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu, has_residual)
+         -> (dx, dweight[P,C], dbias[P,C], dresidual)``
+``bnrs_fwd(z, identity, clips, frames, rows, weight, bias, running_mean, running_var, training,
+           momentum[S], eps, alter_next, fold_div) -> (out, next_in, mean, invstd, new_rm, new_rv)``
+``bnrs_bwd(dout, dnext, z, out, clips, frames, rows, weight, mean, invstd, training, alter_next,
+           fold_div) -> (dz, didentity, dweight, dbias, dalter)``
+
+``mean``/``invstd`` are per segment: batch statistics in training (biased variance), the running
+statistics of the segment's row in eval. ``new_running_*`` are updated copies of the running
+statistics (the public op writes them back in place); rows not in the layout are unchanged.
+Parameter gradients of rows not in the layout are zero. ``y`` in ``bn_bwd`` is only read when
+``relu`` is set (its sign is the ReLU mask).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .layout import FrameLayout
+
+
+# ---------------------------------------------------------------------------------------------
+# Op semantics
+# ---------------------------------------------------------------------------------------------
+
+
+def temporal_shift(x: Tensor, frames: int, fold_div: int = 8) -> Tensor:
+    """TSM shift of ``[N*T, C, H, W]`` clips of ``frames`` frames, as in the TSM paper: channels
+    ``[0, fold)`` of frame t take frame t+1, ``[fold, 2*fold)`` take frame t-1, zeros outside."""
+    nt, c, h, w = x.shape
+    x5 = x.reshape(nt // frames, frames, c, h, w)
+    fold = c // fold_div
+    out = torch.zeros_like(x5)
+    out[:, :-1, :fold] = x5[:, 1:, :fold]
+    out[:, 1:, fold : 2 * fold] = x5[:, :-1, fold : 2 * fold]
+    out[:, :, 2 * fold :] = x5[:, :, 2 * fold :]
+    return out.reshape(nt, c, h, w)
+
+
+def shift_alter(
+    x: Tensor, layout: FrameLayout, alter: Optional[Tensor] = None, fold_div: int = 8
+) -> Tensor:
+    """``y[f, c] = (1 + alter[p_s, c]) * x[src(f, c)]`` per segment (pure shift if ``alter`` is None)."""
+    outs = []
+    for seg, xs in zip(layout.segments(), layout.split(x)):
+        y = temporal_shift(xs, seg.frames, fold_div)
+        if alter is not None:
+            y = y * (1 + alter[seg.row]).to(y.dtype).view(1, -1, 1, 1)
+        outs.append(y)
+    return torch.cat(outs).contiguous(memory_format=_format_of(x))
+
+
+def freq_batch_norm(
+    x: Tensor,
+    layout: FrameLayout,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float | Sequence[float] = 0.1,
+    eps: float = 1e-5,
+    activation: Optional[str] = None,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    """Per segment ``s``: ``act(BN_{p_s}(x) + residual)`` with ``F.batch_norm`` on row ``p_s``;
+    running statistics of that row are updated in place in training."""
+    momenta = _momenta(momentum, layout)
+    res = layout.split(residual) if residual is not None else [None] * layout.num_segments
+    outs = []
+    for seg, xs, rs in zip(layout.segments(), layout.split(x), res):
+        rm = running_mean[seg.row] if running_mean is not None else None
+        rv = running_var[seg.row] if running_var is not None else None
+        y = F.batch_norm(
+            xs.float() if xs.dtype in (torch.float16, torch.bfloat16) else xs,
+            rm, rv, weight[seg.row], bias[seg.row],
+            training=training or rm is None, momentum=momenta[seg.index], eps=eps,
+        )
+        if rs is not None:
+            y = y + rs.to(y.dtype)
+        if activation == "relu":
+            y = torch.relu(y)
+        outs.append(y.to(x.dtype))
+    return torch.cat(outs).contiguous(memory_format=_format_of(x))
+
+
+def bn_add_relu_shift_alter(
+    z: Tensor,
+    identity: Tensor,
+    layout: FrameLayout,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float | Sequence[float] = 0.1,
+    eps: float = 1e-5,
+    alter_next: Optional[Tensor] = None,
+    fold_div: int = 8,
+) -> tuple[Tensor, Tensor]:
+    """Residual-block boundary: ``out = relu(BN(z) + identity)``, ``next_in = shift_alter(out)``."""
+    out = freq_batch_norm(
+        z, layout, weight, bias, running_mean, running_var, training, momentum, eps,
+        activation="relu", residual=identity,
+    )
+    return out, shift_alter(out, layout, alter_next, fold_div)
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw backend API
+# ---------------------------------------------------------------------------------------------
+
+
+def shift_alter_fwd(x, clips, frames, rows, alter, fold_div):
+    return shift_alter(x, FrameLayout(clips, tuple(frames), tuple(rows)), alter, fold_div)
+
+
+def shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad):
+    layout = FrameLayout(clips, tuple(frames), tuple(rows))
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_()
+        ag = alter.detach().requires_grad_() if alter is not None else None
+        y = shift_alter(xg, layout, ag, fold_div)
+        inputs = [xg] + ([ag] if alter_grad else [])
+        grads = torch.autograd.grad(y, inputs, dy, allow_unused=True)
+    dalter = grads[1].to(_acc(x)) if alter_grad else x.new_empty(0)
+    return grads[0].contiguous(memory_format=_format_of(x)), dalter
+
+
+def bn_fwd(x, clips, frames, rows, weight, bias, running_mean, running_var, training, momentum,
+           eps, relu, residual):
+    layout = FrameLayout(clips, tuple(frames), tuple(rows))
+    new_rm = running_mean.clone() if running_mean is not None else x.new_empty(0, dtype=_acc(x))
+    new_rv = running_var.clone() if running_var is not None else x.new_empty(0, dtype=_acc(x))
+    mean, invstd = _stats(x, layout, running_mean, running_var, training, eps)
+    y = freq_batch_norm(
+        x, layout, weight, bias, new_rm if running_mean is not None else None,
+        new_rv if running_var is not None else None, training, list(momentum), eps,
+        "relu" if relu else None, residual,
+    )
+    return y, mean, invstd, new_rm, new_rv
+
+
+def bn_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu, has_residual):
+    """BN backward from the saved statistics (the ``sum_dy`` / ``sum_dy_xmu`` formula)."""
+    layout = FrameLayout(clips, tuple(frames), tuple(rows))
+    acc = _acc(x)
+    dx = torch.empty_like(x)
+    dres = torch.empty_like(x) if has_residual else x.new_empty(0)
+    dweight = torch.zeros(weight.shape, dtype=acc, device=x.device)
+    dbias = torch.zeros(weight.shape, dtype=acc, device=x.device)
+    ys = layout.split(y) if relu else [None] * layout.num_segments
+    for seg, dys, xs, yseg in zip(layout.segments(), layout.split(dy), layout.split(x), ys):
+        g = dys.to(acc)
+        if relu:
+            g = g * (yseg > 0)
+        if has_residual:
+            dres[seg.start : seg.stop] = g
+        mu, istd = mean[seg.index].view(1, -1, 1, 1), invstd[seg.index].view(1, -1, 1, 1)
+        xhat = (xs.to(acc) - mu) * istd
+        sum_g, sum_gx = g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))
+        scale = (weight[seg.row].to(acc)).view(1, -1, 1, 1) * istd
+        if training:
+            n = xs.numel() // xs.shape[1]
+            g = g - (sum_g / n).view(1, -1, 1, 1) - xhat * (sum_gx / n).view(1, -1, 1, 1)
+        dx[seg.start : seg.stop] = g * scale
+        dweight[seg.row], dbias[seg.row] = sum_gx, sum_g
+    return dx, dweight, dbias, dres
+
+
+def bnrs_fwd(z, identity, clips, frames, rows, weight, bias, running_mean, running_var, training,
+             momentum, eps, alter_next, fold_div):
+    out, mean, invstd, new_rm, new_rv = bn_fwd(
+        z, clips, frames, rows, weight, bias, running_mean, running_var, training, momentum, eps,
+        True, identity,
+    )
+    next_in = shift_alter_fwd(out, clips, frames, rows, alter_next, fold_div)
+    return out, next_in, mean, invstd, new_rm, new_rv
+
+
+def bnrs_bwd(dout, dnext, z, out, clips, frames, rows, weight, mean, invstd, training, alter_next,
+             fold_div):
+    dout_total, dalter = shift_alter_bwd(
+        dnext, out, clips, frames, rows, alter_next, fold_div, alter_next is not None
+    )
+    dout_total = dout_total + dout
+    dz, dweight, dbias, didentity = bn_bwd(
+        dout_total, z, out, clips, frames, rows, weight, mean, invstd, training, True, True
+    )
+    return dz, didentity, dweight, dbias, dalter
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _stats(x, layout, running_mean, running_var, training, eps):
+    means, invstds = [], []
+    for seg, xs in zip(layout.segments(), layout.split(x)):
+        if training or running_mean is None:
+            xa = xs.to(_acc(x))
+            mu = xa.mean(dim=(0, 2, 3))
+            var = xa.var(dim=(0, 2, 3), unbiased=False)
+        else:
+            mu, var = running_mean[seg.row].to(_acc(x)), running_var[seg.row].to(_acc(x))
+        means.append(mu)
+        invstds.append(torch.rsqrt(var + eps))
+    return torch.stack(means), torch.stack(invstds)
+
+
+def _momenta(momentum, layout):
+    if isinstance(momentum, (int, float)):
+        return [float(momentum)] * layout.num_segments
+    return [float(m) for m in momentum]
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _format_of(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

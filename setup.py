@@ -1,0 +1,73 @@
+"""Build of ffn_kernels._C: CPU kernels always, CUDA kernels when possible or forced.
+
+Knobs (environment): FFN_KERNELS_FORCE_CUDA=1 builds the CUDA sources even without a visible GPU
+(needs a CUDA build of torch and a toolkit in CUDA_HOME); FFN_KERNELS_NO_CUDA=1 never builds them;
+FFN_KERNELS_CUDA_ARCHS="8.0;9.0" picks the architectures; MAX_JOBS caps ninja's parallel jobs;
+FFN_KERNELS_DEBUG=1 compiles with -O0 -g. Install with `pip install --no-build-isolation .` so the
+extension is compiled against the torch already installed (an isolated build would fetch another).
+"""
+
+import os
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = Path(__file__).parent
+DEBUG = os.environ.get("FFN_KERNELS_DEBUG") == "1"
+
+
+def build_cuda() -> bool:
+    if os.environ.get("FFN_KERNELS_NO_CUDA") == "1":
+        return False
+    has_toolkit = torch.version.cuda is not None and CUDA_HOME is not None
+    if os.environ.get("FFN_KERNELS_FORCE_CUDA") == "1":
+        if not has_toolkit:
+            raise RuntimeError(
+                "FFN_KERNELS_FORCE_CUDA=1 needs a CUDA build of torch and a CUDA toolkit "
+                f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})"
+            )
+        return True
+    return has_toolkit and torch.cuda.is_available()
+
+
+def cuda_arch_flags() -> list[str]:
+    flags = []
+    for arch in os.environ.get("FFN_KERNELS_CUDA_ARCHS", "8.0;9.0").split(";"):
+        num = arch.strip().replace(".", "")
+        if num:
+            flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+    return flags
+
+
+def extension():
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cpu").glob("*.cpp"))
+    opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+    cxx = opt + ["-std=c++17", "-fopenmp"]
+    kwargs = dict(
+        name="ffn_kernels._C",
+        include_dirs=[str(ROOT / "csrc")],
+        extra_link_args=["-fopenmp"],
+    )
+    if build_cuda():
+        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cuda").glob("*.cu"))
+        nvcc = opt + ["-std=c++17", "--use_fast_math", "-lineinfo"] + cuda_arch_flags()
+        if os.environ.get("FFN_KERNELS_PTXAS_VERBOSE") == "1":
+            nvcc.append("-Xptxas=-v")
+        return CUDAExtension(
+            sources=sources,
+            define_macros=[("FFN_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx + ["-DFFN_WITH_CUDA"], "nvcc": nvcc},
+            **kwargs,
+        )
+    return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)
+
+
+setup(
+    packages=find_packages(include=["ffn_kernels", "ffn_kernels.*", "ffn", "ffn.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+)
