@@ -48,15 +48,17 @@ from .layout import FrameLayout
 # ---------------------------------------------------------------------------------------------
 
 
-def temporal_shift(x: Tensor, frames: int, fold_div: int = 8) -> Tensor:
+def temporal_shift(x: Tensor, frames: int, fold_div: int = 8, reverse: bool = False) -> Tensor:
     """TSM shift of ``[N*T, C, H, W]`` clips of ``frames`` frames, as in the TSM paper: channels
-    ``[0, fold)`` of frame t take frame t+1, ``[fold, 2*fold)`` take frame t-1, zeros outside."""
+    ``[0, fold)`` of frame t take frame t+1, ``[fold, 2*fold)`` take frame t-1, zeros outside.
+    ``reverse=True`` shifts the other way (the adjoint, used by the backward pass)."""
     nt, c, h, w = x.shape
     x5 = x.reshape(nt // frames, frames, c, h, w)
     fold = c // fold_div
+    back, fwd = (slice(fold, 2 * fold), slice(0, fold)) if reverse else (slice(0, fold), slice(fold, 2 * fold))
     out = torch.zeros_like(x5)
-    out[:, :-1, :fold] = x5[:, 1:, :fold]
-    out[:, 1:, fold : 2 * fold] = x5[:, :-1, fold : 2 * fold]
+    out[:, :-1, back] = x5[:, 1:, back]
+    out[:, 1:, fwd] = x5[:, :-1, fwd]
     out[:, :, 2 * fold :] = x5[:, :, 2 * fold :]
     return out.reshape(nt, c, h, w)
 
@@ -140,15 +142,18 @@ def shift_alter_fwd(x, clips, frames, rows, alter, fold_div):
 
 
 def shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad):
+    """``dx`` = reverse shift of ``(1 + a)·dy``; ``d alter[p]`` = Σ ``dy · shift(x)`` over the segment."""
     layout = FrameLayout(clips, tuple(frames), tuple(rows))
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_()
-        ag = alter.detach().requires_grad_() if alter is not None else None
-        y = shift_alter(xg, layout, ag, fold_div)
-        inputs = [xg] + ([ag] if alter_grad else [])
-        grads = torch.autograd.grad(y, inputs, dy, allow_unused=True)
-    dalter = grads[1].to(_acc(x)) if alter_grad else x.new_empty(0)
-    return grads[0].contiguous(memory_format=_format_of(x)), dalter
+    acc = _acc(x)
+    dx = torch.empty_like(dy)
+    dalter = torch.zeros(alter.shape, dtype=acc, device=x.device) if alter_grad else x.new_empty(0)
+    for seg, dys, xs in zip(layout.segments(), layout.split(dy), layout.split(x)):
+        g = dys if alter is None else dys * (1 + alter[seg.row]).to(dys.dtype).view(1, -1, 1, 1)
+        dx[seg.start : seg.stop] = temporal_shift(g, seg.frames, fold_div, reverse=True)
+        if alter_grad:
+            shifted = temporal_shift(xs, seg.frames, fold_div).to(acc)
+            dalter[seg.row] = (dys.to(acc) * shifted).sum(dim=(0, 2, 3))
+    return dx, dalter
 
 
 def bn_fwd(x, clips, frames, rows, weight, bias, running_mean, running_var, training, momentum,

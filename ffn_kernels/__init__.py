@@ -1,0 +1,19 @@
+"""ffn-kernels: fused PyTorch ops for Frame Flexible Network (FFN) video recognition.
+
+``ffn_kernels.ops`` holds the three fused ops (:func:`~ffn_kernels.ops.shift_alter`,
+:func:`~ffn_kernels.ops.freq_batch_norm`, :func:`~ffn_kernels.ops.bn_add_relu_shift_alter`) on the
+packed multi-branch layout described by :class:`FrameLayout`; :class:`FreqBatchNorm2d` and
+:class:`ShiftAlter` own their per-branch parameters. :mod:`ffn_kernels.backend` chooses the kernels.
+"""
+
+from . import backend, ops, reference
+from .backend import backend_name, get_backend, set_backend
+from .layout import FrameLayout, Segment
+from .modules import FreqBatchNorm2d, ShiftAlter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FrameLayout", "Segment", "FreqBatchNorm2d", "ShiftAlter", "ops", "reference", "backend",
+    "backend_name", "get_backend", "set_backend", "__version__",
+]

@@ -1,0 +1,114 @@
+"""Which kernels run an op (DESIGN.md §4).
+
+Every backend is a module-like object with the raw API of :mod:`ffn_kernels.reference`
+(``shift_alter_fwd``, ``bn_fwd``, ...). The choice comes from ``FFN_KERNELS_BACKEND``
+(``auto|cuda|triton|cpu|reference``, read at import) or :func:`set_backend`:
+
+* ``auto``: CUDA tensors use the CUDA extension if it was built, else Triton; CPU tensors use the
+  C++ CPU kernels if the extension was built, else the reference.
+* ``cpu`` / ``cuda``: the compiled extension (an error if it is missing).
+* ``triton``: the Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
+* ``reference``: the pure-PyTorch reference everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import SimpleNamespace
+
+import torch
+
+CHOICES = ("auto", "cuda", "triton", "cpu", "reference")
+RAW_OPS = ("shift_alter_fwd", "shift_alter_bwd", "bn_fwd", "bn_bwd", "bnrs_fwd", "bnrs_bwd")
+
+_extension_error: str | None = None
+try:
+    importlib.import_module("ffn_kernels._C")  # registers torch.ops.ffn_kernels_C.*
+except ImportError as exc:  # the package must import without its compiled part
+    _extension_error = str(exc)
+
+
+def extension_loaded() -> bool:
+    return _extension_error is None
+
+
+def extension_has_cuda() -> bool:
+    """Whether the compiled extension carries CUDA kernels (a dispatcher query, no GPU needed)."""
+    return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "ffn_kernels_C::bn_fwd", "CUDA"
+    )
+
+
+def _compiled() -> SimpleNamespace:
+    ops = torch.ops.ffn_kernels_C
+    return SimpleNamespace(name="compiled", **{n: getattr(ops, n) for n in RAW_OPS})
+
+
+def _triton():
+    return importlib.import_module("ffn_kernels.triton")
+
+
+def _reference():
+    return importlib.import_module("ffn_kernels.reference")
+
+
+def _check_choice(name: str) -> str:
+    if name not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES}, got {name!r}")
+    return name
+
+
+_choice = _check_choice(os.environ.get("FFN_KERNELS_BACKEND", "auto").strip().lower() or "auto")
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend for subsequent op calls (one of :data:`CHOICES`)."""
+    global _choice
+    _choice = _check_choice(name)
+
+
+def get_backend() -> str:
+    return _choice
+
+
+def backend_name(device: torch.device | str) -> str:
+    """Name of the backend that runs ops on ``device`` under the current choice."""
+    device_type = torch.device(device).type
+    if _choice != "auto":
+        return _choice
+    if device_type == "cuda":
+        return "cuda" if extension_has_cuda() else "triton"
+    if device_type == "cpu":
+        return "cpu" if extension_loaded() else "reference"
+    return "reference"
+
+
+def kernels_for(x: torch.Tensor):
+    """The raw-API module that runs ops for tensor ``x``."""
+    name = backend_name(x.device)
+    if name == "reference":
+        return _reference()
+    if name == "triton":
+        return _triton()
+    if not extension_loaded():
+        raise RuntimeError(
+            f"backend {name!r} needs the compiled extension ffn_kernels._C, which failed to load "
+            f"({_extension_error}); reinstall with `pip install --no-build-isolation .` or choose "
+            "FFN_KERNELS_BACKEND=reference"
+        )
+    if name != x.device.type:
+        raise RuntimeError(f"backend {name!r} cannot run tensors on device {x.device}")
+    if name == "cuda" and not extension_has_cuda():
+        raise RuntimeError("backend 'cuda': ffn_kernels._C was built without CUDA kernels")
+    return _compiled()
+
+
+if _extension_error is not None:
+    warnings.warn(
+        f"ffn_kernels: compiled extension not available ({_extension_error}); CPU ops use the "
+        "pure-PyTorch reference, CUDA ops use Triton",
+        RuntimeWarning,
+        stacklevel=2,
+    )

@@ -1,0 +1,172 @@
+"""``nn.Module`` wrappers that own the per-branch parameters of the fused ops.
+
+They follow ``nn.BatchNorm2d`` conventions (parameter/buffer names, ``train()``/``eval()``,
+``reset_running_stats``, ``momentum=None`` for a cumulative average) with one row per branch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .layout import FrameLayout
+
+
+class FreqBatchNorm2d(nn.Module):
+    """BatchNorm with private statistics and affine parameters per branch (``num_branches`` rows).
+
+    >>> bn = FreqBatchNorm2d(64, num_branches=3)
+    >>> layout = FrameLayout(clips=2, frames=(4, 8, 16), rows=(0, 1, 2))
+    >>> bn(torch.randn(layout.total_frames, 64, 7, 7), layout).shape
+    torch.Size([56, 64, 7, 7])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_branches: int = 3,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if num_features < 1 or num_branches < 1:
+            raise ValueError(
+                f"num_features and num_branches must be >= 1, got {num_features}, {num_branches}"
+            )
+        self.num_features, self.num_branches = num_features, num_branches
+        self.eps, self.momentum = eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        kw = dict(device=device, dtype=dtype)
+        shape = (num_branches, num_features)
+        if affine:
+            self.weight = nn.Parameter(torch.empty(shape, **kw))
+            self.bias = nn.Parameter(torch.empty(shape, **kw))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(shape, **kw))
+            self.register_buffer("running_var", torch.ones(shape, **kw))
+            self.register_buffer(
+                "num_batches_tracked", torch.zeros(num_branches, dtype=torch.long, device=device)
+            )
+        else:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, num_branches={self.num_branches}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+
+    def _args(self, x: Tensor, layout: FrameLayout) -> tuple:
+        """(weight, bias, running_mean, running_var, training, momentum) for one call."""
+        use_batch_stats = self.training or not self.track_running_stats
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            rows = list(layout.rows)
+            self.num_batches_tracked[rows] += 1
+            if self.momentum is None:  # cumulative moving average per branch
+                momentum = [1.0 / float(n) for n in self.num_batches_tracked[rows].tolist()]
+        weight, bias = self.weight, self.bias
+        if not self.affine:
+            shape = (self.num_branches, self.num_features)
+            weight = torch.ones(shape, device=x.device)
+            bias = torch.zeros(shape, device=x.device)
+        # like nn.BatchNorm2d, eval without tracked statistics normalises with the batch's own
+        track = self.track_running_stats
+        return (weight, bias, self.running_mean if track else None,
+                self.running_var if track else None, use_batch_stats, momentum)
+
+    def forward(
+        self,
+        x: Tensor,
+        layout: FrameLayout,
+        residual: Optional[Tensor] = None,
+        activation: Optional[str] = None,
+    ) -> Tensor:
+        """``act(BN(x) + residual)`` per segment; ``activation`` is None or ``"relu"``."""
+        w, b, rm, rv, training, momentum = self._args(x, layout)
+        return ops.freq_batch_norm(
+            x, layout, w, b, rm, rv, training, momentum, self.eps, activation, residual
+        )
+
+    def add_relu_shift_alter(
+        self,
+        z: Tensor,
+        identity: Tensor,
+        layout: FrameLayout,
+        alter_next: Optional[Tensor] = None,
+        fold_div: int = 8,
+    ) -> tuple[Tensor, Tensor]:
+        """The residual-block boundary with this BN: ``(relu(BN(z) + identity), shift_alter(...))``."""
+        w, b, rm, rv, training, momentum = self._args(z, layout)
+        return ops.bn_add_relu_shift_alter(
+            z, identity, layout, w, b, rm, rv, training, momentum, self.eps, alter_next, fold_div
+        )
+
+
+class ShiftAlter(nn.Module):
+    """Temporal shift followed by per-branch Weight Alteration ``y = (1 + weight[p]) * shift(x)``.
+
+    ``alter=False`` gives a pure temporal shift with no parameters. The WA weights start from
+    N(0, ``init_std``) as in FFN.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        num_branches: int = 3,
+        fold_div: int = 8,
+        alter: bool = True,
+        init_std: float = 1e-3,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if fold_div < 2:
+            raise ValueError(f"fold_div must be >= 2, got {fold_div}")
+        self.num_channels, self.num_branches, self.fold_div = num_channels, num_branches, fold_div
+        self.init_std = init_std
+        if alter:
+            self.weight = nn.Parameter(
+                torch.empty((num_branches, num_channels), device=device, dtype=dtype)
+            )
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.normal_(self.weight, 0.0, self.init_std)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_channels}, num_branches={self.num_branches}, fold_div={self.fold_div}, "
+            f"alter={self.weight is not None}"
+        )
+
+    def forward(self, x: Tensor, layout: FrameLayout) -> Tensor:
+        return ops.shift_alter(x, layout, self.weight, self.fold_div)
