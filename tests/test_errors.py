@@ -1,0 +1,75 @@
+"""Every bad input of DESIGN.md §3 raises a clear TypeError/ValueError naming the argument."""
+
+import pytest
+import torch
+
+from ffn_kernels import FrameLayout, ops
+from conftest import make_input, make_params
+
+LAYOUT = FrameLayout(clips=2, frames=(2, 3), rows=(0, 1))
+
+
+def bn(x, layout=LAYOUT, **kw):
+    p = make_params(2, 4)
+    args = dict(weight=p["weight"], bias=p["bias"], running_mean=p["running_mean"],
+                running_var=p["running_var"], training=True)
+    args.update(kw)
+    return ops.freq_batch_norm(x, layout, **args)
+
+
+X = make_input(LAYOUT, 4)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: ops.shift_alter(X[0], LAYOUT), ValueError, "x must be 4-D"),
+    (lambda: ops.shift_alter(X.int(), LAYOUT), TypeError, "x must be float16"),
+    (lambda: ops.shift_alter(X[:-1], LAYOUT), ValueError, r"x.shape\[0\] is 9 but the layout holds 10"),
+    (lambda: ops.shift_alter(X, (2, (2, 3))), TypeError, "layout must be a ffn_kernels.FrameLayout"),
+    (lambda: ops.shift_alter(X, LAYOUT, torch.zeros(2, 5)), ValueError, r"alter must have shape \[rows, C=4\]"),
+    (lambda: ops.shift_alter(X, LAYOUT, torch.zeros(4)), ValueError, "alter must have shape"),
+    (lambda: ops.shift_alter(X, LAYOUT, torch.zeros(1, 4)), ValueError, "index row 1 of alter, which has only 1 rows"),
+    (lambda: ops.shift_alter(X, LAYOUT, None, fold_div=1), ValueError, "fold_div must be an int >= 2"),
+    (lambda: ops.shift_alter(X, LAYOUT, torch.zeros(2, 4, device="meta")), ValueError, "mixed devices"),
+    (lambda: bn(X, weight=torch.ones(2, 3)), ValueError, r"weight must have shape \[rows, C=4\]"),
+    (lambda: bn(X, running_var=torch.ones(1, 4)), ValueError, "of running_var, which has only 1 rows"),
+    (lambda: bn(X, running_var=None), ValueError, "running_mean and running_var must be given together"),
+    (lambda: bn(X, running_mean=None, running_var=None, training=False), ValueError, "training=False needs"),
+    (lambda: bn(X, residual=X[:, :2]), ValueError, "residual has shape"),
+    (lambda: bn(X, residual=X.double()), TypeError, "residual has dtype"),
+    (lambda: bn(X, activation="gelu"), ValueError, "activation must be None or 'relu'"),
+    (lambda: bn(X, momentum=[0.1]), ValueError, "momentum has 1 values but the layout has 2 segments"),
+    (lambda: bn(X, momentum=None), ValueError, "momentum=None"),
+    (lambda: bn(X, eps=0.0), ValueError, "eps must be > 0"),
+    (lambda: bn(make_input(FrameLayout(2, (2, 3), (1, 1)), 4), FrameLayout(2, (2, 3), (1, 1))),
+     ValueError, "repeat a row"),
+    (lambda: bn(torch.randn(1, 4, 1, 1), FrameLayout.single(1, 1)), ValueError,
+     "more than 1 value per channel"),
+    (lambda: ops.bn_add_relu_shift_alter(X, X[:-2], LAYOUT, torch.ones(2, 4), torch.zeros(2, 4)),
+     ValueError, "identity has shape"),
+    (lambda: ops.bn_add_relu_shift_alter(X, X, LAYOUT, torch.ones(2, 4), torch.zeros(2, 4),
+                                         alter_next=torch.zeros(2, 8)), ValueError, "alter_next must have shape"),
+])
+def test_bad_input_raises_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(clips=0, frames=(4,)), ValueError, "clips must be a positive int"),
+    (dict(clips=2, frames=()), ValueError, "at least one segment"),
+    (dict(clips=2, frames=(4, 0)), ValueError, "every frame count must be >= 1"),
+    (dict(clips=2, frames=(4, 8), rows=(0,)), ValueError, "rows has 1 entries but frames has 2"),
+    (dict(clips=2, frames=(4,), rows=(-1,)), ValueError, "rows must be >= 0"),
+    (dict(clips=2, frames=(4.0,)), TypeError, "frames must hold ints"),
+    (dict(clips=2, frames=4), TypeError, "frames must be a sequence of ints"),
+])
+def test_bad_layout_raises(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        FrameLayout(**kwargs)
+
+
+def test_layout_offsets_and_defaults():
+    layout = FrameLayout(clips=2, frames=(4, 8, 16))
+    assert layout.rows == (0, 1, 2)
+    assert layout.offsets == (0, 8, 24, 56) and layout.total_frames == 56
+    assert [s.start for s in layout.segments()] == [0, 8, 24]

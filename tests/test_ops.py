@@ -1,0 +1,293 @@
+"""The fused ops against the reference semantics: values, gradients, running statistics, memory
+formats, dtypes, gradcheck, opcheck, torch.compile, and the backend that actually ran."""
+
+import pytest
+import torch
+from torch import nn
+
+import ffn_kernels
+from ffn_kernels import FrameLayout, FreqBatchNorm2d, ShiftAlter, ops, reference
+from conftest import LAYOUTS, make_input, make_params
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-9),
+       torch.bfloat16: dict(rtol=2e-2, atol=3e-2), torch.float16: dict(rtol=2e-3, atol=3e-3)}
+# parameter gradients sum over N*T*H*W low-precision products: compare them loosely
+PARAM_TOL = {**TOL, torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=3e-2, atol=0.5), torch.float16: dict(rtol=1e-2, atol=5e-2)}
+
+
+def compare(op_fn, ref_fn, tensors, dtype):
+    """Run both functions on fresh leaf copies of ``tensors``, backprop one random cotangent per
+    output and compare outputs and every gradient."""
+    results = []
+    for fn in (op_fn, ref_fn):
+        leaves = {k: (v.detach().clone().requires_grad_(v.is_floating_point()) if v is not None else None)
+                  for k, v in tensors.items()}
+        outs = fn(**leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        g = torch.Generator().manual_seed(5)
+        cot = [torch.randn(o.shape, generator=g).to(o.dtype) for o in outs]
+        torch.autograd.backward(outs, cot)
+        grads = {k: v.grad for k, v in leaves.items() if v is not None and v.grad is not None}
+        results.append((outs, grads))
+    (outs, grads), (ref_outs, ref_grads) = results
+    for o, r in zip(outs, ref_outs):
+        assert o.dtype == r.dtype and o.shape == r.shape
+        assert o.is_contiguous(memory_format=torch.channels_last) == r.is_contiguous(
+            memory_format=torch.channels_last)
+        torch.testing.assert_close(o, r, **TOL[dtype])
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        tol = (TOL if k in ACTIVATIONS else PARAM_TOL)[dtype]
+        torch.testing.assert_close(grads[k], ref_grads[k], **tol, msg=lambda m: f"grad of {k}: {m}")
+    return outs
+
+
+ACTIVATIONS = ("x", "z", "identity", "residual")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_alter", [True, False])
+def test_shift_alter_matches_reference(backend, layout, dtype, channels_last, with_alter):
+    p = make_params(3, 16)
+    tensors = dict(x=make_input(layout, 16, dtype=dtype, channels_last=channels_last),
+                   alter=p["alter"] if with_alter else None)
+    compare(lambda x, alter: ops.shift_alter(x, layout, alter, 8),
+            lambda x, alter: reference.shift_alter(x, layout, alter, 8), tensors, dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("relu,with_residual", [(True, True), (False, False), (True, False)])
+def test_freq_batch_norm_matches_reference(backend, layout, dtype, channels_last, training, relu,
+                                           with_residual):
+    p = make_params(3, 6)
+    tensors = dict(x=make_input(layout, 6, dtype=dtype, channels_last=channels_last),
+                   weight=p["weight"], bias=p["bias"],
+                   residual=make_input(layout, 6, dtype=dtype, channels_last=channels_last, seed=9)
+                   if with_residual else None)
+    stats = {}
+    for name, fn in (("op", ops.freq_batch_norm), ("ref", reference.freq_batch_norm)):
+        stats[name] = (p["running_mean"].clone(), p["running_var"].clone())
+
+    def run(name, fn):
+        rm, rv = stats[name]
+        return lambda x, weight, bias, residual: fn(
+            x, layout, weight, bias, rm, rv, training, 0.2, 1e-3, "relu" if relu else None, residual)
+
+    compare(run("op", ops.freq_batch_norm), run("ref", reference.freq_batch_norm), tensors, dtype)
+    for a, b in zip(stats["op"], stats["ref"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("with_alter", [True, False])
+def test_bn_add_relu_shift_alter_matches_reference(backend, layout, dtype, channels_last, training,
+                                                   with_alter):
+    p = make_params(3, 16)
+    tensors = dict(z=make_input(layout, 16, dtype=dtype, channels_last=channels_last),
+                   identity=make_input(layout, 16, dtype=dtype, channels_last=channels_last, seed=4),
+                   weight=p["weight"], bias=p["bias"], alter=p["alter"] if with_alter else None)
+    stats = {k: (p["running_mean"].clone(), p["running_var"].clone()) for k in ("op", "ref")}
+
+    def run(name, fn):
+        rm, rv = stats[name]
+        return lambda z, identity, weight, bias, alter: fn(
+            z, identity, layout, weight, bias, rm, rv, training, 0.1, 1e-5, alter, 8)
+
+    compare(run("op", ops.bn_add_relu_shift_alter), run("ref", reference.bn_add_relu_shift_alter),
+            tensors, dtype)
+    for a, b in zip(stats["op"], stats["ref"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# gradcheck and opcheck
+# --------------------------------------------------------------------------------------------
+
+SMALL = FrameLayout(clips=2, frames=(1, 2, 3), rows=(1, 2, 0))
+
+
+def _f64(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradcheck_float64(backend, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = _f64(SMALL.total_frames, 8, 3, 2).detach().contiguous(memory_format=fmt).requires_grad_()
+    identity = _f64(SMALL.total_frames, 8, 3, 2, seed=1).detach().contiguous(memory_format=fmt).requires_grad_()
+    w, b, a = 1 + _f64(3, 8, seed=2).detach(), _f64(3, 8, seed=3), 0.3 * _f64(3, 8, seed=4).detach()
+    w.requires_grad_(), a.requires_grad_()
+    rm, rv = torch.zeros(3, 8, dtype=torch.float64), torch.ones(3, 8, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x, a: ops.shift_alter(x, SMALL, a, 4), (x, a))
+    for training in (True, False):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b, r: ops.freq_batch_norm(x, SMALL, w, b, rm, rv, training, 0.1, 1e-5,
+                                                   "relu", r), (x, w, b, identity))
+        assert torch.autograd.gradcheck(
+            lambda z, i, w, b, a: ops.bn_add_relu_shift_alter(z, i, SMALL, w, b, rm, rv, training,
+                                                              0.1, 1e-5, a, 4),
+            (x, identity, w, b, a))
+
+
+def _opcheck_cases():
+    """(op, args) pairs; the backward ops get no tensors that require grad (they have no
+    double-backward formula)."""
+    x = torch.randn(SMALL.total_frames, 8, 3, 2)
+    i = torch.randn(SMALL.total_frames, 8, 3, 2)
+    p = make_params(3, 8)
+    layout = (SMALL.clips, list(SMALL.frames), list(SMALL.rows))
+    bn = (p["weight"].clone().requires_grad_(), p["bias"].clone().requires_grad_(),
+          p["running_mean"], p["running_var"])
+    alter = p["alter"].clone().requires_grad_()
+    x, i = x.requires_grad_(), i.requires_grad_()
+    return [
+        (torch.ops.ffn_kernels.shift_alter.default, (x, *layout, alter, 4)),
+        (torch.ops.ffn_kernels.shift_alter.default, (x, *layout, None, 8)),
+        (torch.ops.ffn_kernels.freq_batch_norm.default,
+         (x, *layout, *bn, True, [0.1, 0.1, 0.1], 1e-5, True, i)),
+        (torch.ops.ffn_kernels.freq_batch_norm.default, (x, *layout, *bn, False, [0.1] * 3, 1e-5, False, None)),
+        (torch.ops.ffn_kernels.bn_add_relu_shift_alter.default,
+         (x, i, *layout, *bn, True, [0.1] * 3, 1e-5, alter, 4)),
+    ] + _backward_cases(x.detach(), layout, p)
+
+
+def _backward_cases(x, layout, p):
+    mean, invstd = torch.zeros(3, 8), torch.ones(3, 8)
+    return [
+        (torch.ops.ffn_kernels.shift_alter_backward.default, (x, x, *layout, p["alter"], 4, True)),
+        (torch.ops.ffn_kernels.freq_batch_norm_backward.default,
+         (x, x, x, *layout, p["weight"], mean, invstd, True, True, True)),
+        (torch.ops.ffn_kernels.bn_add_relu_shift_alter_backward.default,
+         (x, x, x, x.relu(), *layout, p["weight"], mean, invstd, True, p["alter"], 4)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_opcheck(backend, case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+# --------------------------------------------------------------------------------------------
+# running statistics, modules, formats
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_module_running_stats_follow_batchnorm2d(backend, momentum):
+    layout = FrameLayout(clips=2, frames=(2, 3), rows=(1, 0))
+    fbn = FreqBatchNorm2d(4, num_branches=2, momentum=momentum)
+    bns = [nn.BatchNorm2d(4, momentum=momentum) for _ in range(2)]
+    for step in range(3):
+        x = make_input(layout, 4, seed=step)
+        y = fbn(x, layout)
+        ref = torch.cat([bns[seg.row](xs) for seg, xs in zip(layout.segments(), layout.split(x))])
+        torch.testing.assert_close(y, ref.detach())
+    for r, bn in enumerate(bns):
+        torch.testing.assert_close(fbn.running_mean[r], bn.running_mean)
+        torch.testing.assert_close(fbn.running_var[r], bn.running_var)
+        assert fbn.num_batches_tracked[r] == bn.num_batches_tracked
+    fbn.eval(), [bn.eval() for bn in bns]
+    x = make_input(layout, 4, seed=10)
+    torch.testing.assert_close(fbn(x, layout), torch.cat(
+        [bns[s.row](xs) for s, xs in zip(layout.segments(), layout.split(x))]).detach())
+    fbn.reset_running_stats()
+    assert fbn.running_mean.abs().sum() == 0 and fbn.num_batches_tracked.sum() == 0
+
+
+def test_module_state_dict_and_eval_does_not_touch_stats(backend):
+    fbn = FreqBatchNorm2d(4, num_branches=3).eval()
+    assert set(fbn.state_dict()) == {"weight", "bias", "running_mean", "running_var",
+                                     "num_batches_tracked"}
+    before = fbn.running_mean.clone()
+    fbn(make_input(LAYOUTS[0], 4), LAYOUTS[0])
+    assert torch.equal(before, fbn.running_mean)
+    sa = ShiftAlter(4, num_branches=3)
+    assert sa.weight.shape == (3, 4) and sa.weight.abs().max() < 0.01
+
+
+def test_non_contiguous_input_is_made_contiguous(backend):
+    layout = LAYOUTS[0]
+    x = make_input(layout, 16).transpose(2, 3)  # neither NCHW nor channels_last
+    p = make_params(3, 16)
+    y = ops.shift_alter(x, layout, p["alter"])
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, reference.shift_alter(x.contiguous(), layout, p["alter"]))
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+class TinyBlock(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.shift = ShiftAlter(c)
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = FreqBatchNorm2d(c)
+        self.bn2 = FreqBatchNorm2d(c)
+
+    def forward(self, x, layout):
+        h = self.bn(self.conv(self.shift(x, layout)), layout, activation="relu")
+        out, nxt = self.bn2.add_relu_shift_alter(h, x, layout, self.shift.weight)
+        return out + nxt
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    layout = FrameLayout(clips=1, frames=(2, 4), rows=(0, 1))
+    torch.manual_seed(0)
+    model = TinyBlock()
+    twin = TinyBlock()
+    twin.load_state_dict(model.state_dict())
+    compiled = torch.compile(twin, fullgraph=True, backend=compile_backend)
+    x = make_input(layout, 8, hw=(4, 4))
+    y, yc = model(x, layout), compiled(x, layout)
+    torch.testing.assert_close(yc, y, rtol=1e-4, atol=1e-4)
+    y.sum().backward(), yc.sum().backward()
+    torch.testing.assert_close(twin.conv.weight.grad, model.conv.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(twin.bn.running_mean, model.bn.running_mean)
+
+
+# --------------------------------------------------------------------------------------------
+# which kernels ran
+# --------------------------------------------------------------------------------------------
+
+
+def _ran_kernels(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.skipif(ffn_kernels.get_backend() == "reference",
+                    reason="FFN_KERNELS_BACKEND=reference chosen explicitly")
+def test_cpu_ops_run_the_compiled_kernels():
+    assert ffn_kernels.backend.extension_loaded(), (
+        "ffn_kernels._C is not built: install with `pip install --no-build-isolation .`")
+    assert ffn_kernels.backend_name("cpu") == "cpu"
+    layout = LAYOUTS[0]
+    p = {k: v.requires_grad_() for k, v in make_params(3, 16).items()}
+    x = make_input(layout, 16).requires_grad_()
+
+    def step():
+        h = ops.freq_batch_norm(ops.shift_alter(x, layout, p["alter"]), layout, p["weight"],
+                                p["bias"], activation="relu")
+        out, nxt = ops.bn_add_relu_shift_alter(h, x, layout, p["weight"], p["bias"],
+                                               alter_next=p["alter"])
+        (out.sum() + nxt.sum()).backward()
+
+    names = _ran_kernels(step)
+    for raw in ffn_kernels.backend.RAW_OPS:
+        assert f"ffn_kernels_C::{raw}" in names, f"{raw} did not run through the C++ kernels"
