@@ -1,0 +1,125 @@
+"""Fused vs eager vs torch.compile: throughput, memory and traffic of the ops and the whole model.
+
+    python bench/run.py                 # everything at default sizes (< 10 min on a 2-core CPU)
+    python bench/run.py --quick         # smaller, for a smoke run
+    python bench/run.py --ops --device cuda --dtype bfloat16 --channels-last
+
+Prints one table per section and writes ``results.json``, ``results.csv`` and ``results.png`` to
+``--out`` (default ``bench/out``). Every ratio compares implementations measured side by side in this
+run on this machine; projections from traffic are labelled as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ffn_kernels  # noqa: E402
+from op_cases import OPS, STAGES, make_case  # noqa: E402
+from report import Report  # noqa: E402
+from timing import measure  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke run)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--channels-last", action="store_true", help="channels_last activations")
+    p.add_argument("--ops", action="store_true", help="run the op-level section")
+    p.add_argument("--model", action="store_true", help="run the model-level section")
+    p.add_argument("--traffic", action="store_true", help="run the memory-traffic section")
+    p.add_argument("--clips", type=int, default=None, help="clips per branch (default 2; 1 with --quick)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
+    p.add_argument("--compile-stages", default="layer1",
+                   help="comma-separated stages whose ops are also compiled (compiling is slow on CPU), or 'all'")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
+    args = p.parse_args(argv)
+    if not (args.ops or args.model or args.traffic):
+        args.ops = args.model = args.traffic = True
+    args.clips = args.clips or (1 if args.quick else 2)
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    return args
+
+
+def _run(fn):
+    outs = fn()
+    return outs if isinstance(outs, tuple) else (outs,)
+
+
+def op_section(args, report: Report) -> None:
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    stages = STAGES[::3] if args.quick else STAGES
+    compiled_stages = {s for s, _, _ in STAGES} if args.compile_stages == "all" else \
+        set(args.compile_stages.split(","))
+    for stage, channels, size in stages:
+        for op in OPS:
+            case = make_case(op, stage, channels, size, clips=args.clips, device=device,
+                             dtype=dtype, channels_last=args.channels_last)
+            impls = {"fused": case.fused, "eager": case.eager}
+            if not args.no_compile and stage in compiled_stages:
+                impls["compile"] = torch.compile(case.eager)
+            cotangents = [torch.randn_like(o) for o in _run(case.fused)]
+            leaves = case.grad_leaves()
+
+            def clear():
+                for t in leaves:
+                    t.grad = None
+
+            row = {}
+            for name, fn in impls.items():
+                def forward(fn=fn):
+                    clear()
+                    return _run(fn)
+
+                def backward(outs):
+                    torch.autograd.backward(outs, cotangents)
+
+                row[name] = {
+                    "forward": measure(lambda: _run(fn), device, args.repeats, setup=None),
+                    "backward": measure(backward, device, args.repeats, setup=forward),
+                    "fwd+bwd": measure(lambda: backward(forward()), device, args.repeats),
+                }
+            for mode in ("forward", "backward", "fwd+bwd"):
+                report.op_row(stage, op, mode, case.shape, {k: v[mode] for k, v in row.items()})
+            del case, impls, cotangents, leaves
+    report.print_ops()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+    report = Report(args.out, meta={
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_type": device.type, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "ffn_kernels": ffn_kernels.__version__,
+        "backend": ffn_kernels.backend_name(device), "dtype": args.dtype,
+        "channels_last": args.channels_last, "clips": args.clips, "repeats": args.repeats,
+    })
+    report.print_header()
+    if args.ops:
+        op_section(args, report)
+    if args.traffic:
+        from traffic_section import traffic_section
+        traffic_section(args, report)
+    if args.model:
+        from model_section import model_section
+        model_section(args, report)
+    report.save()
+
+
+if __name__ == "__main__":
+    main()
