@@ -53,8 +53,9 @@ def _empty_param(x: Tensor, like: Optional[Tensor]) -> Tensor:
     return x.new_empty(like.shape, dtype=V.acc_dtype(x))
 
 
-def _grad_like(g: Tensor, p: Optional[Tensor]) -> Optional[Tensor]:
-    return None if p is None or not p.requires_grad else g.to(p.dtype)
+def _grad_if(needed: bool, g: Tensor, p: Optional[Tensor]) -> Optional[Tensor]:
+    """A parameter gradient (computed in the acc dtype) in the parameter's dtype, if wanted."""
+    return g.to(p.dtype) if needed and p is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def _shift_alter_grad(ctx, dy):
     dx, dalter = _shift_alter_backward(
         dy, dy if x is None else x, clips, frames, rows, alter, fold_div, ctx.alter_grad
     )
-    return dx, None, None, None, _grad_like(dalter, alter) if ctx.alter_grad else None, None
+    return dx, None, None, None, _grad_if(ctx.alter_grad, dalter, alter), None
 
 
 _shift_alter.register_autograd(_shift_alter_grad, setup_context=_shift_alter_setup)
@@ -198,23 +199,24 @@ def _(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu, has_r
 
 
 def _freq_batch_norm_setup(ctx, inputs, output):
-    x, clips, frames, rows, weight, bias, _, _, training, _, _, relu, residual = inputs
+    x, clips, frames, rows, weight, _, _, _, training, _, _, relu, residual = inputs
     y, mean, invstd, new_rm, new_rv = output
     ctx.mark_non_differentiable(mean, invstd, new_rm, new_rv)
     ctx.args = (clips, frames, rows, training, relu, residual is not None)
     # y is needed only for its ReLU mask; without ReLU x stands in (never read)
-    ctx.save_for_backward(x, y if relu else None, weight, bias, mean, invstd)
+    ctx.save_for_backward(x, y if relu else None, weight, mean, invstd)
 
 
 def _freq_batch_norm_grad(ctx, dy, *_):
-    x, y, weight, bias, mean, invstd = ctx.saved_tensors
+    x, y, weight, mean, invstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
     clips, frames, rows, training, relu, has_residual = ctx.args
     dx, dw, db, dres = _freq_batch_norm_backward(
         dy, x, x if y is None else y, clips, frames, rows, weight, mean, invstd, training, relu,
         has_residual,
     )
-    return (dx, None, None, None, _grad_like(dw, weight), _grad_like(db, bias), None, None, None,
-            None, None, None, dres if has_residual else None)
+    return (dx, None, None, None, _grad_if(need[4], dw, weight), _grad_if(need[5], db, weight),
+            None, None, None, None, None, None, dres if has_residual else None)
 
 
 _freq_batch_norm.register_autograd(_freq_batch_norm_grad, setup_context=_freq_batch_norm_setup)
@@ -326,22 +328,24 @@ def _(dout, dnext, z, out, clips, frames, rows, weight, mean, invstd, training, 
 
 
 def _bnrs_setup(ctx, inputs, output):
-    (z, _, clips, frames, rows, weight, bias, _, _, training, _, _, alter_next, fold_div) = inputs
+    (z, _, clips, frames, rows, weight, _, _, _, training, _, _, alter_next, fold_div) = inputs
     out, _, mean, invstd, new_rm, new_rv = output
     ctx.mark_non_differentiable(mean, invstd, new_rm, new_rv)
     ctx.args = (clips, frames, rows, training, fold_div)
-    ctx.save_for_backward(z, out, weight, bias, mean, invstd, alter_next)
+    ctx.save_for_backward(z, out, weight, mean, invstd, alter_next)
 
 
 def _bnrs_grad(ctx, dout, dnext, *_):
-    z, out, weight, bias, mean, invstd, alter_next = ctx.saved_tensors
+    z, out, weight, mean, invstd, alter_next = ctx.saved_tensors
+    need = ctx.needs_input_grad
     clips, frames, rows, training, fold_div = ctx.args
     dz, didentity, dw, db, dalter = _bn_add_relu_shift_alter_backward(
         dout, dnext, z, out, clips, frames, rows, weight, mean, invstd, training, alter_next,
         fold_div,
     )
-    return (dz, didentity, None, None, None, _grad_like(dw, weight), _grad_like(db, bias), None,
-            None, None, None, None, _grad_like(dalter, alter_next), None)
+    return (dz, didentity, None, None, None, _grad_if(need[5], dw, weight),
+            _grad_if(need[6], db, weight), None, None, None, None, None,
+            _grad_if(need[12], dalter, alter_next), None)
 
 
 _bn_add_relu_shift_alter.register_autograd(_bnrs_grad, setup_context=_bnrs_setup)
