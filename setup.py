@@ -46,7 +46,8 @@ def extension():
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cpu").glob("*.cpp"))
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
-    cxx = opt + ["-std=c++17", "-fopenmp"]
+    # No -std flag: BuildExtension adds the standard torch's headers need (C++20 since torch 2.14).
+    cxx = opt + ["-fopenmp"]
     kwargs = dict(
         name="ffn_kernels._C",
         include_dirs=[str(ROOT / "csrc")],
@@ -54,7 +55,7 @@ def extension():
     )
     if build_cuda():
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cuda").glob("*.cu"))
-        nvcc = opt + ["-std=c++17", "--use_fast_math", "-lineinfo"] + cuda_arch_flags()
+        nvcc = opt + ["--use_fast_math", "-lineinfo"] + cuda_arch_flags()
         if os.environ.get("FFN_KERNELS_PTXAS_VERBOSE") == "1":
             nvcc.append("-Xptxas=-v")
         return CUDAExtension(
