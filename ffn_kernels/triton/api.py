@@ -1,0 +1,213 @@
+"""Raw backend API (see :mod:`ffn_kernels.reference`) on the Triton kernels of :mod:`.kernels`.
+
+Launch counts per call (``P`` = pass over the big tensors, ``c`` = tiny ``[S, C]`` combine):
+shift_alter fwd 1P, bwd 1P (+c for ``d alter``); bn/bnrs fwd training 2P + c, eval c + 1P;
+bn/bnrs bwd training 2P + c, eval 1P + c.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from . import kernels as K
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TILE = 2048  # elements per [BLOCK_C, BLOCK_P] tile
+_CHUNK = 1 << 15  # elements a program covers (frames per chunk follow from it)
+
+
+@functools.lru_cache(maxsize=256)
+def _meta(clips: int, frames: tuple, rows: tuple, chunk_frames: int, device: torch.device):
+    """The int32 table described in :mod:`.kernels` (cached: one host-to-device copy per
+    layout) and its number of chunks."""
+    seg, first, count, chunk_lo, starts = [], [], [], [0], [0]
+    for s, t in enumerate(frames):
+        n = clips * t
+        for f in range(0, n, chunk_frames):
+            seg.append(s)
+            first.append(starts[-1] + f)
+            count.append(min(chunk_frames, n - f))
+        chunk_lo.append(len(seg))
+        starts.append(starts[-1] + n)
+    table = seg + first + count + starts + list(frames) + [0] + list(rows) + [0] + chunk_lo
+    return torch.tensor(table, dtype=torch.int32, device=device), len(seg)
+
+
+class _Plan:
+    """Launch configuration of one call: block sizes from ``C`` and ``H*W`` (the tile grows
+    along the contiguous axis: pixels for NCHW, channels for channels_last), frames per
+    chunk, and the metadata table."""
+
+    def __init__(self, x: torch.Tensor, clips: int, frames, rows):
+        if x.dtype not in _DTYPES:
+            raise TypeError(
+                f"ffn_kernels.triton: x has dtype {x.dtype}; the Triton kernels take float32, "
+                "float16 or bfloat16 (use the reference or C++ backend for float64)"
+            )
+        self.cl = not x.is_contiguous()
+        if self.cl and not x.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError("ffn_kernels.triton: x must be NCHW contiguous or channels_last")
+        _, C, H, W = x.shape
+        hw = H * W
+        if self.cl:
+            bc = min(triton.next_power_of_2(C), 128)
+            bp = min(triton.next_power_of_2(hw), max(1, _TILE // bc))
+        else:
+            bp = min(triton.next_power_of_2(hw), 1024)
+            bc = min(triton.next_power_of_2(C), max(1, _TILE // bp))
+        chunk_frames = max(1, _CHUNK // (bc * hw))
+        self.meta, self.nch = _meta(int(clips), tuple(frames), tuple(rows), chunk_frames, x.device)
+        self.C, self.S = C, len(frames)
+        self.fmt = torch.channels_last if self.cl else torch.contiguous_format
+        self.grid = (self.nch, triton.cdiv(C, bc))
+        self.combine_block = min(triton.next_power_of_2(C), 256)
+        self.combine_grid = (triton.cdiv(C, self.combine_block),)
+        self.kw = dict(CL=self.cl, BLOCK_C=bc, BLOCK_P=bp, num_warps=4 if bc * bp >= 1024 else 2)
+        self.args = (self.meta, self.nch, self.S, C, hw)
+
+    def like(self, t):
+        """``t`` in this call's memory format (a no-op for inputs that already are)."""
+        return t.contiguous(memory_format=self.fmt)
+
+
+def _stats(plan, x, running_mean, running_var, training, momentum, eps):
+    """``mean``/``invstd[S, C]`` and updated copies of the running statistics."""
+    has_running = running_mean is not None
+    batch = training or not has_running
+    C, S = plan.C, plan.S
+    mean = x.new_empty((S, C), dtype=torch.float32)
+    invstd = torch.empty_like(mean)
+    if has_running:
+        new_rm, new_rv = running_mean.clone(), running_var.clone()
+    else:
+        new_rm, new_rv = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+    part = mean
+    if batch:
+        part = x.new_empty((3, plan.nch, C), dtype=torch.float32)
+        K._stats_kernel[plan.grid](x, part, *plan.args, **plan.kw)
+    update = batch and has_running
+    mom = torch.tensor(list(momentum), dtype=torch.float32, device=x.device) if update else mean
+    K._stats_combine_kernel[plan.combine_grid](
+        part, mean, invstd, new_rm, new_rv, mom, plan.meta, plan.nch, S, C, float(eps),
+        BATCH=batch, UPDATE=update, BLOCK_C=plan.combine_block,
+    )
+    return mean, invstd, new_rm, new_rv
+
+
+def _forward(plan, x, res, y, nxt, mean, invstd, weight, bias, alter, fold_div, relu):
+    """One elementwise pass: ``y = act(BN(x) + res)`` and/or ``nxt = shift_alter(...)``."""
+    norm, shift = mean is not None, nxt is not None
+    K._fwd_kernel[plan.grid](
+        x, x if res is None else plan.like(res), x if y is None else y, x if nxt is None else nxt,
+        mean if norm else x, invstd if norm else x, weight if norm else x, bias if norm else x,
+        x if alter is None else alter, *plan.args, plan.C // fold_div if shift else 0,
+        NORM=norm, HAS_RES=res is not None, RELU=relu, STORE_Y=y is not None, SHIFT=shift,
+        HAS_ALTER=shift and alter is not None, **plan.kw,
+    )
+
+
+def _backward(plan, dy, dnext, x, y, dx, dres, weight, mean, invstd, training, relu, alter,
+              fold_div, param_grads):
+    """``dx``/``dres`` and the parameter gradients ``param_grads`` (``[P, C]`` zeros to fill:
+    dweight, dbias with BN, then dalter). Training BN needs the segment sums before ``dx``, so
+    it reduces in one pass and stores in a second; otherwise one pass does both."""
+    norm, alter_grad = mean is not None, len(param_grads) > (2 if mean is not None else 0)
+    two_pass = norm and training
+    dummy = dx
+    args = (
+        dummy if dy is None else plan.like(dy), dummy if dnext is None else plan.like(dnext),
+        dummy if x is None else x, dummy if y is None else plan.like(y), dx,
+        dummy if dres is None else dres,
+    )
+    flags = dict(
+        HAS_DY=dy is not None, SHIFT=dnext is not None, HAS_ALTER=alter is not None,
+        ALTER_GRAD=alter_grad, RELU=relu, NORM=norm, TRAINING=training, HAS_RES=dres is not None,
+        **plan.kw,
+    )
+    params = (dummy if mean is None else mean, dummy if invstd is None else invstd,
+              dummy if weight is None else weight, dummy if alter is None else alter)
+    fold = plan.C // fold_div if dnext is not None else 0
+    sums = dummy
+    if param_grads:
+        part = dx.new_empty((len(param_grads), plan.nch, plan.C), dtype=torch.float32)
+        sums = dx.new_empty((len(param_grads), plan.S, plan.C), dtype=torch.float32)
+        K._bwd_kernel[plan.grid](*args, part, sums, *params, *plan.args, fold,
+                                 REDUCE=True, STORE=not two_pass, **flags)
+        outs = list(param_grads) + [sums] * (3 - len(param_grads))
+        K._sum_combine_kernel[plan.combine_grid](
+            part, sums, *outs, plan.meta, plan.nch, plan.S, plan.C, K=len(param_grads),
+            BLOCK_C=plan.combine_block,
+        )
+    if two_pass or not param_grads:
+        K._bwd_kernel[plan.grid](*args, dummy, sums, *params, *plan.args, fold,
+                                 REDUCE=False, STORE=True, **flags)
+
+
+def _zeros(p):
+    return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw backend API
+# ---------------------------------------------------------------------------------------------
+
+
+def shift_alter_fwd(x, clips, frames, rows, alter, fold_div):
+    plan = _Plan(x, clips, frames, rows)
+    y = torch.empty_like(x)
+    _forward(plan, x, None, None, y, None, None, None, None, alter, fold_div, False)
+    return y
+
+
+def shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad):
+    plan = _Plan(x, clips, frames, rows)
+    dx = torch.empty_like(x)
+    grads = [_zeros(alter)] if alter_grad else []
+    _backward(plan, None, dy, None, x if alter_grad else None, dx, None, None, None, None,
+              False, False, alter, fold_div, grads)
+    return dx, grads[0] if alter_grad else x.new_empty(0)
+
+
+def bn_fwd(x, clips, frames, rows, weight, bias, running_mean, running_var, training, momentum,
+           eps, relu, residual):
+    plan = _Plan(x, clips, frames, rows)
+    mean, invstd, new_rm, new_rv = _stats(plan, x, running_mean, running_var, training, momentum,
+                                          eps)
+    y = torch.empty_like(x)
+    _forward(plan, x, residual, y, None, mean, invstd, weight, bias, None, 1, relu)
+    return y, mean, invstd, new_rm, new_rv
+
+
+def bn_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu, has_residual):
+    plan = _Plan(x, clips, frames, rows)
+    dx = torch.empty_like(x)
+    dres = torch.empty_like(x) if has_residual else None
+    grads = [_zeros(weight), _zeros(weight)]
+    _backward(plan, dy, None, x, y if relu else None, dx, dres, weight, mean, invstd, training,
+              relu, None, 1, grads)
+    return dx, grads[0], grads[1], x.new_empty(0) if dres is None else dres
+
+
+def bnrs_fwd(z, identity, clips, frames, rows, weight, bias, running_mean, running_var, training,
+             momentum, eps, alter_next, fold_div):
+    plan = _Plan(z, clips, frames, rows)
+    mean, invstd, new_rm, new_rv = _stats(plan, z, running_mean, running_var, training, momentum,
+                                          eps)
+    out, next_in = torch.empty_like(z), torch.empty_like(z)
+    _forward(plan, z, identity, out, next_in, mean, invstd, weight, bias, alter_next, fold_div,
+             True)
+    return out, next_in, mean, invstd, new_rm, new_rv
+
+
+def bnrs_bwd(dout, dnext, z, out, clips, frames, rows, weight, mean, invstd, training, alter_next,
+             fold_div):
+    plan = _Plan(z, clips, frames, rows)
+    dz, didentity = torch.empty_like(z), torch.empty_like(z)
+    grads = [_zeros(weight), _zeros(weight)] + ([_zeros(alter_next)] if alter_next is not None else [])
+    _backward(plan, dout, dnext, z, out, dz, didentity, weight, mean, invstd, training, True,
+              alter_next, fold_div, grads)
+    dalter = grads[2] if alter_next is not None else out.new_empty(0)
+    return dz, didentity, grads[0], grads[1], dalter

@@ -1,0 +1,297 @@
+"""Triton kernels of the fused ops (DESIGN.md §2-4).
+
+Every pass runs on the grid ``(chunk, channel block)``. A *chunk* is a run of consecutive frames
+inside one segment (see :func:`ffn_kernels.triton.api._meta`), so a program knows its segment,
+parameter row and clip length from a few scalar loads of the int32 ``meta`` table:
+
+    meta = [chunk_seg[NCH], chunk_first_frame[NCH], chunk_num_frames[NCH],
+            seg_start[S+1], seg_frames[S] + pad, seg_row[S] + pad, seg_first_chunk[S+1]]
+
+A program walks its frames and, per frame, tiles of ``[BLOCK_C, BLOCK_P]`` (channels x pixels).
+Element ``(f, c, p)`` lives at ``f*C*HW + c*HW + p`` (NCHW) or ``f*C*HW + p*C + c`` (channels_last);
+``CL`` is a constexpr so the compiler sees which tile axis is contiguous and vectorises along it.
+
+Reductions never use atomics: each program writes per-(chunk, channel) partials, and a combine
+kernel folds a segment's chunks in chunk order (deterministic), one program per channel block
+walking the segments in order (so a row that appears twice ends like the reference: last wins).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _shift_target(t, T, c, fold):
+    """Per channel, the frame offset from frame ``t`` (of ``T``) to the frame whose TSM shift
+    reads frame ``t``, and whether that frame is inside the clip. The forward shift makes frame
+    ``u`` of channels ``[0, fold)`` read ``u+1`` and of ``[fold, 2*fold)`` read ``u-1``, so the
+    target is ``t-1`` resp. ``t+1``; this is also the source of the reverse (adjoint) shift.
+    Out-of-clip offsets wrap around the clip, which makes the map a permutation: scattering
+    ``where(valid, v, 0)`` with it writes every element exactly once, zeros included."""
+    step = tl.where(c < fold, -1, tl.where(c < 2 * fold, 1, 0))
+    dst = t + step
+    valid = (dst >= 0) & (dst < T)
+    off = tl.where(dst < 0, step + T, tl.where(dst >= T, step - T, step))
+    return off.to(tl.int64), valid
+
+
+@triton.jit
+def _segment(meta, NCH, S, s):
+    """``(first frame, end frame, frames per clip, parameter row)`` of segment ``s``."""
+    segs = meta + 3 * NCH
+    start = tl.load(segs + s)
+    stop = tl.load(segs + s + 1)
+    T = tl.load(segs + (S + 1) + s)
+    row = tl.load(segs + 2 * (S + 1) + s)
+    return start, stop, T, row
+
+
+@triton.jit
+def _chunk(meta, NCH, S):
+    """This program's chunk: ``(index, segment, first frame, number of frames)``."""
+    k = tl.program_id(0)
+    seg = tl.load(meta + k)
+    f0 = tl.load(meta + NCH + k)
+    nf = tl.load(meta + 2 * NCH + k)
+    return k, seg, f0, nf
+
+
+@triton.jit
+def _channels(C, BLOCK_C: tl.constexpr):
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return c, c < C
+
+
+@triton.jit
+def _tile(f, p0, c, cmask, C, HW, CL: tl.constexpr, BLOCK_P: tl.constexpr):
+    """int64 element offsets and mask of the ``[BLOCK_C, BLOCK_P]`` tile at frame ``f``."""
+    p = p0 + tl.arange(0, BLOCK_P)
+    base = f.to(tl.int64) * C * HW
+    if CL:
+        idx = base + p[None, :] * C + c[:, None]
+    else:
+        idx = base + c[:, None] * HW + p[None, :]
+    return idx, cmask[:, None] & (p < HW)[None, :]
+
+
+@triton.jit
+def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """Chan et al. merge of two (mean, M2, count) summaries."""
+    n = n_a + n_b
+    w_b = n_b / tl.maximum(n, 1.0)
+    delta = mean_b - mean_a
+    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
+
+
+@triton.jit
+def _stats_kernel(x_ptr, part_ptr, meta, NCH, S, C, HW,
+                  CL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Per-lane Welford over the chunk, merged across lanes; writes ``part[3, NCH, C]`` =
+    (mean, M2, count) of this chunk's frames x pixels for each channel."""
+    k, seg, f0, nf = _chunk(meta, NCH, S)
+    c, cmask = _channels(C, BLOCK_C)
+    mean = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    m2 = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    cnt = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    for i in range(nf):
+        for p0 in range(0, HW, BLOCK_P):
+            idx, m = _tile(f0 + i, p0, c, cmask, C, HW, CL, BLOCK_P)
+            v = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
+            cnt += m.to(tl.float32)
+            delta = v - mean
+            mean += tl.where(m, delta / tl.maximum(cnt, 1.0), 0.0)
+            m2 += tl.where(m, delta * (v - mean), 0.0)
+    mean, m2, cnt = tl.reduce((mean, m2, cnt), 1, _welford_combine)
+    out = part_ptr + k * C + c
+    tl.store(out, mean, mask=cmask)
+    tl.store(out + NCH * C, m2, mask=cmask)
+    tl.store(out + 2 * NCH * C, cnt, mask=cmask)
+
+
+@triton.jit
+def _stats_combine_kernel(part_ptr, mean_ptr, invstd_ptr, rm_ptr, rv_ptr, momentum_ptr, meta,
+                          NCH, S, C, eps, BATCH: tl.constexpr, UPDATE: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    """Per segment: merge the chunks' partials (``BATCH``) or read the row's running statistics,
+    write ``mean``/``invstd[S, C]`` and (``UPDATE``) blend the batch statistics into the running
+    statistics ``rm``/``rv`` (updated copies) with the segment's momentum and unbiased variance."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    first_chunk = meta + 3 * NCH + 3 * (S + 1)
+    for s in range(S):
+        start, stop, T, row = _segment(meta, NCH, S, s)
+        prow = row * C + c
+        if BATCH:
+            mean = tl.zeros([BLOCK_C], tl.float32)
+            m2 = tl.zeros([BLOCK_C], tl.float32)
+            n = tl.zeros([BLOCK_C], tl.float32)
+            for k in range(tl.load(first_chunk + s), tl.load(first_chunk + s + 1)):
+                src = part_ptr + k * C + c
+                mean, m2, n = _welford_combine(
+                    mean, m2, n, tl.load(src, mask=cmask, other=0.0),
+                    tl.load(src + NCH * C, mask=cmask, other=0.0),
+                    tl.load(src + 2 * NCH * C, mask=cmask, other=0.0))
+            var = m2 / tl.maximum(n, 1.0)
+            if UPDATE:
+                mom = tl.load(momentum_ptr + s)
+                rm = tl.load(rm_ptr + prow, mask=cmask)
+                rv = tl.load(rv_ptr + prow, mask=cmask)
+                unbiased = var * n / tl.maximum(n - 1.0, 1.0)
+                tl.store(rm_ptr + prow, (1.0 - mom) * rm + mom * mean, mask=cmask)
+                tl.store(rv_ptr + prow, (1.0 - mom) * rv + mom * unbiased, mask=cmask)
+        else:
+            mean = tl.load(rm_ptr + prow, mask=cmask, other=0.0)
+            var = tl.load(rv_ptr + prow, mask=cmask, other=1.0)
+        tl.store(mean_ptr + s * C + c, mean, mask=cmask)
+        tl.store(invstd_ptr + s * C + c, 1.0 / tl.sqrt(var + eps), mask=cmask)
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, res_ptr, y_ptr, nxt_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, alter_ptr,
+                meta, NCH, S, C, HW, fold,
+                NORM: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+                STORE_Y: tl.constexpr, SHIFT: tl.constexpr, HAS_ALTER: tl.constexpr,
+                CL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """``v = act(BN(x) + res)`` (each part optional), stored to ``y``, and/or
+    ``shift_alter(v)`` scattered to ``nxt``: each frame sends its values to the frame that reads
+    them, so ``x``/``res`` are read once and the shifted output needs no second pass."""
+    k, seg, f0, nf = _chunk(meta, NCH, S)
+    start, stop, T, row = _segment(meta, NCH, S, seg)
+    c, cmask = _channels(C, BLOCK_C)
+    prow = row * C + c
+    if NORM:
+        scale = tl.load(w_ptr + prow, mask=cmask, other=0.0) * tl.load(
+            invstd_ptr + seg * C + c, mask=cmask, other=0.0)
+        shift = tl.load(b_ptr + prow, mask=cmask, other=0.0) - scale * tl.load(
+            mean_ptr + seg * C + c, mask=cmask, other=0.0)
+    if HAS_ALTER:
+        a1 = 1.0 + tl.load(alter_ptr + prow, mask=cmask, other=0.0)
+    for i in range(nf):
+        f = f0 + i
+        if SHIFT:
+            off, valid = _shift_target((f - start) % T, T, c, fold)
+            dst = off[:, None] * C * HW
+        for p0 in range(0, HW, BLOCK_P):
+            idx, m = _tile(f, p0, c, cmask, C, HW, CL, BLOCK_P)
+            v = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
+            if NORM:
+                v = v * scale[:, None] + shift[:, None]
+            if HAS_RES:
+                v += tl.load(res_ptr + idx, mask=m, other=0.0).to(tl.float32)
+            if RELU:
+                v = tl.maximum(v, 0.0)
+            if STORE_Y:
+                yv = v.to(y_ptr.dtype.element_ty)
+                tl.store(y_ptr + idx, yv, mask=m)
+                v = yv.to(tl.float32)  # next_in is the shift of the stored (rounded) y
+            if SHIFT:
+                if HAS_ALTER:
+                    v = v * a1[:, None]
+                v = tl.where(valid[:, None], v, 0.0)
+                tl.store(nxt_ptr + idx + dst, v.to(nxt_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bwd_kernel(dy_ptr, dnext_ptr, x_ptr, y_ptr, dx_ptr, dres_ptr, part_ptr, sums_ptr,
+                mean_ptr, invstd_ptr, w_ptr, alter_ptr, meta, NCH, S, C, HW, fold,
+                HAS_DY: tl.constexpr, SHIFT: tl.constexpr, HAS_ALTER: tl.constexpr,
+                ALTER_GRAD: tl.constexpr, RELU: tl.constexpr, NORM: tl.constexpr,
+                TRAINING: tl.constexpr, HAS_RES: tl.constexpr, REDUCE: tl.constexpr,
+                STORE: tl.constexpr, CL: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_P: tl.constexpr):
+    """Backward of ``_fwd_kernel``. The incoming gradient of the BN output is, per element,
+    ``g = (dy + (1+a) * dnext[reverse shift]) * (y > 0)`` (each term optional).
+
+    ``REDUCE`` writes per-chunk partials ``part[K, NCH, C]``: ``Σ g·xhat``, ``Σ g`` (``NORM``)
+    and ``Σ y·dnext[reverse shift]`` (``ALTER_GRAD``; equal to ``Σ dnext·shift(y)``).
+    ``STORE`` writes ``dx`` (the BN input gradient, or ``g`` without ``NORM``) and ``dres = g``;
+    in training it needs the segment sums ``sums[2, S, C]`` from a previous ``REDUCE`` pass."""
+    k, seg, f0, nf = _chunk(meta, NCH, S)
+    start, stop, T, row = _segment(meta, NCH, S, seg)
+    c, cmask = _channels(C, BLOCK_C)
+    prow = row * C + c
+    if HAS_ALTER:
+        a1 = 1.0 + tl.load(alter_ptr + prow, mask=cmask, other=0.0)
+    if NORM:
+        mu = tl.load(mean_ptr + seg * C + c, mask=cmask, other=0.0)
+        istd = tl.load(invstd_ptr + seg * C + c, mask=cmask, other=0.0)
+        scale = tl.load(w_ptr + prow, mask=cmask, other=0.0) * istd
+        if STORE and TRAINING:
+            n = ((stop - start) * HW).to(tl.float32)
+            mean_gx = tl.load(sums_ptr + seg * C + c, mask=cmask, other=0.0) / n
+            mean_g = tl.load(sums_ptr + (S + seg) * C + c, mask=cmask, other=0.0) / n
+    acc_gx = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    acc_g = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    acc_da = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+    for i in range(nf):
+        f = f0 + i
+        if SHIFT:
+            off, valid = _shift_target((f - start) % T, T, c, fold)
+            src = off[:, None] * C * HW
+        for p0 in range(0, HW, BLOCK_P):
+            idx, m = _tile(f, p0, c, cmask, C, HW, CL, BLOCK_P)
+            if HAS_DY:
+                g = tl.load(dy_ptr + idx, mask=m, other=0.0).to(tl.float32)
+            else:
+                g = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+            if RELU or (ALTER_GRAD and REDUCE):
+                yv = tl.load(y_ptr + idx, mask=m, other=0.0).to(tl.float32)
+            if SHIFT:
+                dn = tl.load(dnext_ptr + idx + src, mask=m & valid[:, None], other=0.0)
+                dn = dn.to(tl.float32)
+                if ALTER_GRAD and REDUCE:
+                    acc_da += yv * dn
+                if HAS_ALTER:
+                    dn = dn * a1[:, None]
+                g += dn
+            if RELU:
+                g = tl.where(yv > 0, g, 0.0)
+            if NORM:
+                if REDUCE or TRAINING:
+                    xv = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
+                    xhat = (xv - mu[:, None]) * istd[:, None]
+                if REDUCE:
+                    acc_gx += g * xhat
+                    acc_g += g
+                if STORE:
+                    if TRAINING:
+                        dx = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * scale[:, None]
+                    else:
+                        dx = g * scale[:, None]
+            else:
+                dx = g
+            if STORE:
+                tl.store(dx_ptr + idx, dx.to(dx_ptr.dtype.element_ty), mask=m)
+                if HAS_RES:
+                    tl.store(dres_ptr + idx, g.to(dres_ptr.dtype.element_ty), mask=m)
+    if REDUCE:
+        out = part_ptr + k * C + c
+        if NORM:
+            tl.store(out, tl.sum(acc_gx, 1), mask=cmask)
+            tl.store(out + NCH * C, tl.sum(acc_g, 1), mask=cmask)
+            out += 2 * NCH * C
+        if ALTER_GRAD:
+            tl.store(out, tl.sum(acc_da, 1), mask=cmask)
+
+
+@triton.jit
+def _sum_combine_kernel(part_ptr, sums_ptr, out0_ptr, out1_ptr, out2_ptr, meta, NCH, S, C,
+                        K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per segment and slot ``j < K``: sum the chunks' partials in chunk order into
+    ``sums[j, s]`` and into row ``rows[s]`` of output ``j`` (``[P, C]``)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    first_chunk = meta + 3 * NCH + 3 * (S + 1)
+    for s in range(S):
+        start, stop, T, row = _segment(meta, NCH, S, s)
+        for j in tl.static_range(K):
+            acc = tl.zeros([BLOCK_C], tl.float32)
+            for k in range(tl.load(first_chunk + s), tl.load(first_chunk + s + 1)):
+                acc += tl.load(part_ptr + (j * NCH + k) * C + c, mask=cmask, other=0.0)
+            tl.store(sums_ptr + (j * S + s) * C + c, acc, mask=cmask)
+            if j == 0:
+                tl.store(out0_ptr + row * C + c, acc, mask=cmask)
+            elif j == 1:
+                tl.store(out1_ptr + row * C + c, acc, mask=cmask)
+            else:
+                tl.store(out2_ptr + row * C + c, acc, mask=cmask)

@@ -1,0 +1,183 @@
+"""The Triton backend's raw API against the reference's (values, every gradient output, statistics,
+running statistics, memory formats, dtypes) and the interpreter traffic meter.
+
+Without a CUDA GPU the kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (set here before
+Triton is imported), so shapes stay tiny."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+import ffn_kernels.triton as tk  # noqa: E402
+from ffn_kernels import reference as ref  # noqa: E402
+from ffn_kernels.triton import traffic  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+P = 3  # parameter rows
+# (clips, frames, rows): unequal segments, frame counts 1..20, permuted rows, one segment on a high row
+LAYOUTS = [
+    (2, [4, 8, 16], [0, 1, 2]),
+    (1, [1, 3, 20], [2, 0, 1]),
+    (3, [2, 5], [1, 0]),
+    (2, [12], [2]),
+]
+IDS = ["4-8-16", "1-3-20", "2-5", "12"]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}
+# parameter gradients sum many products (and, for bf16, low-precision intermediates of the reference)
+PARAM_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=3e-2, atol=0.5)}
+STAT_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _input(layout, channels, dtype, channels_last, hw=(3, 5), seed=0, scale=2.0, shift=0.5):
+    clips, frames, _ = layout
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(clips * sum(frames), channels, *hw, generator=g) * scale + shift
+    x = x.to(device=DEVICE, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _params(channels, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = dict(
+        weight=1 + 0.5 * torch.randn(P, channels, generator=g),
+        bias=0.5 * torch.randn(P, channels, generator=g),
+        running_mean=0.1 * torch.randn(P, channels, generator=g),
+        running_var=0.5 + torch.rand(P, channels, generator=g),
+        alter=0.3 * torch.randn(P, channels, generator=g),
+    )
+    return {k: v.to(DEVICE) for k, v in out.items()}
+
+
+def _check(outs, ref_outs, dtype, param_outputs=()):
+    """Same dtype, shape, memory format and values (``param_outputs``: indices of float32 [P, C]
+    parameter gradients or statistics, compared with their own tolerance)."""
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        assert o.dtype == r.dtype and o.shape == r.shape, (i, o.dtype, r.dtype, o.shape, r.shape)
+        assert o.is_contiguous() == r.is_contiguous(), i
+        assert o.is_contiguous(memory_format=torch.channels_last) == r.is_contiguous(
+            memory_format=torch.channels_last), i
+        tol = PARAM_TOL[dtype] if i in param_outputs else TOL[dtype]
+        torch.testing.assert_close(o.float(), r.float(), **tol, msg=lambda m: f"output {i}: {m}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("with_alter", [False, True], ids=["shift", "alter"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_shift_alter(layout, channels_last, with_alter, dtype):
+    x = _input(layout, 20, dtype, channels_last)
+    dy = _input(layout, 20, dtype, channels_last, seed=2)
+    alter = _params(20)["alter"] if with_alter else None
+    args = (*layout, alter, 8)
+    _check([tk.shift_alter_fwd(x, *args)], [ref.shift_alter_fwd(x, *args)], dtype)
+    for alter_grad in ([False, True] if with_alter else [False]):
+        _check(tk.shift_alter_bwd(dy, x, *args, alter_grad),
+               ref.shift_alter_bwd(dy, x, *args, alter_grad), dtype, param_outputs=(1,))
+
+
+# (relu, residual): plain BN, BN+ReLU, BN+residual+ReLU (the last block of a network)
+BN_VARIANTS = [(False, False), (True, False), (True, True)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", BN_VARIANTS, ids=["bn", "relu", "res-relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_bn(layout, channels_last, training, variant, dtype):
+    relu, with_res = variant
+    x = _input(layout, 20, dtype, channels_last)
+    res = _input(layout, 20, dtype, channels_last, seed=3) if with_res else None
+    dy = _input(layout, 20, dtype, channels_last, seed=2, scale=1.0, shift=0.0)
+    p = _params(20)
+    momentum = [0.1, 0.3, 0.05][: len(layout[1])]
+    fwd_args = (*layout, p["weight"], p["bias"], p["running_mean"], p["running_var"], training,
+                momentum, 1e-5, relu, res)
+    out, ref_out = tk.bn_fwd(x, *fwd_args), ref.bn_fwd(x, *fwd_args)
+    _check(out, ref_out, dtype, param_outputs=(1, 2, 3, 4))
+    y, mean, invstd = ref_out[:3]
+    bwd_args = (*layout, p["weight"], mean, invstd, training, relu, with_res)
+    _check(tk.bn_bwd(dy, x, y, *bwd_args), ref.bn_bwd(dy, x, y, *bwd_args), dtype,
+           param_outputs=(1, 2))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_bn_without_running_stats(channels_last):
+    """No running statistics: batch statistics even when ``training=False``, empty new stats."""
+    layout = LAYOUTS[2]
+    x = _input(layout, 12, torch.float32, channels_last)
+    p = _params(12)
+    for training in (True, False):
+        args = (*layout, p["weight"], p["bias"], None, None, training, [0.1, 0.1], 1e-5, False, None)
+        _check(tk.bn_fwd(x, *args), ref.bn_fwd(x, *args), torch.float32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("with_alter", [False, True], ids=["shift", "alter"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_bnrs(layout, channels_last, training, with_alter, dtype):
+    z = _input(layout, 16, dtype, channels_last)
+    identity = _input(layout, 16, dtype, channels_last, seed=3)
+    dout = _input(layout, 16, dtype, channels_last, seed=4, scale=1.0, shift=0.0)
+    dnext = _input(layout, 16, dtype, channels_last, seed=5, scale=1.0, shift=0.0)
+    p = _params(16)
+    alter = p["alter"] if with_alter else None
+    momentum = [0.1, 0.3, 0.05][: len(layout[1])]
+    fwd_args = (*layout, p["weight"], p["bias"], p["running_mean"], p["running_var"], training,
+                momentum, 1e-5, alter, 8)
+    out, ref_out = tk.bnrs_fwd(z, identity, *fwd_args), ref.bnrs_fwd(z, identity, *fwd_args)
+    _check(out, ref_out, dtype, param_outputs=(2, 3, 4, 5))
+    y, mean, invstd = ref_out[0], ref_out[2], ref_out[3]
+    bwd_args = (*layout, p["weight"], mean, invstd, training, alter, 8)
+    _check(tk.bnrs_bwd(dout, dnext, z, y, *bwd_args), ref.bnrs_bwd(dout, dnext, z, y, *bwd_args),
+           dtype, param_outputs=(2, 3, 4))
+
+
+def test_larger_tiles_and_chunks():
+    """A shape with several frame chunks per segment and channel blocks (NCHW and channels_last)
+    exercises the split reduction's combine across chunks."""
+    layout = (2, [3, 40], [1, 0])
+    for channels_last in (False, True):
+        z = _input(layout, 40, torch.float32, channels_last, hw=(9, 11))
+        identity = _input(layout, 40, torch.float32, channels_last, hw=(9, 11), seed=3)
+        p = _params(40)
+        fwd_args = (*layout, p["weight"], p["bias"], p["running_mean"], p["running_var"], True,
+                    [0.1, 0.2], 1e-5, p["alter"], 8)
+        out, ref_out = tk.bnrs_fwd(z, identity, *fwd_args), ref.bnrs_fwd(z, identity, *fwd_args)
+        _check(out, ref_out, torch.float32, param_outputs=(2, 3, 4, 5))
+        dout, dnext = torch.randn_like(z), torch.randn_like(z)
+        bwd_args = (*layout, p["weight"], ref_out[2], ref_out[3], True, p["alter"], 8)
+        _check(tk.bnrs_bwd(dout, dnext, z, ref_out[0], *bwd_args),
+               ref.bnrs_bwd(dout, dnext, z, ref_out[0], *bwd_args), torch.float32,
+               param_outputs=(2, 3, 4))
+
+
+def test_float64_rejected():
+    x = torch.zeros(4, 8, 2, 2, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float64"):
+        tk.shift_alter_fwd(x, 1, [4], [0], None, 8)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the traffic meter runs the Triton interpreter")
+def test_traffic_meter():
+    layout = LAYOUTS[0]
+    x = _input(layout, 16, torch.float32, False)
+    with traffic.meter() as m:
+        y = tk.shift_alter_fwd(x, *layout, None, 8)
+    # the shift scatters: every element of x is read once and every element of y written once;
+    # the rest of the reads is the small int32 layout table
+    assert m.written == y.numel() * y.element_size()
+    assert 0 < m.read - x.numel() * x.element_size() < 0.01 * x.numel() * x.element_size()
+    table = traffic.report(clips=1, frames=(2, 3), channels=16, hw=(3, 4))
+    assert {row["op"] for row in table} == {"shift_alter", "freq_batch_norm", "bn_add_relu_shift_alter"}
+    for row in table:
+        assert row["measured"] >= row["minimum"] * 0.9
