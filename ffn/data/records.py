@@ -1,0 +1,49 @@
+"""Video list files in the TSM format and the error raised for unreadable samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class BadSampleError(RuntimeError):
+    """A video or one of its frames is missing or cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One line of a list file: where the video is, how many frames it has (0 = ask the file)."""
+
+    path: str
+    num_frames: int
+    label: int
+
+
+def read_list_file(list_file: str | Path, root: str | Path = "", frames_column: bool = True) -> list[VideoRecord]:
+    """Parse ``path num_frames label`` lines (``path label`` where ``frames_column`` is False).
+
+    ``path`` is taken relative to ``root``. Paths may contain spaces: the numbers are read from the
+    end of the line. Malformed lines raise ``ValueError`` naming the file and line.
+    """
+    fields = 3 if frames_column else 2
+    records = []
+    for lineno, line in enumerate(Path(list_file).read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=fields - 1)
+        try:
+            if len(parts) != fields:
+                raise ValueError
+            numbers = [int(p) for p in parts[1:]]
+        except ValueError:
+            want = "path num_frames label" if frames_column else "path label"
+            raise ValueError(f"{list_file}:{lineno}: expected '{want}', got {line!r}") from None
+        num_frames, label = numbers if frames_column else (0, numbers[0])
+        if frames_column and num_frames < 1:
+            raise ValueError(f"{list_file}:{lineno}: num_frames must be >= 1, got {num_frames}")
+        if label < 0:
+            raise ValueError(f"{list_file}:{lineno}: label must be >= 0, got {label}")
+        records.append(VideoRecord(str(Path(root) / parts[0]), num_frames, label))
+    if not records:
+        raise ValueError(f"{list_file}: no videos listed")
+    return records
