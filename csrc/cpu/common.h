@@ -1,0 +1,294 @@
+// Shared pieces of the CPU kernels: the packed layout as a per-frame table, the traversal of a
+// 4-D activation in fixed chunks of contiguous runs (both memory formats), and deterministic
+// per-(segment, channel) reductions over those chunks.
+//
+// Memory: an activation [F, C, H, W] is F frames of chw = C*H*W contiguous elements in both
+// formats (NCHW: c*HW + p inside a frame; channels_last: p*C + c), so the TSM source of an element
+// is the same in-frame offset `delta` frames away.
+//
+// Chunks (fixed by the shape only, so results do not depend on the thread count):
+//   NCHW:          chunk (f, c) = one channel plane of HW elements;
+//   channels_last: chunk (f, b) = a block of `block` pixels of frame f, all channels.
+// A chunk is walked as runs of contiguous elements that share a frame and a TSM shift class:
+//   NCHW: pieces of the plane (channel c0 for every element);
+//   channels_last: per pixel, the channel ranges [0, fold), [fold, 2*fold), [2*fold, C)
+//                  (element i has channel c0 + i).
+// Kernels write their element loops once as generic lambdas taking `cl` (std::true_type for
+// channels_last) and index per-channel arrays with ch<CL>(i).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "ffn_math.h"
+
+namespace ffn_kernels {
+namespace cpu {
+
+using at::Tensor;
+
+template <bool CL>
+inline int64_t ch(int64_t i) {
+  return CL ? i : 0;
+}
+
+// Position of frame f in the layout: segment s (parameter row `row`), frame t of a T-frame clip.
+struct FrameInfo {
+  int64_t s, row;
+  int t, T;
+};
+
+struct Layout {
+  int64_t S;                      // segments
+  std::vector<int64_t> start;     // first frame of every segment, plus the end (S + 1 entries)
+  std::vector<int64_t> rows;      // parameter row of every segment
+  std::vector<FrameInfo> frame;   // per frame
+};
+
+inline Layout make_layout(int64_t num_frames, int64_t clips, at::IntArrayRef frames,
+                          at::IntArrayRef rows, int64_t num_rows) {
+  const int64_t S = static_cast<int64_t>(frames.size());
+  TORCH_CHECK(S >= 1 && static_cast<int64_t>(rows.size()) == S, "layout: ", S, " frame counts and ",
+              rows.size(), " rows");
+  TORCH_CHECK(clips >= 1, "layout: clips must be >= 1, got ", clips);
+  Layout L{S, {0}, rows.vec(), {}};
+  L.frame.reserve(num_frames);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t T = frames[s];
+    TORCH_CHECK(T >= 1 && T <= INT32_MAX, "layout: bad frame count ", T);
+    TORCH_CHECK(rows[s] >= 0 && rows[s] < num_rows, "layout: row ", rows[s], " of segment ", s,
+                " is outside the ", num_rows, " parameter rows");
+    for (int64_t i = 0; i < clips * T; ++i)
+      L.frame.push_back({s, rows[s], static_cast<int>(i % T), static_cast<int>(T)});
+    L.start.push_back(L.start.back() + clips * T);
+  }
+  TORCH_CHECK(L.start.back() == num_frames, "layout holds ", L.start.back(),
+              " frames but the tensor has ", num_frames);
+  return L;
+}
+
+struct Geom {
+  int64_t F, C, HW, chw;
+  bool cl;                  // channels_last
+  int fold;                 // TSM fold (0 for ops without a shift: one run per pixel)
+  int64_t block;            // channels_last: pixels per chunk
+  int64_t chunks;           // chunks per frame
+  int64_t piece[4];         // channels_last run boundaries: 0, fold, 2*fold, C (clamped)
+  at::MemoryFormat format;  // of every activation of the op, and of its outputs
+};
+
+// Geometry of x; `fold_div` 0 means no shift. x must be NCHW or channels_last contiguous (a
+// tensor that is both, e.g. C == 1, is treated as NCHW, as the reference does).
+inline Geom make_geom(const Tensor& x, int64_t fold_div) {
+  TORCH_CHECK(x.dim() == 4, "expected a 4-D activation, got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "CPU kernel got a tensor on ", x.device());
+  TORCH_CHECK(fold_div == 0 || fold_div >= 2, "fold_div must be >= 2, got ", fold_div);
+  Geom g;
+  g.F = x.size(0);
+  g.C = x.size(1);
+  g.HW = x.size(2) * x.size(3);
+  g.chw = g.C * g.HW;
+  g.cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(g.cl || x.is_contiguous(), "activations must be NCHW or channels_last contiguous");
+  g.format = g.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  TORCH_CHECK(g.C <= INT32_MAX, "too many channels: ", g.C);
+  g.fold = fold_div ? static_cast<int>(g.C / fold_div) : 0;
+  // ~16K elements per channels_last chunk: big enough to amortise the per-chunk partials, small
+  // enough that the second statistics pass re-reads it from cache.
+  g.block = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, g.C));
+  g.chunks = g.cl ? (g.HW + g.block - 1) / g.block : g.C;
+  g.piece[0] = 0;
+  g.piece[1] = std::min<int64_t>(g.fold, g.C);
+  g.piece[2] = std::min<int64_t>(2 * g.fold, g.C);
+  g.piece[3] = g.C;
+  return g;
+}
+
+// Checks that an activation matches x's shape, dtype and memory format (the Python layer converts).
+inline void check_activation(const Tensor& t, const Tensor& x, const Geom& g, const char* name) {
+  TORCH_CHECK(t.sizes() == x.sizes(), name, " has shape ", t.sizes(), ", expected ", x.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " has dtype ", t.scalar_type(),
+              ", expected ", x.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), ", expected ", x.device());
+  TORCH_CHECK(t.is_contiguous(g.format), name, " is not in the memory format of the input");
+}
+
+inline at::ScalarType acc_type(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A per-parameter-row tensor: [P, C] contiguous in the acc dtype of x.
+inline void check_param(const Tensor& t, const Tensor& x, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.size(1) == x.size(1) && t.is_contiguous(), name,
+              " must be a contiguous [P, C=", x.size(1), "] tensor, got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == acc_type(x), name, " has dtype ", t.scalar_type(), ", expected ",
+              acc_type(x));
+  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), ", expected ", x.device());
+}
+
+inline Tensor empty_activation(const Tensor& x, const Geom& g) {
+  return at::empty(x.sizes(), x.options().memory_format(g.format));
+}
+
+// Per-segment copy [S, C] of the per-row table `param` ([P, C]); `fn(value)` maps each value.
+template <typename acc_t, typename Fn>
+std::vector<acc_t> per_segment(const Layout& L, const Tensor& param, int64_t C, Fn&& fn) {
+  std::vector<acc_t> out(L.S * C);
+  const acc_t* p = param.data_ptr<acc_t>();
+  for (int64_t s = 0; s < L.S; ++s)
+    for (int64_t c = 0; c < C; ++c) out[s * C + c] = fn(p[L.rows[s] * C + c]);
+  return out;
+}
+
+// (1 + alter[row, c]) per segment, rounded to scalar_t as the reference multiplies in that type;
+// all ones without alter.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+std::vector<acc_t> alter_factors(const Layout& L, const c10::optional<Tensor>& alter, int64_t C) {
+  if (!alter.has_value()) return std::vector<acc_t>(L.S * C, acc_t(1));
+  return per_segment<acc_t>(L, *alter, C, [](acc_t a) {
+    return static_cast<acc_t>(static_cast<scalar_t>(acc_t(1) + a));
+  });
+}
+
+// Calls fn(chunk_frame, chunk_index_in_frame) for every chunk, in parallel.
+template <typename Fn>
+void parallel_chunks(const Geom& g, Fn&& fn) {
+  constexpr int64_t kGrainElems = 1 << 15;
+  const int64_t chunk_elems = g.cl ? g.block * g.C : g.HW;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, chunk_elems));
+  at::parallel_for(0, g.F * g.chunks, grain, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) fn(k / g.chunks, k % g.chunks);
+  });
+}
+
+// Calls fn(cl, off, len, c0, slot) for the runs of chunk (f, q); NCHW planes are cut into runs of
+// at most `max_run` elements, and element i of a run maps to slot `slot + i` of the chunk's
+// accumulators (NCHW: lane i; channels_last: channel c0 + i).
+template <typename Fn>
+inline void chunk_runs(const Geom& g, int64_t f, int64_t q, int64_t max_run, Fn&& fn) {
+  const int64_t base = f * g.chw;
+  if (!g.cl) {
+    for (int64_t j = 0; j < g.HW; j += max_run)
+      fn(std::false_type{}, base + q * g.HW + j, std::min(max_run, g.HW - j), q, int64_t(0));
+    return;
+  }
+  const int64_t p1 = std::min(g.HW, (q + 1) * g.block);
+  for (int64_t p = q * g.block; p < p1; ++p)
+    for (int k = 0; k < 3; ++k)
+      if (g.piece[k + 1] > g.piece[k])
+        fn(std::true_type{}, base + p * g.C + g.piece[k], g.piece[k + 1] - g.piece[k], g.piece[k],
+           g.piece[k]);
+}
+
+// Elementwise pass: op(cl, frame_info, off, len, c0) on every run.
+template <typename Op>
+void map_runs(const Geom& g, const Layout& L, Op&& op) {
+  parallel_chunks(g, [&](int64_t f, int64_t q) {
+    chunk_runs(g, f, q, g.HW, [&](auto cl, int64_t off, int64_t len, int64_t c0, int64_t) {
+      op(cl, L.frame[f], off, len, c0);
+    });
+  });
+}
+
+// NCHW reductions accumulate a plane into kLanes independent lanes (vectorizable, fixed order).
+constexpr int64_t kLanes = 64;
+
+// Sums of NA quantities per (segment, channel): visit(cl, frame_info, off, len, c0, acc, stride)
+// adds element i's quantity a to acc[a * stride + i]. Per-chunk partials are summed in chunk order.
+// Returns [NA, S, C].
+template <int NA, typename acc_t, typename Visit>
+std::vector<acc_t> segment_sums(const Geom& g, const Layout& L, Visit&& visit) {
+  const int64_t C = g.C, nblk = g.cl ? g.chunks : 1, width = g.cl ? C : kLanes;
+  std::vector<acc_t> part(g.F * nblk * NA * C);
+  parallel_chunks(g, [&](int64_t f, int64_t q) {
+    std::vector<acc_t> acc(NA * width, acc_t(0));
+    chunk_runs(g, f, q, kLanes, [&](auto cl, int64_t off, int64_t len, int64_t c0, int64_t slot) {
+      visit(cl, L.frame[f], off, len, c0, acc.data() + slot, width);
+    });
+    for (int a = 0; a < NA; ++a) {
+      const acc_t* src = acc.data() + a * width;
+      if (g.cl) {
+        std::copy(src, src + C, part.begin() + ((f * nblk + q) * NA + a) * C);
+      } else {
+        acc_t sum = 0;
+        for (int64_t i = 0; i < kLanes; ++i) sum += src[i];
+        part[(f * NA + a) * C + q] = sum;
+      }
+    }
+  });
+  std::vector<acc_t> out(NA * L.S * C, acc_t(0));
+  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t s = 0; s < L.S; ++s)
+      for (int64_t k = L.start[s] * nblk; k < L.start[s + 1] * nblk; ++k)
+        for (int a = 0; a < NA; ++a) {
+          acc_t* o = out.data() + (a * L.S + s) * C;
+          const acc_t* p = part.data() + (k * NA + a) * C;
+          for (int64_t c = c0; c < c1; ++c) o[c] += p[c];
+        }
+  });
+  return out;
+}
+
+// Batch statistics per (segment, channel): a two-pass (mean, M2) per chunk, Chan-merged in chunk
+// order. Returns [S, C] Welford triples.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+std::vector<ffn::Welford<acc_t>> segment_stats(const Geom& g, const Layout& L, const scalar_t* x) {
+  const int64_t C = g.C, nblk = g.cl ? g.chunks : 1, width = g.cl ? C : kLanes;
+  std::vector<ffn::Welford<acc_t>> part(g.F * nblk * C);
+  parallel_chunks(g, [&](int64_t f, int64_t q) {
+    std::vector<acc_t> sum(width, acc_t(0)), m2(width, acc_t(0)), mean(g.cl ? C : 1);
+    chunk_runs(g, f, q, kLanes, [&](auto, int64_t off, int64_t len, int64_t, int64_t slot) {
+      const scalar_t* __restrict__ xp = x + off;
+      acc_t* __restrict__ a = sum.data() + slot;
+      for (int64_t i = 0; i < len; ++i) a[i] += static_cast<acc_t>(xp[i]);
+    });
+    const int64_t n = g.cl ? std::min(g.HW, (q + 1) * g.block) - q * g.block : g.HW;
+    if (g.cl) {
+      for (int64_t c = 0; c < C; ++c) mean[c] = sum[c] / acc_t(n);
+    } else {
+      acc_t s = 0;
+      for (int64_t i = 0; i < kLanes; ++i) s += sum[i];
+      mean[0] = s / acc_t(n);
+    }
+    chunk_runs(g, f, q, kLanes, [&](auto cl, int64_t off, int64_t len, int64_t c0, int64_t slot) {
+      constexpr bool CL = decltype(cl)::value;
+      const scalar_t* __restrict__ xp = x + off;
+      const acc_t* __restrict__ mu = mean.data() + (CL ? c0 : 0);
+      acc_t* __restrict__ a = m2.data() + slot;
+      for (int64_t i = 0; i < len; ++i) {
+        const acc_t d = static_cast<acc_t>(xp[i]) - mu[ch<CL>(i)];
+        a[i] += d * d;
+      }
+    });
+    if (g.cl) {
+      for (int64_t c = 0; c < C; ++c) part[(f * nblk + q) * C + c] = {acc_t(n), mean[c], m2[c]};
+    } else {
+      acc_t s = 0;
+      for (int64_t i = 0; i < kLanes; ++i) s += m2[i];
+      part[f * C + q] = {acc_t(n), mean[0], s};
+    }
+  });
+  std::vector<ffn::Welford<acc_t>> out(L.S * C, ffn::Welford<acc_t>{});
+  at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t s = 0; s < L.S; ++s)
+      for (int64_t k = L.start[s] * nblk; k < L.start[s + 1] * nblk; ++k)
+        for (int64_t c = c0; c < c1; ++c)
+          out[s * C + c] = ffn::welford_merge(out[s * C + c], part[k * C + c]);
+  });
+  return out;
+}
+
+// Runs fn(std::integral_constant<bool, b>{}) so a runtime flag becomes a compile-time one.
+template <typename Fn>
+decltype(auto) dispatch_bool(bool b, Fn&& fn) {
+  return b ? fn(std::true_type{}) : fn(std::false_type{});
+}
+
+}  // namespace cpu
+}  // namespace ffn_kernels
