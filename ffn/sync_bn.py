@@ -1,0 +1,107 @@
+"""Frequency-indexed BatchNorm with statistics of the whole distributed batch.
+
+The fused ``freq_batch_norm`` op computes each branch's statistics inside its kernel, so it cannot
+see other processes' frames. :class:`SyncFreqBatchNorm2d` therefore runs the training
+normalisation in plain PyTorch: per branch and channel, the sum and count are all-reduced (one call
+for all branches), then the centred sum of squares (two-pass, float32), both through the
+differentiable all-reduce (its backward all-reduces the gradient) so gradients flow through the
+global statistics as in ``nn.SyncBatchNorm``. Evaluation, and training in a single process, use the fused op.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ffn_kernels import FrameLayout, FreqBatchNorm2d, ops
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class SyncFreqBatchNorm2d(FreqBatchNorm2d):
+    """Drop-in :class:`~ffn_kernels.FreqBatchNorm2d` (same parameters and buffers)."""
+
+    process_group = None
+
+    def _syncing(self) -> bool:
+        return (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1)
+
+    def forward(self, x: Tensor, layout: FrameLayout, residual: Optional[Tensor] = None,
+                activation: Optional[str] = None) -> Tensor:
+        if not self._syncing():
+            return super().forward(x, layout, residual, activation)
+        return self._sync_norm(x, layout, residual, activation)
+
+    def add_relu_shift_alter(self, z: Tensor, identity: Tensor, layout: FrameLayout,
+                             alter_next: Optional[Tensor] = None, fold_div: int = 8) -> tuple[Tensor, Tensor]:
+        if not self._syncing():
+            return super().add_relu_shift_alter(z, identity, layout, alter_next, fold_div)
+        out = self._sync_norm(z, layout, identity, "relu")
+        return out, ops.shift_alter(out, layout, alter_next, fold_div)
+
+    def _sync_norm(self, x: Tensor, layout: FrameLayout, residual: Optional[Tensor],
+                   activation: Optional[str]) -> Tensor:
+        layout.check(x.shape[0], self.num_branches)
+        weight, bias, running_mean, running_var, _, momentum = self._args(x, layout)
+        rows = list(layout.rows)
+        segments = [s.float() for s in layout.split(x)]
+        sums = torch.stack([s.sum((0, 2, 3)) for s in segments])  # [S, C]
+        counts = torch.tensor([float(s.numel() // s.shape[1]) for s in segments], device=x.device)
+        totals = _AllReduceSum.apply(torch.cat([sums, counts[:, None]], 1), self.process_group)
+        count = totals[:, -1:].detach()  # [S, 1]
+        mean = totals[:, :-1] / count
+        centred = [s - m.view(1, -1, 1, 1) for s, m in zip(segments, mean)]
+        squares = torch.stack([(c * c).sum((0, 2, 3)) for c in centred])
+        var = _AllReduceSum.apply(squares, self.process_group) / count
+        scale = weight[rows].float() * torch.rsqrt(var + self.eps)
+        y = torch.cat([c * k.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+                       for c, k, b in zip(centred, scale, bias[rows].float())])
+        if residual is not None:
+            y = y + residual.float()
+        if activation == "relu":
+            y = torch.relu(y)
+        elif activation is not None:
+            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+        if running_mean is not None:
+            with torch.no_grad():
+                m = torch.as_tensor(momentum, dtype=torch.float32, device=x.device).reshape(-1, 1)
+                unbiased = var * count / (count - 1).clamp(min=1)
+                running_mean[rows] = (1 - m) * running_mean[rows] + m * mean
+                running_var[rows] = (1 - m) * running_var[rows] + m * unbiased
+        return y.to(x.dtype).contiguous(memory_format=_format_of(x))
+
+
+def _format_of(x: Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def convert_sync_freq_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Replace every :class:`FreqBatchNorm2d` in ``module`` by a :class:`SyncFreqBatchNorm2d` that
+    shares its parameters and buffers (``state_dict`` keys unchanged)."""
+    for name, child in module.named_children():
+        if type(child) is FreqBatchNorm2d:
+            sync = SyncFreqBatchNorm2d.__new__(SyncFreqBatchNorm2d)
+            sync.__dict__.update(child.__dict__)  # the same Parameter and buffer objects
+            sync.process_group = process_group
+            setattr(module, name, sync)
+        else:
+            convert_sync_freq_batchnorm(child, process_group)
+    return module
