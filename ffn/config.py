@@ -56,7 +56,8 @@ class ModelConfig:
     frames: list[int] = field(default_factory=lambda: [4, 8, 16])  # one entry = single-frame-count model
     weight_alteration: bool = True  # False with one frame count = a plain TSM baseline
     dropout: float = 0.5
-    pretrained: str = ""  # torchvision ImageNet or official FFN checkpoint, loaded via ffn.convert
+    pretrained: str = ""  # initial weights, loaded via ffn.convert
+    pretrained_format: str = "torchvision"  # torchvision (ImageNet ResNet) | official (FFN-pytorch)
     distill_weight: float = 1.0  # lambda of the temporal distillation loss
 
 
@@ -115,13 +116,18 @@ def read_config_file(path: str | Path) -> dict:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``'optim.lr=0.1'`` -> ``(['optim', 'lr'], 0.1)``; the value is read as YAML (lists, bools)."""
+    """``'optim.lr=0.1'`` -> ``(['optim', 'lr'], 0.1)``; the value is read as YAML (lists, bools),
+    or kept as a string where it is not YAML (``data.template={:05d}.jpg``)."""
     import yaml
 
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ValueError(f"override {item!r}: expected key.sub=value")
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> Config:
@@ -138,6 +144,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     config = _build(Config, tree, "")
     for key, value, allowed in (
         ("data.kind", config.data.kind, ("synthetic", "frames", "video")),
+        ("model.pretrained_format", config.model.pretrained_format, ("torchvision", "official")),
         ("optim.schedule", config.optim.schedule, ("cosine", "step")),
         ("optim.amp", config.optim.amp, ("off", "fp16", "bf16")),
         ("train.device", config.train.device, ("auto", "cpu", "cuda")),
@@ -186,6 +193,11 @@ def _coerce(kind, value, key: str):
         return [_coerce(item, v, f"{key}[]") for v in value]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is str and value is None:
         return ""
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

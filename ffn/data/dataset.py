@@ -115,15 +115,18 @@ class Batch:
         return len(self.labels)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        def move(t: Tensor) -> Tensor:
-            return t.to(device, non_blocking=non_blocking)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
+    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
+        return self._map(Tensor.pin_memory)
+
+    def _map(self, fn) -> "Batch":
         clips = self.clips
         if isinstance(clips, list):
-            clips = [move(c) for c in clips]
+            clips = [fn(c) for c in clips]
         elif clips is not None:
-            clips = move(clips)
-        return Batch(clips, move(self.labels), self.skipped)
+            clips = fn(clips)
+        return Batch(clips, fn(self.labels), self.skipped)
 
 
 def collate(items: list) -> Batch:

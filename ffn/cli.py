@@ -1,0 +1,121 @@
+"""The ``ffn`` command: ``ffn train``, ``ffn eval``, ``ffn demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parse_frames(text: str) -> list[int]:
+    """``"2..20"`` (inclusive range), ``"4,8,16"`` or a mix such as ``"1..4,8,16"``."""
+    frames: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.partition("..")
+            frames += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"frames {text!r}: expected e.g. 2..20 or 4,8,16") from None
+    if not frames or min(frames) < 1:
+        raise argparse.ArgumentTypeError(f"frames {text!r}: need at least one count, all >= 1")
+    return sorted(set(frames))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ffn", description="Frame Flexible Network: train, evaluate, demo")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train an FFN (or single-frame-count TSM) model")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides, e.g. optim.lr=0.02 model.frames=[4,8,16]")
+    train.add_argument("--config", help="TOML or YAML config file")
+    train.add_argument("--out", help="output folder (train.out)")
+    train.add_argument("--epochs", type=int, help="train.epochs")
+    train.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
+                       help="continue from a checkpoint (default: OUT/last.pt)")
+    train.add_argument("--skip-bad", action="store_true", help="skip and count unreadable videos")
+
+    ev = sub.add_parser("eval", help="accuracy at many frame counts, table and plot")
+    ev.add_argument("items", nargs="+", metavar="CKPT|KEY=VALUE",
+                    help="checkpoints of `ffn train` to compare, and config overrides (e.g. data.val_list=...)")
+    ev.add_argument("--labels", nargs="+", help="one name per checkpoint (default: its folder's name)")
+    ev.add_argument("--frames", type=parse_frames, default=parse_frames("2..20"), help="default 2..20")
+    ev.add_argument("--out", default="runs/eval", help="folder for results.{json,csv,md} and accuracy.png")
+    ev.add_argument("--twice", action="store_true", help="add a second temporal view (segment starts)")
+    ev.add_argument("--crops", type=int, choices=(1, 3), default=1, help="spatial views")
+    ev.add_argument("--skip-bad", action="store_true", help="skip and count unreadable videos")
+
+    demo = sub.add_parser("demo", help="Temporal Frequency Deviation and FFN at small scale on CPU")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for both models")
+
+    # positionals may follow options (ffn eval a.pt --frames 2..8 data.val_list=v.txt): collect them
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        getattr(args, "items" if args.command == "eval" else "overrides").extend(extra)
+    return {"train": _train, "eval": _eval, "demo": _demo}[args.command](args)
+
+
+def _train(args) -> int:
+    from .config import load_config
+    from .engine.trainer import fit
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"train.out={args.out}")
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.skip_bad:
+        overrides.append("data.skip_bad=true")
+    cfg = load_config(args.config, overrides)
+    resume = Path(cfg.train.out) / "last.pt" if args.resume == "auto" else args.resume
+    fit(cfg, resume)
+    return 0
+
+
+def _eval(args) -> int:
+    import torch
+
+    from .engine import distributed
+    from .engine.evaluate import accuracy_by_frames
+    from .engine.factory import load_trained
+    from .engine.trainer import AMP_DTYPES
+    from .report import markdown_table, write_results
+
+    overrides = [i for i in args.items if "=" in i] + (["data.skip_bad=true"] if args.skip_bad else [])
+    checkpoints = [i for i in args.items if "=" not in i]
+    if not checkpoints:
+        raise SystemExit("ffn eval: give at least one checkpoint")
+    labels = args.labels or [Path(c).resolve().parent.name for c in checkpoints]
+    if len(labels) != len(checkpoints):
+        raise SystemExit(f"ffn eval: {len(checkpoints)} checkpoints but {len(labels)} labels")
+    results = {}
+    d, device = distributed.setup()
+    try:
+        for label, path in zip(labels, checkpoints):
+            model, cfg = load_trained(path, overrides)
+            model.to(device)
+            with torch.no_grad():
+                results[label] = accuracy_by_frames(model, cfg.data, args.frames, device, d, args.twice,
+                                                    args.crops, AMP_DTYPES[cfg.optim.amp])
+    finally:
+        distributed.teardown()
+    if d.main:
+        paths = write_results(results, args.out)
+        print(markdown_table(results))
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), args.overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Accuracy-vs-frames results of one or more models: JSON, CSV, a Markdown table and a PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+Results = dict[str, dict[int, dict]]  # model label -> frame count -> {"top1", "top5", ...}
+
+
+def markdown_table(results: Results, metric: str = "top1") -> str:
+    labels = list(results)
+    frames = sorted({n for r in results.values() for n in r})
+    lines = ["| frames | " + " | ".join(labels) + " |", "|---:|" + "---:|" * len(labels)]
+    for n in frames:
+        cells = [f"{results[m][n][metric]:.1f}" if n in results[m] else "" for m in labels]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(results: Results, out: str | Path, title: str = "Top-1 accuracy vs frames") -> dict[str, Path]:
+    """Write ``results.json``, ``results.csv``, ``results.md`` and ``accuracy.png`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / f"results.{k}" for k in ("json", "csv", "md")}
+    paths["png"] = out / "accuracy.png"
+    paths["json"].write_text(json.dumps({m: {str(n): v for n, v in r.items()} for m, r in results.items()},
+                                        indent=2))
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "frames", "top1", "top5", "videos", "skipped"])
+        for m, r in results.items():
+            for n, v in sorted(r.items()):
+                writer.writerow([m, n, f"{v['top1']:.2f}", f"{v['top5']:.2f}", v["videos"], v["skipped"]])
+    paths["md"].write_text(f"{title} (%)\n\n{markdown_table(results)}\n")
+    plot(results, paths["png"], title)
+    return paths
+
+
+def plot(results: Results, path: str | Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for label, r in results.items():
+        frames = sorted(r)
+        ax.plot(frames, [r[n]["top1"] for n in frames], marker="o", markersize=3, label=label)
+    ax.set_xlabel("frames at inference")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

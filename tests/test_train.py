@@ -1,0 +1,208 @@
+"""Training and evaluation: config, optimizer policy, AMP clipping, `ffn train` / `ffn eval` end to
+end, exact resume, 2-process gloo DDP with synchronised frequency-indexed BN, skipping bad videos."""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ffn.cli import main, parse_frames
+from ffn.config import load_config
+from ffn.data import BadSampleError
+from ffn.engine import checkpoint, distributed
+from ffn.engine.optim import build_optimizer, lr_factor
+from ffn.engine.trainer import Trainer, fit
+from ffn.models import FFNResNet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a tiny run: ResNet-18 on 16x16 crops of 8-frame synthetic videos, branches of 2 and 4 frames
+TINY = [
+    "data.synthetic.train_videos=8", "data.synthetic.val_videos=6", "data.synthetic.num_frames=8",
+    "data.synthetic.frame_size=20", "data.size=16", "data.batch_size=4", "data.workers=0",
+    "model.arch=resnet18", "model.frames=[2,4]", "model.dropout=0", "optim.lr=0.01",
+    "optim.warmup_epochs=0.5", "train.epochs=1", "train.progress=false",
+]
+
+
+def tiny(tmp_path, *extra) -> list[str]:
+    return [*TINY, f"train.out={tmp_path}", *extra]
+
+
+def read_log(out) -> list[dict]:
+    with open(Path(out) / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# --- config, optimizer, schedule -----------------------------------------------------------------
+
+def test_config_files_and_overrides(tmp_path):
+    (tmp_path / "c.toml").write_text('[optim]\nlr = 0.5\n[model]\nframes = [8, 16]\n')
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 0.5\nmodel:\n  frames: [8, 16]\n")
+    for name in ("c.toml", "c.yaml"):
+        cfg = load_config(tmp_path / name, ["optim.lr=0.1", "data.synthetic.num_classes=6"])
+        assert cfg.optim.lr == 0.1 and cfg.model.frames == [8, 16] and cfg.data.synthetic.num_classes == 6
+    with pytest.raises(ValueError, match=r"optim: unknown key\(s\) \['lrr'\]"):
+        load_config(overrides=["optim.lrr=1"])
+    with pytest.raises(ValueError, match="optim.amp"):
+        load_config(overrides=["optim.amp=fp8"])
+    assert parse_frames("2..5,8") == [2, 3, 4, 5, 8]
+
+
+def test_parameter_groups_follow_the_tsm_policy():
+    model = FFNResNet(18, (2, 4), num_classes=3)
+    cfg = load_config(overrides=["optim.lr=0.1", "optim.weight_decay=0.001"]).optim
+    groups = {g["name"]: g for g in build_optimizer(model, cfg).param_groups}
+    assert {id(p) for p in groups["fc_weight"]["params"]} == {id(model.fc.weight)}
+    assert groups["fc_weight"]["lr"] == pytest.approx(0.5) and groups["fc_weight"]["weight_decay"] == 0.001
+    assert groups["fc_bias"]["lr"] == pytest.approx(1.0) and groups["fc_bias"]["weight_decay"] == 0
+    bn = {id(model.bn1.weight), id(model.bn1.bias), id(model.layer1[0].bn2.weight)}
+    assert bn <= {id(p) for p in groups["bn"]["params"]} and groups["bn"]["weight_decay"] == 0
+    weights = {id(p) for p in groups["weight"]["params"]}
+    assert {id(model.conv1.weight), id(model.layer2[0].alter.weight)} <= weights
+    assert groups["weight"]["lr"] == pytest.approx(0.1) and groups["weight"]["weight_decay"] == 0.001
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
+
+
+def test_lr_schedules():
+    cos = load_config(overrides=["optim.warmup_epochs=1"]).optim
+    assert [lr_factor(s, cos, 3, 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, cos, 3, 4) == 1.0 and lr_factor(8, cos, 3, 4) == pytest.approx(0.5)
+    assert lr_factor(12, cos, 3, 4) == pytest.approx(0.0)
+    step = load_config(overrides=["optim.schedule=step", "optim.milestones=[1,2]"]).optim
+    assert [lr_factor(s, step, 3, 4) for s in (3, 4, 8)] == pytest.approx([1, 0.1, 0.01])
+
+
+def test_gradient_clipping_runs_on_unscaled_gradients_under_amp(tmp_path):
+    cfg = load_config(overrides=tiny(tmp_path, "optim.amp=fp16", "optim.clip_grad=1e-3", "optim.lr=1",
+                                     "optim.momentum=0", "optim.weight_decay=0", "optim.warmup_epochs=0",
+                                     "optim.fc_lr_mult=1", "optim.schedule=step"))
+    trainer = Trainer(cfg, *distributed.setup("cpu"))
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() > 1
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    batch = next(iter(trainer.loader))
+    trainer.step(trainer.model, batch)
+    # plain SGD with lr 1 moves the weights by the clipped gradient: norm 1e-3 (x2 for biases)
+    moved = torch.stack([(p.detach() - b).norm() for p, b in zip(trainer.model.parameters(), before)]).norm()
+    assert 0 < moved <= 2.01e-3
+
+
+# --- ffn train / ffn eval ------------------------------------------------------------------------
+
+def test_train_then_eval_ffn_and_a_single_frame_count_baseline(tmp_path, capsys):
+    assert main(["train", *tiny(tmp_path / "ffn")]) == 0
+    assert main(["train", *tiny(tmp_path / "tsm4", "model.frames=[4]", "model.weight_alteration=false")]) == 0
+    for run in ("ffn", "tsm4"):
+        assert {p.name for p in (tmp_path / run).iterdir()} == {"last.pt", "best.pt", "log.csv", "log.jsonl"}
+    (row,) = read_log(tmp_path / "ffn")
+    assert {"val_top1@2", "val_top1@4", "train_top1@2", "loss", "kl", "clips_per_s"} <= set(row)
+    assert float(row["skipped"]) == 0 and 0 <= float(row["val_top1@2"]) <= 100
+    assert list(json.loads((tmp_path / "ffn" / "log.jsonl").read_text())) == list(row)
+
+    out = tmp_path / "eval"
+    assert main(["eval", str(tmp_path / "ffn" / "last.pt"), str(tmp_path / "tsm4" / "last.pt"),
+                 "--frames", "1..5", "--out", str(out), "data.batch_size=3"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["ffn", "tsm4"] and list(results["ffn"]) == ["1", "2", "3", "4", "5"]
+    assert all(v["videos"] == 6 and 0 <= v["top1"] <= v["top5"] <= 100
+               for r in results.values() for v in r.values())
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| frames | ffn | tsm4 |" in (out / "results.md").read_text()
+    assert "| 5 |" in capsys.readouterr().out
+
+
+def test_checkpoints_load_weights_only_and_hold_the_whole_state(tmp_path):
+    fit(load_config(overrides=tiny(tmp_path, "optim.amp=bf16")))
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert {"epoch", "best", "config", "model", "optimizer", "scheduler", "scaler", "rng"} <= set(state)
+    assert state["epoch"] == 1 and state["config"]["optim"]["amp"] == "bf16"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    args = ["train.epochs=2", "model.dropout=0.5", "data.synthetic.train_videos=12"]
+    fit(load_config(overrides=tiny(tmp_path / "straight", *args)))
+
+    train_epoch = Trainer.train_epoch
+
+    def crash_in_second_epoch(self, net, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return train_epoch(self, net, epoch)
+
+    cfg = load_config(overrides=tiny(tmp_path / "resumed", *args))
+    monkeypatch.setattr(Trainer, "train_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg)
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    assert checkpoint.load(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    assert main(["train", *tiny(tmp_path / "resumed", *args), "--resume"]) == 0
+
+    a, b = (checkpoint.load(tmp_path / run / "last.pt") for run in ("straight", "resumed"))
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"] and torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+    drop = {"clips_per_s", "epoch_s"}
+    rows = [[{k: v for k, v in r.items() if k not in drop} for r in read_log(tmp_path / run)]
+            for run in ("straight", "resumed")]
+    assert rows[0] == rows[1] and len(rows[0]) == 2
+
+
+def test_ddp_gloo_two_processes_match_one_process_with_sync_bn(tmp_path):
+    """2 ranks x 2 clips with all-reduced per-branch BN statistics take the same steps as 1 process x 4
+    clips: same permutation, same augmentation, same global statistics, averaged gradients."""
+    common = ["data.synthetic.train_videos=8", "data.batch_size=2", "train.epochs=1", "train.sync_bn=true",
+              "optim.warmup_epochs=0"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "ffn", "train", *tiny(tmp_path / "ddp", *common)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    fit(load_config(overrides=tiny(tmp_path / "single", *common, "data.batch_size=4")))
+    ddp, single = (checkpoint.load(tmp_path / run / "last.pt") for run in ("ddp", "single"))
+    assert len(ddp["rng"]) == 2
+    for key, value in single["model"].items():
+        torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    (row_ddp,), (row_single,) = read_log(tmp_path / "ddp"), read_log(tmp_path / "single")
+    for key in ("val_top1@2", "val_top1@4", "train_top1@4"):
+        assert row_ddp[key] == row_single[key], key
+    assert float(row_ddp["loss"]) == pytest.approx(float(row_single["loss"]), rel=1e-4)
+
+
+# --- bad videos ----------------------------------------------------------------------------------
+
+def test_training_on_frame_folders_raises_on_a_missing_frame_or_skips_it(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    lines = []
+    for v in range(8):
+        folder = tmp_path / "frames" / f"v{v}"
+        folder.mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((20, 24, 3), 25 * v + 5 * i, np.uint8)).save(folder / f"{i + 1:05d}.jpg")
+        lines.append(f"v{v} 6 {v % 2}")
+    (tmp_path / "list.txt").write_text("\n".join(lines))
+    for i in range(4, 7):  # every clip of v3 needs one of these
+        (tmp_path / "frames" / "v3" / f"{i:05d}.jpg").unlink()
+    data = ["data.kind=frames", f"data.root={tmp_path / 'frames'}", f"data.train_list={tmp_path / 'list.txt'}",
+            f"data.val_list={tmp_path / 'list.txt'}", "data.template={:05d}.jpg", "data.num_classes=2",
+            "data.synthetic.num_classes=2"]
+    with pytest.raises(BadSampleError, match=r"v3: frame \d \(0000[456].jpg\)"):
+        fit(load_config(overrides=tiny(tmp_path / "strict", *data)))
+    assert main(["train", *tiny(tmp_path / "lenient", *data), "--skip-bad"]) == 0
+    (row,) = read_log(tmp_path / "lenient")
+    assert int(row["skipped"]) == 1 and int(row["val_skipped"]) == 1
