@@ -14,8 +14,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import ffn_kernels.triton as tk  # noqa: E402
+from ffn_kernels.triton import api, traffic  # noqa: E402
 from ffn_kernels import reference as ref  # noqa: E402
-from ffn_kernels.triton import traffic  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -82,17 +82,21 @@ def test_shift_alter(layout, channels_last, with_alter, dtype):
                ref.shift_alter_bwd(dy, x, *args, alter_grad), dtype, param_outputs=(1,))
 
 
-# (relu, residual): plain BN, BN+ReLU, BN+residual+ReLU (the last block of a network)
-BN_VARIANTS = [(False, False), (True, False), (True, True)]
+# (relu, residual): plain BN, BN+ReLU, BN+residual+ReLU (the last block of a network); bf16 only
+# on the last, which uses every part of the kernels (keeps the interpreted run short)
+BN_CASES = [
+    pytest.param(False, False, torch.float32, id="bn-f32"),
+    pytest.param(True, False, torch.float32, id="relu-f32"),
+    pytest.param(True, True, torch.float32, id="res-relu-f32"),
+    pytest.param(True, True, torch.bfloat16, id="res-relu-bf16"),
+]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("variant", BN_VARIANTS, ids=["bn", "relu", "res-relu"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_bn(layout, channels_last, training, variant, dtype):
-    relu, with_res = variant
+@pytest.mark.parametrize("relu,with_res,dtype", BN_CASES)
+def test_bn(layout, channels_last, training, relu, with_res, dtype):
     x = _input(layout, 20, dtype, channels_last)
     res = _input(layout, 20, dtype, channels_last, seed=3) if with_res else None
     dy = _input(layout, 20, dtype, channels_last, seed=2, scale=1.0, shift=0.0)
@@ -122,8 +126,11 @@ def test_bn_without_running_stats(channels_last):
 @pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("with_alter", [False, True], ids=["shift", "alter"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("with_alter,dtype", [
+    pytest.param(False, torch.float32, id="shift-f32"),
+    pytest.param(True, torch.float32, id="alter-f32"),
+    pytest.param(True, torch.bfloat16, id="alter-bf16"),
+])
 def test_bnrs(layout, channels_last, training, with_alter, dtype):
     z = _input(layout, 16, dtype, channels_last)
     identity = _input(layout, 16, dtype, channels_last, seed=3)
@@ -142,20 +149,26 @@ def test_bnrs(layout, channels_last, training, with_alter, dtype):
            dtype, param_outputs=(2, 3, 4))
 
 
-def test_larger_tiles_and_chunks():
-    """A shape with several frame chunks per segment and channel blocks (NCHW and channels_last)
-    exercises the split reduction's combine across chunks."""
-    layout = (2, [3, 40], [1, 0])
-    for channels_last in (False, True):
-        z = _input(layout, 40, torch.float32, channels_last, hw=(9, 11))
-        identity = _input(layout, 40, torch.float32, channels_last, hw=(9, 11), seed=3)
-        p = _params(40)
-        fwd_args = (*layout, p["weight"], p["bias"], p["running_mean"], p["running_var"], True,
-                    [0.1, 0.2], 1e-5, p["alter"], 8)
-        out, ref_out = tk.bnrs_fwd(z, identity, *fwd_args), ref.bnrs_fwd(z, identity, *fwd_args)
-        _check(out, ref_out, torch.float32, param_outputs=(2, 3, 4, 5))
-        dout, dnext = torch.randn_like(z), torch.randn_like(z)
-        bwd_args = (*layout, p["weight"], ref_out[2], ref_out[3], True, p["alter"], 8)
+@pytest.mark.parametrize("layout", LAYOUTS[1:], ids=IDS[1:])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_small_tiles(monkeypatch, layout, channels_last):
+    """Tiles and chunks shrunk so the tiny shapes span several channel blocks, pixel blocks and
+    frame chunks per segment (chunks not aligned to clips): masking and the cross-chunk combine."""
+    monkeypatch.setattr(api, "_TILE", 256)
+    monkeypatch.setattr(api, "_CHUNK", 1024)
+    z = _input(layout, 20, torch.float32, channels_last)
+    identity = _input(layout, 20, torch.float32, channels_last, seed=3)
+    dout = _input(layout, 20, torch.float32, channels_last, seed=4, scale=1.0, shift=0.0)
+    dnext = _input(layout, 20, torch.float32, channels_last, seed=5, scale=1.0, shift=0.0)
+    p = _params(20)
+    momentum = [0.1, 0.3, 0.05][: len(layout[1])]
+    for training in (True, False):
+        fwd_args = (*layout, p["weight"], p["bias"], p["running_mean"], p["running_var"],
+                    training, momentum, 1e-5, p["alter"], 8)
+        ref_out = ref.bnrs_fwd(z, identity, *fwd_args)
+        _check(tk.bnrs_fwd(z, identity, *fwd_args), ref_out, torch.float32,
+               param_outputs=(2, 3, 4, 5))
+        bwd_args = (*layout, p["weight"], ref_out[2], ref_out[3], training, p["alter"], 8)
         _check(tk.bnrs_bwd(dout, dnext, z, ref_out[0], *bwd_args),
                ref.bnrs_bwd(dout, dnext, z, ref_out[0], *bwd_args), torch.float32,
                param_outputs=(2, 3, 4))

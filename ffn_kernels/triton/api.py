@@ -70,7 +70,7 @@ class _Plan:
 
     def like(self, t):
         """``t`` in this call's memory format (a no-op for inputs that already are)."""
-        return t.contiguous(memory_format=self.fmt)
+        return None if t is None else t.contiguous(memory_format=self.fmt)
 
 
 def _stats(plan, x, running_mean, running_var, training, momentum, eps):
@@ -97,53 +97,58 @@ def _stats(plan, x, running_mean, running_var, training, momentum, eps):
     return mean, invstd, new_rm, new_rv
 
 
-def _forward(plan, x, res, y, nxt, mean, invstd, weight, bias, alter, fold_div, relu):
-    """One elementwise pass: ``y = act(BN(x) + res)`` and/or ``nxt = shift_alter(...)``."""
+def _forward(plan, x, *, res=None, y=None, nxt=None, mean=None, invstd=None, weight=None,
+             bias=None, alter=None, fold_div=1, relu=False):
+    """One elementwise pass: ``y = act(BN(x) + res)`` (BN when ``mean`` is given) and/or
+    ``nxt = shift_alter(act(...))``."""
     norm, shift = mean is not None, nxt is not None
+
+    def pick(t):  # unused pointer arguments get any tensor: constexpr flags keep them unread
+        return x if t is None else t
+
     K._fwd_kernel[plan.grid](
-        x, x if res is None else plan.like(res), x if y is None else y, x if nxt is None else nxt,
-        mean if norm else x, invstd if norm else x, weight if norm else x, bias if norm else x,
-        x if alter is None else alter, *plan.args, plan.C // fold_div if shift else 0,
+        x, pick(plan.like(res)), pick(y), pick(nxt), pick(mean),
+        pick(invstd), pick(weight), pick(bias), pick(alter), *plan.args,
+        plan.C // fold_div if shift else 0,
         NORM=norm, HAS_RES=res is not None, RELU=relu, STORE_Y=y is not None, SHIFT=shift,
         HAS_ALTER=shift and alter is not None, **plan.kw,
     )
 
 
-def _backward(plan, dy, dnext, x, y, dx, dres, weight, mean, invstd, training, relu, alter,
-              fold_div, param_grads):
-    """``dx``/``dres`` and the parameter gradients ``param_grads`` (``[P, C]`` zeros to fill:
-    dweight, dbias with BN, then dalter). Training BN needs the segment sums before ``dx``, so
-    it reduces in one pass and stores in a second; otherwise one pass does both."""
-    norm, alter_grad = mean is not None, len(param_grads) > (2 if mean is not None else 0)
+def _backward(plan, dx, param_grads, *, dy=None, dnext=None, x=None, y=None, dres=None,
+              weight=None, mean=None, invstd=None, training=False, relu=False, alter=None,
+              fold_div=1):
+    """Fill ``dx``, ``dres`` and ``param_grads`` (float32 ``[P, C]`` zeros: dweight and dbias
+    when BN (``mean`` given), then dalter). Training BN needs the segment sums before ``dx``,
+    so it reduces in one pass and stores in a second; otherwise one pass does both."""
+    norm = mean is not None
+    alter_grad = len(param_grads) > (2 if norm else 0)
     two_pass = norm and training
-    dummy = dx
-    args = (
-        dummy if dy is None else plan.like(dy), dummy if dnext is None else plan.like(dnext),
-        dummy if x is None else x, dummy if y is None else plan.like(y), dx,
-        dummy if dres is None else dres,
-    )
+
+    def pick(t):  # unused pointer arguments get any tensor: constexpr flags keep them unread
+        return dx if t is None else t
+
+    tensors = (pick(plan.like(dy)), pick(plan.like(dnext)), pick(x), pick(plan.like(y)), dx,
+               pick(dres))
+    params = (pick(mean), pick(invstd), pick(weight), pick(alter), *plan.args,
+              plan.C // fold_div if dnext is not None else 0)
     flags = dict(
         HAS_DY=dy is not None, SHIFT=dnext is not None, HAS_ALTER=alter is not None,
         ALTER_GRAD=alter_grad, RELU=relu, NORM=norm, TRAINING=training, HAS_RES=dres is not None,
         **plan.kw,
     )
-    params = (dummy if mean is None else mean, dummy if invstd is None else invstd,
-              dummy if weight is None else weight, dummy if alter is None else alter)
-    fold = plan.C // fold_div if dnext is not None else 0
-    sums = dummy
+    sums = dx
     if param_grads:
         part = dx.new_empty((len(param_grads), plan.nch, plan.C), dtype=torch.float32)
         sums = dx.new_empty((len(param_grads), plan.S, plan.C), dtype=torch.float32)
-        K._bwd_kernel[plan.grid](*args, part, sums, *params, *plan.args, fold,
-                                 REDUCE=True, STORE=not two_pass, **flags)
-        outs = list(param_grads) + [sums] * (3 - len(param_grads))
+        K._bwd_kernel[plan.grid](*tensors, part, sums, *params, REDUCE=True,
+                                 STORE=not two_pass, **flags)
         K._sum_combine_kernel[plan.combine_grid](
-            part, sums, *outs, plan.meta, plan.nch, plan.S, plan.C, K=len(param_grads),
-            BLOCK_C=plan.combine_block,
+            part, sums, *param_grads, *[sums] * (3 - len(param_grads)), plan.meta, plan.nch,
+            plan.S, plan.C, K=len(param_grads), BLOCK_C=plan.combine_block,
         )
     if two_pass or not param_grads:
-        K._bwd_kernel[plan.grid](*args, dummy, sums, *params, *plan.args, fold,
-                                 REDUCE=False, STORE=True, **flags)
+        K._bwd_kernel[plan.grid](*tensors, dx, sums, *params, REDUCE=False, STORE=True, **flags)
 
 
 def _zeros(p):
@@ -158,7 +163,7 @@ def _zeros(p):
 def shift_alter_fwd(x, clips, frames, rows, alter, fold_div):
     plan = _Plan(x, clips, frames, rows)
     y = torch.empty_like(x)
-    _forward(plan, x, None, None, y, None, None, None, None, alter, fold_div, False)
+    _forward(plan, x, nxt=y, alter=alter, fold_div=fold_div)
     return y
 
 
@@ -166,8 +171,8 @@ def shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad):
     plan = _Plan(x, clips, frames, rows)
     dx = torch.empty_like(x)
     grads = [_zeros(alter)] if alter_grad else []
-    _backward(plan, None, dy, None, x if alter_grad else None, dx, None, None, None, None,
-              False, False, alter, fold_div, grads)
+    _backward(plan, dx, grads, dnext=dy, y=x if alter_grad else None, alter=alter,
+              fold_div=fold_div)
     return dx, grads[0] if alter_grad else x.new_empty(0)
 
 
@@ -177,7 +182,8 @@ def bn_fwd(x, clips, frames, rows, weight, bias, running_mean, running_var, trai
     mean, invstd, new_rm, new_rv = _stats(plan, x, running_mean, running_var, training, momentum,
                                           eps)
     y = torch.empty_like(x)
-    _forward(plan, x, residual, y, None, mean, invstd, weight, bias, None, 1, relu)
+    _forward(plan, x, res=residual, y=y, mean=mean, invstd=invstd, weight=weight, bias=bias,
+             relu=relu)
     return y, mean, invstd, new_rm, new_rv
 
 
@@ -186,8 +192,8 @@ def bn_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu, 
     dx = torch.empty_like(x)
     dres = torch.empty_like(x) if has_residual else None
     grads = [_zeros(weight), _zeros(weight)]
-    _backward(plan, dy, None, x, y if relu else None, dx, dres, weight, mean, invstd, training,
-              relu, None, 1, grads)
+    _backward(plan, dx, grads, dy=dy, x=x, y=y if relu else None, dres=dres, weight=weight,
+              mean=mean, invstd=invstd, training=training, relu=relu)
     return dx, grads[0], grads[1], x.new_empty(0) if dres is None else dres
 
 
@@ -197,8 +203,8 @@ def bnrs_fwd(z, identity, clips, frames, rows, weight, bias, running_mean, runni
     mean, invstd, new_rm, new_rv = _stats(plan, z, running_mean, running_var, training, momentum,
                                           eps)
     out, next_in = torch.empty_like(z), torch.empty_like(z)
-    _forward(plan, z, identity, out, next_in, mean, invstd, weight, bias, alter_next, fold_div,
-             True)
+    _forward(plan, z, res=identity, y=out, nxt=next_in, mean=mean, invstd=invstd, weight=weight,
+             bias=bias, alter=alter_next, fold_div=fold_div, relu=True)
     return out, next_in, mean, invstd, new_rm, new_rv
 
 
@@ -206,8 +212,9 @@ def bnrs_bwd(dout, dnext, z, out, clips, frames, rows, weight, mean, invstd, tra
              fold_div):
     plan = _Plan(z, clips, frames, rows)
     dz, didentity = torch.empty_like(z), torch.empty_like(z)
-    grads = [_zeros(weight), _zeros(weight)] + ([_zeros(alter_next)] if alter_next is not None else [])
-    _backward(plan, dout, dnext, z, out, dz, didentity, weight, mean, invstd, training, True,
-              alter_next, fold_div, grads)
-    dalter = grads[2] if alter_next is not None else out.new_empty(0)
+    grads = [_zeros(weight), _zeros(weight)] + ([] if alter_next is None else [_zeros(alter_next)])
+    _backward(plan, dz, grads, dy=dout, dnext=dnext, x=z, y=out, dres=didentity, weight=weight,
+              mean=mean, invstd=invstd, training=training, relu=True, alter=alter_next,
+              fold_div=fold_div)
+    dalter = out.new_empty(0) if alter_next is None else grads[2]
     return dz, didentity, grads[0], grads[1], dalter
