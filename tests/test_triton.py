@@ -29,10 +29,11 @@ LAYOUTS = [
     (2, [12], [2]),
 ]
 IDS = ["4-8-16", "1-3-20", "2-5", "12"]
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=5e-3),
+       torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}
 # parameter gradients sum many products (and, for bf16, low-precision intermediates of the reference)
-PARAM_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=3e-2, atol=0.5)}
-STAT_TOL = dict(rtol=1e-5, atol=1e-5)
+PARAM_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=5e-2),
+             torch.bfloat16: dict(rtol=3e-2, atol=0.5)}
 
 
 def _input(layout, channels, dtype, channels_last, hw=(3, 5), seed=0, scale=2.0, shift=0.5):
@@ -132,17 +133,22 @@ def test_bn_without_running_stats(channels_last):
     pytest.param(True, torch.bfloat16, id="alter-bf16"),
 ])
 def test_bnrs(layout, channels_last, training, with_alter, dtype):
-    z = _input(layout, 16, dtype, channels_last)
-    identity = _input(layout, 16, dtype, channels_last, seed=3)
-    dout = _input(layout, 16, dtype, channels_last, seed=4, scale=1.0, shift=0.0)
-    dnext = _input(layout, 16, dtype, channels_last, seed=5, scale=1.0, shift=0.0)
-    p = _params(16)
+    _check_bnrs(layout, 16, dtype, channels_last, training, with_alter)
+
+
+def _check_bnrs(layout, channels, dtype, channels_last, training, with_alter):
+    """bnrs forward (outputs, statistics, running statistics) and backward (every gradient)."""
+    z = _input(layout, channels, dtype, channels_last)
+    identity = _input(layout, channels, dtype, channels_last, seed=3)
+    dout = _input(layout, channels, dtype, channels_last, seed=4, scale=1.0, shift=0.0)
+    dnext = _input(layout, channels, dtype, channels_last, seed=5, scale=1.0, shift=0.0)
+    p = _params(channels)
     alter = p["alter"] if with_alter else None
     momentum = [0.1, 0.3, 0.05][: len(layout[1])]
     fwd_args = (*layout, p["weight"], p["bias"], p["running_mean"], p["running_var"], training,
                 momentum, 1e-5, alter, 8)
-    out, ref_out = tk.bnrs_fwd(z, identity, *fwd_args), ref.bnrs_fwd(z, identity, *fwd_args)
-    _check(out, ref_out, dtype, param_outputs=(2, 3, 4, 5))
+    ref_out = ref.bnrs_fwd(z, identity, *fwd_args)
+    _check(tk.bnrs_fwd(z, identity, *fwd_args), ref_out, dtype, param_outputs=(2, 3, 4, 5))
     y, mean, invstd = ref_out[0], ref_out[2], ref_out[3]
     bwd_args = (*layout, p["weight"], mean, invstd, training, alter, 8)
     _check(tk.bnrs_bwd(dout, dnext, z, y, *bwd_args), ref.bnrs_bwd(dout, dnext, z, y, *bwd_args),
@@ -156,22 +162,29 @@ def test_small_tiles(monkeypatch, layout, channels_last):
     frame chunks per segment (chunks not aligned to clips): masking and the cross-chunk combine."""
     monkeypatch.setattr(api, "_TILE", 256)
     monkeypatch.setattr(api, "_CHUNK", 1024)
-    z = _input(layout, 20, torch.float32, channels_last)
-    identity = _input(layout, 20, torch.float32, channels_last, seed=3)
-    dout = _input(layout, 20, torch.float32, channels_last, seed=4, scale=1.0, shift=0.0)
-    dnext = _input(layout, 20, torch.float32, channels_last, seed=5, scale=1.0, shift=0.0)
-    p = _params(20)
-    momentum = [0.1, 0.3, 0.05][: len(layout[1])]
     for training in (True, False):
-        fwd_args = (*layout, p["weight"], p["bias"], p["running_mean"], p["running_var"],
-                    training, momentum, 1e-5, p["alter"], 8)
-        ref_out = ref.bnrs_fwd(z, identity, *fwd_args)
-        _check(tk.bnrs_fwd(z, identity, *fwd_args), ref_out, torch.float32,
-               param_outputs=(2, 3, 4, 5))
-        bwd_args = (*layout, p["weight"], ref_out[2], ref_out[3], training, p["alter"], 8)
-        _check(tk.bnrs_bwd(dout, dnext, z, ref_out[0], *bwd_args),
-               ref.bnrs_bwd(dout, dnext, z, ref_out[0], *bwd_args), torch.float32,
-               param_outputs=(2, 3, 4))
+        _check_bnrs(layout, 20, torch.float32, channels_last, training, True)
+
+
+def test_repeated_rows():
+    """A row used by two segments (allowed without running statistics, and in eval): parameter
+    gradients come from the last such segment, as in the reference."""
+    layout = (2, [2, 3], [1, 1])
+    x = _input(layout, 12, torch.float32, True)
+    dy = _input(layout, 12, torch.float32, True, seed=2)
+    p = _params(12)
+    for training, rm, rv in ((True, None, None), (False, p["running_mean"], p["running_var"])):
+        args = (*layout, p["weight"], p["bias"], rm, rv, training, [0.1, 0.1], 1e-5, True, None)
+        ref_out = ref.bn_fwd(x, *args)
+        _check(tk.bn_fwd(x, *args), ref_out, torch.float32)
+        bwd_args = (*layout, p["weight"], ref_out[1], ref_out[2], training, True, False)
+        _check(tk.bn_bwd(dy, x, ref_out[0], *bwd_args), ref.bn_bwd(dy, x, ref_out[0], *bwd_args),
+               torch.float32, param_outputs=(1, 2))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_float16(channels_last):
+    _check_bnrs(LAYOUTS[2], 16, torch.float16, channels_last, True, True)
 
 
 def test_float64_rejected():
