@@ -42,10 +42,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
     p.add_argument("--compile-stages", default="layer1",
                    help="comma-separated stages whose ops are also compiled (compiling is slow on CPU), or 'all'")
+    p.add_argument("--depth", type=int, default=50, choices=[18, 34, 50, 101], help="model depth")
+    p.add_argument("--size", type=int, default=112, help="model input size (64 with --quick)")
+    p.add_argument("--classes", type=int, default=400)
+    p.add_argument("--compile-model", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time torch.compile(eager twin) (default: on for CUDA; on CPU the "
+                        "ResNet-50 compile alone takes minutes)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     args = p.parse_args(argv)
     if not (args.ops or args.model or args.traffic):
         args.ops = args.model = args.traffic = True
+    if args.compile_model is None:
+        args.compile_model = args.device.startswith("cuda")
     args.clips = args.clips or (1 if args.quick else 2)
     args.repeats = args.repeats or (2 if args.quick else 3)
     return args

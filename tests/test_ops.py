@@ -43,6 +43,13 @@ def compare(op_fn, ref_fn, tensors, dtype):
 
 
 ACTIVATIONS = ("x", "z", "identity", "residual")
+
+
+def only_plumbing_on_reference(backend, dtype, channels_last):
+    """The reference backend computes the oracle itself: run one dtype/format through the op
+    plumbing (validation, formats, autograd) and leave the full matrix to the compiled kernels."""
+    if backend == "reference" and (dtype != torch.float32 or channels_last):
+        pytest.skip("reference backend: float32 NCHW covers its plumbing")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -51,6 +58,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("with_alter", [True, False])
 def test_shift_alter_matches_reference(backend, layout, dtype, channels_last, with_alter):
+    only_plumbing_on_reference(backend, dtype, channels_last)
     p = make_params(3, 16)
     tensors = dict(x=make_input(layout, 16, dtype=dtype, channels_last=channels_last),
                    alter=p["alter"] if with_alter else None)
@@ -65,6 +73,7 @@ def test_shift_alter_matches_reference(backend, layout, dtype, channels_last, wi
 @pytest.mark.parametrize("relu,with_residual", [(True, True), (False, False), (True, False)])
 def test_freq_batch_norm_matches_reference(backend, layout, dtype, channels_last, training, relu,
                                            with_residual):
+    only_plumbing_on_reference(backend, dtype, channels_last)
     p = make_params(3, 6)
     tensors = dict(x=make_input(layout, 6, dtype=dtype, channels_last=channels_last),
                    weight=p["weight"], bias=p["bias"],
@@ -91,6 +100,7 @@ def test_freq_batch_norm_matches_reference(backend, layout, dtype, channels_last
 @pytest.mark.parametrize("with_alter", [True, False])
 def test_bn_add_relu_shift_alter_matches_reference(backend, layout, dtype, channels_last, training,
                                                    with_alter):
+    only_plumbing_on_reference(backend, dtype, channels_last)
     p = make_params(3, 16)
     tensors = dict(z=make_input(layout, 16, dtype=dtype, channels_last=channels_last),
                    identity=make_input(layout, 16, dtype=dtype, channels_last=channels_last, seed=4),
