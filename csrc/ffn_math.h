@@ -4,6 +4,9 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FFN_HOST_DEVICE __host__ __device__
@@ -141,6 +144,27 @@ FFN_HOST_DEVICE inline T bn_backward_dx(T g, T xmu, T invstd, T weight, T sum_g,
   return bn_backward_dx(g, xmu, bn_backward_coef(invstd, weight, sum_g, sum_gxmu, n, training));
 }
 
+// ReLU derivative at output y as T(0) or T(1). Callers multiply (g * relu_mask(y)) rather than
+// select, so a NaN/inf gradient stays NaN where y <= 0 as in eager PyTorch. On the host the mask is
+// built with integer ops: GCC turns `g * T(y > 0)` into a branch, and with -ftrapping-math the
+// branch's `g * 0` then blocks if-conversion and vectorization of the whole loop.
+template <typename T>
+FFN_HOST_DEVICE inline T relu_mask(T y) {
+#ifdef __CUDA_ARCH__
+  return static_cast<T>(y > T(0));
+#else
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "relu_mask: float or double");
+  using U = typename std::conditional<sizeof(T) == 8, uint64_t, uint32_t>::type;
+  const T one = T(1);
+  U bits;
+  std::memcpy(&bits, &one, sizeof(T));
+  bits &= static_cast<U>(-static_cast<U>(y > T(0)));
+  T mask;
+  std::memcpy(&mask, &bits, sizeof(T));
+  return mask;
+#endif
+}
+
 // Gradient reaching BN(z) in the residual-block boundary out = relu(BN(z) + identity),
 // next_in = shift_alter(out): g = (dout + reverse_shift((1 + a) * dnext)) * (out > 0), with
 // `dnext_src` the reverse-shifted dnext (0 outside the clip) and `factor` = 1 + a. The two sums
@@ -149,7 +173,7 @@ template <typename scalar_t, typename T>
 FFN_HOST_DEVICE inline T block_grad(T dout, T dnext_src, T factor, T out) {
   const scalar_t shifted = static_cast<scalar_t>(factor * dnext_src);
   const scalar_t total = static_cast<scalar_t>(static_cast<T>(shifted) + dout);
-  return static_cast<T>(total) * static_cast<T>(out > T(0));
+  return static_cast<T>(total) * relu_mask(out);
 }
 
 }  // namespace ffn

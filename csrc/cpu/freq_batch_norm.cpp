@@ -283,7 +283,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_bwd(
         return [d, yo](int64_t i) {
           const acc_t v = static_cast<acc_t>(d[i]);
           if constexpr (decltype(relu_c)::value)
-            return v * static_cast<acc_t>(static_cast<acc_t>(yo[i]) > acc_t(0));
+            return v * ffn::relu_mask(static_cast<acc_t>(yo[i]));
           return v;
         };
       };
