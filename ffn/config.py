@@ -22,8 +22,8 @@ class SyntheticConfig:
     num_classes: int = 4
     num_frames: int = 48
     frame_size: int = 40
-    travel: float = 0.6
-    noise: float = 24.0
+    travel: float = 0.5
+    noise: float = 12.0
 
 
 @dataclass
@@ -53,6 +53,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet18"
+    impl: str = "fused"  # fused: FFNResNet on the ffn_kernels ops | eager: EagerFFNResNet (same weights)
     frames: list[int] = field(default_factory=lambda: [4, 8, 16])  # one entry = single-frame-count model
     weight_alteration: bool = True  # False with one frame count = a plain TSM baseline
     dropout: float = 0.5
@@ -144,6 +145,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     config = _build(Config, tree, "")
     for key, value, allowed in (
         ("data.kind", config.data.kind, ("synthetic", "frames", "video")),
+        ("model.impl", config.model.impl, ("fused", "eager")),
         ("model.pretrained_format", config.model.pretrained_format, ("torchvision", "official")),
         ("optim.schedule", config.optim.schedule, ("cosine", "step")),
         ("optim.amp", config.optim.amp, ("off", "fp16", "bf16")),

@@ -15,18 +15,23 @@ import numpy as np
 
 from .records import VideoRecord
 
+MIN_RADIUS, MAX_RADIUS = 0.12, 0.18  # of the frame size
+
 
 class SyntheticMotion:
     """``num_videos`` clips of ``num_frames`` frames, ``size`` x ``size`` pixels; label ``c`` moves the
     shape towards angle ``2*pi*c/num_classes`` (jittered) across ``travel`` of the frame width."""
 
     def __init__(self, num_videos: int, num_classes: int = 4, num_frames: int = 48, size: int = 40,
-                 travel: float = 0.6, noise: float = 24.0, seed: int = 0) -> None:
+                 travel: float = 0.5, noise: float = 12.0, seed: int = 0) -> None:
         if num_videos < 1 or num_classes < 2 or num_frames < 2 or size < 8:
             raise ValueError(
                 f"SyntheticMotion: need num_videos >= 1, num_classes >= 2, num_frames >= 2, size >= 8; "
                 f"got {num_videos}, {num_classes}, {num_frames}, {size}"
             )
+        if not 0 < travel <= 1 - 2 * MAX_RADIUS - 2 / size:
+            raise ValueError(f"SyntheticMotion: travel must be in (0, {1 - 2 * MAX_RADIUS - 2 / size:.3f}] "
+                             f"for the shape to stay inside a {size}-pixel frame, got {travel}")
         self.num_videos, self.num_classes, self.frames = num_videos, num_classes, num_frames
         self.size, self.travel, self.noise, self.seed = size, travel, noise, seed
 
@@ -47,7 +52,7 @@ class SyntheticMotion:
         s = self.size
         angle = 2 * math.pi * (self.record(i).label + rng.uniform(-0.15, 0.15)) / self.num_classes
         step = np.array([math.cos(angle), math.sin(angle)]) * self.travel * s
-        radius = rng.uniform(0.08, 0.13) * s
+        radius = rng.uniform(MIN_RADIUS, MAX_RADIUS) * s
         margin = radius + 1
         low = np.maximum(margin, margin - step)  # the whole path stays inside the frame
         high = np.minimum(s - margin, s - margin - step)

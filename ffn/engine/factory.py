@@ -7,6 +7,7 @@ from pathlib import Path
 from ..config import Config, ModelConfig, load_config
 from ..convert import load_official, load_torchvision
 from ..data import num_classes
+from ..eager import EagerFFNResNet
 from ..models import DEPTHS, FFNResNet
 from . import checkpoint
 
@@ -20,7 +21,8 @@ def depth_of(arch: str) -> int:
 
 def build_model(cfg: ModelConfig, classes: int, pretrained: bool = True) -> FFNResNet:
     """The FFN (several frame counts) or single-frame-count TSM described by ``cfg``."""
-    model = FFNResNet(depth_of(cfg.arch), cfg.frames, classes, dropout=cfg.dropout,
+    cls = FFNResNet if cfg.impl == "fused" else EagerFFNResNet
+    model = cls(depth_of(cfg.arch), cfg.frames, classes, dropout=cfg.dropout,
                       weight_alteration=cfg.weight_alteration)
     if pretrained and cfg.pretrained:
         load = load_torchvision if cfg.pretrained_format == "torchvision" else load_official

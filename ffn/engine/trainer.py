@@ -40,6 +40,8 @@ class Trainer:
         self.out = Path(cfg.train.out)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model, num_classes(cfg.data)).to(device)
+        if cfg.train.sync_bn and cfg.model.impl != "fused":
+            raise ValueError("train.sync_bn needs model.impl=fused")
         if cfg.train.sync_bn and d.enabled:
             convert_sync_freq_batchnorm(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
