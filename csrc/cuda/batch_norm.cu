@@ -1,0 +1,324 @@
+// bn_fwd / bn_bwd (frequency-indexed BatchNorm, DESIGN.md §3.2) and bnrs_fwd / bnrs_bwd (the
+// residual-block boundary BN + add + ReLU + shift_alter, §3.3). The BN op is the bnrs op without
+// the shift, so both share one elementwise template and one reduction visitor (kShift).
+#include "ops.cuh"
+
+namespace ffn_kernels {
+namespace cuda {
+namespace {
+
+// Gradient reaching BN's output in the block op: g = (dout + rev_shift((1+a) * dnext)) * [out > 0],
+// rounded where the reference rounds (its shift backward and the sum are in the storage dtype).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t block_grad(acc_t dout, acc_t dnext_src, acc_t factor, acc_t out) {
+  const scalar_t shifted = static_cast<scalar_t>(factor * dnext_src);
+  const scalar_t total = static_cast<scalar_t>(static_cast<acc_t>(shifted) + dout);
+  return static_cast<acc_t>(total) * static_cast<acc_t>(out > acc_t(0));
+}
+
+// Elements of one channel in segment s.
+__device__ __forceinline__ int64_t seg_count(const SegTable& seg, const Geom& g, int s) {
+  return (seg.start[s + 1] - seg.start[s]) * g.HW;
+}
+
+// y = act(BN(x) + residual). kShift (bnrs_fwd): also next_in = shift_alter(y), written by
+// scattering (1+a) * y to the frame whose shifted source this element is, plus zeros where an
+// element's own source lies outside the clip; every next_in element is written exactly once.
+template <typename scalar_t, bool kShift>
+struct BnFwdOp {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  const scalar_t* res;  // or nullptr
+  scalar_t* y;
+  scalar_t* next;       // kShift only
+  const acc_t *mean, *invstd;  // [S, C]
+  const acc_t *weight, *bias;  // [P, C]
+  const acc_t* alter;          // [P, C] or nullptr (kShift only)
+  bool relu;
+
+  template <int V>
+  __device__ __forceinline__ void apply(const SegTable&, const Geom& g, const FramePos& fp,
+                                        int64_t off, const int (&c)[V]) const {
+    acc_t xv[V], rv[V], o[V];
+    load_vec<V>(x + off, xv);
+    if (res != nullptr) load_vec<V>(res + off, rv);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t sc = static_cast<int64_t>(fp.s) * g.C + c[k];
+      const int64_t rc = static_cast<int64_t>(fp.row) * g.C + c[k];
+      acc_t v = ffn::bn_normalize(xv[k], mean[sc], invstd[sc], weight[rc], bias[rc]);
+      if (res != nullptr) v += rv[k];
+      if (relu) v = v < acc_t(0) ? acc_t(0) : v;  // keeps NaN, like torch.relu
+      o[k] = v;
+    }
+    store_vec<V>(y + off, o);
+    if constexpr (kShift) {
+#pragma unroll
+      for (int k = 0; k < V; ++k)  // next_in is computed from the stored (rounded) output
+        o[k] = static_cast<acc_t>(static_cast<scalar_t>(o[k])) *
+               alter_factor<scalar_t>(alter, fp.row, g.C, c[k]);
+      int d[V];  // next_in[reverse source of (f, c)] reads this element
+      if (src_deltas<V>(g, fp, c, /*reverse=*/true, d)) {
+        store_vec<V>(next + off + static_cast<int64_t>(d[0]) * g.chw, o);
+      } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k)
+          if (d[k] != ffn::kNoSource)
+            next[off + k + static_cast<int64_t>(d[k]) * g.chw] = static_cast<scalar_t>(o[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        if (src_delta(g, fp, c[k], /*reverse=*/false) == ffn::kNoSource)
+          next[off + k] = static_cast<scalar_t>(0);
+    }
+  }
+};
+
+// Backward reduction per (segment, channel): sum g, sum g*(x - mean) and, with kShift, the WA
+// gradient sum out * dnext[reverse source] (= the reference's sum dnext * out[source]).
+// bn_bwd: g = dy * [y > 0] (y == nullptr: no ReLU). bnrs_bwd: dy = dout, x = z, y = out.
+template <typename scalar_t, bool kShift>
+struct BnBwdVisitor {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Acc = SumAcc<acc_t, kShift ? 3 : 2>;
+  struct Local {
+    acc_t mean, factor;
+    int64_t delta;
+    bool valid;
+  };
+  const scalar_t *dy, *dnext, *x, *y;
+  const acc_t *mean, *alter;
+
+  static __device__ __forceinline__ Acc identity() {
+    Acc a;
+#pragma unroll
+    for (int i = 0; i < Acc::kFields; ++i) a.v[i] = acc_t(0);
+    return a;
+  }
+  __device__ __forceinline__ Local local(const Geom& g, const FramePos& fp, int c) const {
+    Local l{mean[static_cast<int64_t>(fp.s) * g.C + c], acc_t(1), 0, false};
+    if constexpr (kShift) {
+      const int d = src_delta(g, fp, c, /*reverse=*/true);
+      l.factor = alter_factor<scalar_t>(alter, fp.row, g.C, c);
+      l.delta = static_cast<int64_t>(d) * g.chw;
+      l.valid = d != ffn::kNoSource;
+    }
+    return l;
+  }
+  __device__ __forceinline__ void visit(Acc& a, const Local& l, int64_t off) const {
+    acc_t gv;
+    if constexpr (kShift) {
+      const acc_t ds = l.valid ? static_cast<acc_t>(dnext[off + l.delta]) : acc_t(0);
+      const acc_t o = static_cast<acc_t>(y[off]);
+      gv = block_grad<scalar_t>(static_cast<acc_t>(dy[off]), ds, l.factor, o);
+      a.v[2] += o * ds;
+    } else {
+      gv = static_cast<acc_t>(dy[off]);
+      if (y != nullptr) gv *= static_cast<acc_t>(static_cast<acc_t>(y[off]) > acc_t(0));
+    }
+    a.v[0] += gv;
+    a.v[1] += gv * (static_cast<acc_t>(x[off]) - l.mean);
+  }
+};
+
+// dx (and dresidual = g) from g and the per-segment sums; g is recomputed as in the visitor.
+template <typename scalar_t, bool kShift>
+struct BnBwdOp {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *dy, *dnext, *x, *y;
+  scalar_t *dx, *dres;  // dres may be nullptr
+  const acc_t *mean, *invstd, *weight, *alter;
+  const acc_t* sums;  // [fields, S, C]: sum g, sum g*(x - mean)
+  bool training;
+
+  template <int V>
+  __device__ __forceinline__ void apply(const SegTable& seg, const Geom& g, const FramePos& fp,
+                                        int64_t off, const int (&c)[V]) const {
+    acc_t gv[V], xv[V], yv[V], out[V];
+    load_vec<V>(dy + off, gv);
+    load_vec<V>(x + off, xv);
+    if (y != nullptr) load_vec<V>(y + off, yv);
+    if constexpr (kShift) {
+      acc_t ds[V];
+      load_shifted<V>(dnext, off, g, fp, c, /*reverse=*/true, ds);
+#pragma unroll
+      for (int k = 0; k < V; ++k)
+        gv[k] = block_grad<scalar_t>(gv[k], ds[k], alter_factor<scalar_t>(alter, fp.row, g.C, c[k]),
+                                     yv[k]);
+    } else if (y != nullptr) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) gv[k] *= static_cast<acc_t>(yv[k] > acc_t(0));
+    }
+    const acc_t n = static_cast<acc_t>(seg_count(seg, g, fp.s));
+    const int64_t plane = static_cast<int64_t>(seg.n) * g.C;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t sc = static_cast<int64_t>(fp.s) * g.C + c[k];
+      const int64_t rc = static_cast<int64_t>(fp.row) * g.C + c[k];
+      out[k] = ffn::bn_backward_dx(gv[k], xv[k] - mean[sc], invstd[sc], weight[rc], sums[sc],
+                                   sums[plane + sc], n, training);
+    }
+    if (dres != nullptr) store_vec<V>(dres + off, gv);
+    store_vec<V>(dx + off, out);
+  }
+};
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+// [S, C] statistics in acc dtype.
+at::Tensor seg_stat(const at::Tensor& t, const at::Tensor& x, const SegTable& seg, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == seg.n && t.size(1) == x.size(1), name, " must be [S=",
+              seg.n, ", C=", x.size(1), "], got ", t.sizes());
+  return t.to(acc_type(x)).contiguous();
+}
+
+// Shared forward of bn_fwd (kShift = false) and bnrs_fwd (kShift = true).
+template <bool kShift>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_forward(
+    const at::Tensor& x_, const OptTensor& residual, int64_t clips, at::IntArrayRef frames,
+    at::IntArrayRef rows, const at::Tensor& weight, const at::Tensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var, bool training,
+    at::ArrayRef<double> momentum, double eps, bool relu, const OptTensor& alter,
+    int64_t fold_div) {
+  const c10::cuda::OptionalCUDAGuard guard(x_.device());
+  const at::MemoryFormat fmt = format_of(x_);
+  const at::Tensor x = x_.contiguous(fmt);
+  SegTable seg = make_seg_table(x, clips, frames, rows);
+  if (kShift) TORCH_CHECK(fold_div >= 1, "fold_div must be >= 1, got ", fold_div);
+  const Geom g = make_geom(x, kShift ? fold_div : 0);
+  const at::Tensor res = residual.has_value() && residual->defined()
+                             ? in_format(*residual, fmt, x, kShift ? "identity" : "residual")
+                             : at::Tensor();
+  const at::Tensor w = param(weight, x, seg, "weight");
+  const at::Tensor b = param(bias, x, seg, "bias");
+  const at::Tensor a = param(alter, x, seg, "alter_next");
+  at::Tensor mean, invstd, new_rm, new_rv;  // (lambdas can't capture structured bindings in C++17)
+  std::tie(mean, invstd, new_rm, new_rv) =
+      batch_norm_stats(x, seg, g, running_mean, running_var, training, momentum, eps);
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(fmt));
+  at::Tensor next = kShift ? at::empty(x.sizes(), x.options().memory_format(fmt)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ffn_bn_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BnFwdOp<scalar_t, kShift> op{
+        x.data_ptr<scalar_t>(), res.defined() ? res.data_ptr<scalar_t>() : nullptr,
+        y.data_ptr<scalar_t>(), kShift ? next.data_ptr<scalar_t>() : nullptr,
+        mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), w.data_ptr<acc_t>(), b.data_ptr<acc_t>(),
+        ptr_or_null<acc_t>(a), relu};
+    launch_frame_map<scalar_t>(op, seg, g, can_vectorize<scalar_t>(g, {&x, &res, &y, &next}));
+  });
+  return {y, next, mean, invstd, new_rm, new_rv};
+}
+
+// Shared backward of bn_bwd (kShift = false) and bnrs_bwd (kShift = true): reduce, combine,
+// parameter gradients, then one elementwise pass. Returns (dx, dres, dweight, dbias, dalter).
+template <bool kShift>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward(
+    const at::Tensor& dy_, const at::Tensor& dnext_, const at::Tensor& x_, const at::Tensor& y_,
+    int64_t clips, at::IntArrayRef frames, at::IntArrayRef rows, const at::Tensor& weight,
+    const at::Tensor& mean_, const at::Tensor& invstd_, bool training, bool relu,
+    bool has_residual, const OptTensor& alter, int64_t fold_div) {
+  const c10::cuda::OptionalCUDAGuard guard(x_.device());
+  const at::MemoryFormat fmt = format_of(x_);
+  const at::Tensor x = x_.contiguous(fmt);
+  SegTable seg = make_seg_table(x, clips, frames, rows);
+  if (kShift) TORCH_CHECK(fold_div >= 1, "fold_div must be >= 1, got ", fold_div);
+  const Geom g = make_geom(x, kShift ? fold_div : 0);
+  const at::Tensor dy = in_format(dy_, fmt, x, kShift ? "dout" : "dy");
+  const at::Tensor dnext = kShift ? in_format(dnext_, fmt, x, "dnext") : at::Tensor();
+  const at::Tensor y = relu ? in_format(y_, fmt, x, kShift ? "out" : "y") : at::Tensor();
+  const at::Tensor w = param(weight, x, seg, "weight");
+  const at::Tensor a = param(alter, x, seg, "alter_next");
+  const at::Tensor mean = seg_stat(mean_, x, seg, "mean");
+  const at::Tensor invstd = seg_stat(invstd_, x, seg, "invstd");
+  const auto acc_opts = x.options().dtype(acc_type(x)).memory_format(at::MemoryFormat::Contiguous);
+
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
+  at::Tensor dres = has_residual ? at::empty(x.sizes(), x.options().memory_format(fmt))
+                                 : at::empty({0}, x.options());
+  at::Tensor dweight = at::empty(w.sizes(), acc_opts);
+  at::Tensor dbias = at::empty(w.sizes(), acc_opts);
+  at::Tensor dalter = kShift && a.defined() ? at::empty(a.sizes(), acc_opts)
+                                            : at::empty({0}, (kShift ? y : x).options());
+  const int fields = kShift ? 3 : 2;
+  const ReducePlan plan = plan_reduce(seg, g);
+  at::Tensor partials = at::empty({fields, plan.num_chunks, g.C}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ffn_bn_bwd_reduce", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BnBwdVisitor<scalar_t, kShift> vis{
+        dy.data_ptr<scalar_t>(), kShift ? dnext.data_ptr<scalar_t>() : nullptr,
+        x.data_ptr<scalar_t>(), y.defined() ? y.data_ptr<scalar_t>() : nullptr,
+        mean.data_ptr<acc_t>(), ptr_or_null<acc_t>(a)};
+    if (g.HW > 0)
+      launch_reduce(vis, seg, g, plan, partials.data_ptr<acc_t>());
+    else
+      partials.zero_();
+  });
+  const at::Tensor sums = combine_sums(partials, seg, g);
+  std::vector<RowGrad> grads{{1, true, dweight}, {0, false, dbias}};
+  if (kShift && a.defined()) grads.push_back({2, false, dalter});
+  row_grads(sums, seg, g, invstd, grads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ffn_bn_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BnBwdOp<scalar_t, kShift> op{
+        dy.data_ptr<scalar_t>(), kShift ? dnext.data_ptr<scalar_t>() : nullptr,
+        x.data_ptr<scalar_t>(), y.defined() ? y.data_ptr<scalar_t>() : nullptr,
+        dx.data_ptr<scalar_t>(), has_residual ? dres.data_ptr<scalar_t>() : nullptr,
+        mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
+        ptr_or_null<acc_t>(a), sums.data_ptr<acc_t>(), training};
+    launch_frame_map<scalar_t>(op, seg, g,
+                               can_vectorize<scalar_t>(g, {&dy, &dnext, &x, &y, &dx, &dres}));
+  });
+  return {dx, dres, dweight, dbias, dalter};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_fwd(
+    const at::Tensor& x, int64_t clips, at::IntArrayRef frames, at::IntArrayRef rows,
+    const at::Tensor& weight, const at::Tensor& bias, const OptTensor& running_mean,
+    const OptTensor& running_var, bool training, at::ArrayRef<double> momentum, double eps,
+    bool relu, const OptTensor& residual) {
+  auto [y, next, mean, invstd, new_rm, new_rv] =
+      bn_forward<false>(x, residual, clips, frames, rows, weight, bias, running_mean, running_var,
+                        training, momentum, eps, relu, c10::nullopt, 0);
+  return {y, mean, invstd, new_rm, new_rv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y, int64_t clips,
+    at::IntArrayRef frames, at::IntArrayRef rows, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, bool training, bool relu,
+    bool has_residual) {
+  auto [dx, dres, dweight, dbias, dalter] =
+      bn_backward<false>(dy, at::Tensor(), x, y, clips, frames, rows, weight, mean, invstd,
+                         training, relu, has_residual, c10::nullopt, 0);
+  return {dx, dweight, dbias, dres};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bnrs_fwd(
+    const at::Tensor& z, const at::Tensor& identity, int64_t clips, at::IntArrayRef frames,
+    at::IntArrayRef rows, const at::Tensor& weight, const at::Tensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var, bool training,
+    at::ArrayRef<double> momentum, double eps, const OptTensor& alter_next, int64_t fold_div) {
+  return bn_forward<true>(z, identity, clips, frames, rows, weight, bias, running_mean,
+                          running_var, training, momentum, eps, /*relu=*/true, alter_next,
+                          fold_div);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bnrs_bwd(
+    const at::Tensor& dout, const at::Tensor& dnext, const at::Tensor& z, const at::Tensor& out,
+    int64_t clips, at::IntArrayRef frames, at::IntArrayRef rows, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& invstd, bool training,
+    const OptTensor& alter_next, int64_t fold_div) {
+  auto [dz, didentity, dweight, dbias, dalter] =
+      bn_backward<true>(dout, dnext, z, out, clips, frames, rows, weight, mean, invstd, training,
+                        /*relu=*/true, /*has_residual=*/true, alter_next, fold_div);
+  return {dz, didentity, dweight, dbias, dalter};
+}
+
+}  // namespace cuda
+}  // namespace ffn_kernels
