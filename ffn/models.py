@@ -1,0 +1,234 @@
+"""TSM-ResNet FFN on the packed multi-branch layout (DESIGN.md §2, §5).
+
+All branches of a step live in one tensor ``[N*(T_0+T_1+...), C, H, W]``: every shared convolution
+runs once on it, and the per-branch work (BatchNorm, Weight Alteration, temporal shift) runs in the
+fused ops of :mod:`ffn_kernels`, which know where each branch starts.
+
+The shift and WA of a block act on its input, so they are computed by whatever produced that input:
+the stem for the first block, and the previous block's boundary op
+(``bn_add_relu_shift_alter``) for every other one, across stage boundaries too. A block therefore
+receives two tensors: ``x``, the unshifted output of the previous block (its identity and downsample
+input), and ``x_in``, the shifted and altered ``x`` (its conv1 input). The WA parameters live in the
+block they feed (``layerK.J.alter.weight``, ``[P, C_in]``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ffn_kernels import FrameLayout, FreqBatchNorm2d, ShiftAlter
+
+Clips = Union[Tensor, Sequence[Tensor]]
+
+
+class Downsample(nn.Module):
+    """The identity path of a block that changes shape: a shared 1x1 conv and a per-branch BN."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int, branches: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False)
+        self.bn = FreqBatchNorm2d(planes, branches)
+
+    def forward(self, x: Tensor, layout: FrameLayout) -> Tensor:
+        return self.bn(self.conv(x), layout)
+
+
+class Block(nn.Module):
+    """A residual block: ``pairs()`` lists its (shared conv, per-branch BN) pairs in order; all but
+    the last are followed by ReLU, the last one's BN is the block boundary (+ identity, ReLU)."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int, branches: int, fold_div: int,
+                 weight_alteration: bool) -> None:
+        super().__init__()
+        self.alter = ShiftAlter(inplanes, branches, fold_div, alter=weight_alteration)
+        out = planes * self.expansion
+        self.downsample = (Downsample(inplanes, out, stride, branches)
+                           if stride != 1 or inplanes != out else None)
+
+    def pairs(self) -> list[tuple[nn.Conv2d, FreqBatchNorm2d]]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, x_in: Tensor, layout: FrameLayout,
+                next_alter: Optional[ShiftAlter]) -> tuple[Tensor, Optional[Tensor]]:
+        """``(out, next_in)``: the block output and the next block's conv1 input (``None`` when
+        ``next_alter`` is None, i.e. no block follows)."""
+        *inner, (conv, bn) = self.pairs()
+        h = x_in
+        for c, b in inner:
+            h = b(c(h), layout, activation="relu")
+        h = conv(h)
+        identity = x if self.downsample is None else self.downsample(x, layout)
+        if next_alter is None:
+            return bn(h, layout, residual=identity, activation="relu"), None
+        return bn.add_relu_shift_alter(h, identity, layout, next_alter.weight, next_alter.fold_div)
+
+
+class BasicBlock(Block):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride, branches, fold_div, weight_alteration):
+        super().__init__(inplanes, planes, stride, branches, fold_div, weight_alteration)
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = FreqBatchNorm2d(planes, branches)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = FreqBatchNorm2d(planes, branches)
+
+    def pairs(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
+
+class Bottleneck(Block):
+    """ResNet v1.5 bottleneck (stride on the 3x3 conv), as torchvision and the official FFN."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride, branches, fold_div, weight_alteration):
+        super().__init__(inplanes, planes, stride, branches, fold_div, weight_alteration)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = FreqBatchNorm2d(planes, branches)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = FreqBatchNorm2d(planes, branches)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = FreqBatchNorm2d(planes * 4, branches)
+
+    def pairs(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]
+
+
+DEPTHS = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+def nearest_branch(frames: Sequence[int], n: int) -> int:
+    """Row of the branch whose frame count is nearest to ``n``; ties go to more frames."""
+    return min(range(len(frames)), key=lambda r: (abs(frames[r] - n), -frames[r]))
+
+
+def pack_clips(clips: Sequence[Tensor], rows: Sequence[int]) -> tuple[Tensor, FrameLayout]:
+    """``[N, T_b, 3, H, W]`` clips of every branch -> the packed ``[N*ΣT_b, 3, H, W]`` tensor."""
+    n = clips[0].shape[0]
+    for b, c in enumerate(clips):
+        if c.dim() != 5 or c.shape[0] != n or c.shape[2:] != clips[0].shape[2:]:
+            raise ValueError(
+                f"clips[{b}] has shape {tuple(c.shape)}; every branch needs [N, T, C, H, W] with the "
+                f"N, C, H, W of clips[0] {tuple(clips[0].shape)}"
+            )
+    layout = FrameLayout(clips=n, frames=tuple(c.shape[1] for c in clips), rows=tuple(rows))
+    return torch.cat([c.flatten(0, 1) for c in clips]), layout
+
+
+class FFNResNet(nn.Module):
+    """Frame Flexible TSM-ResNet-{18,34,50,101}: shared convs and classifier, per-branch BN and WA.
+
+    ``frames`` are the training frame counts of the branches (strictly increasing; parameter row
+    ``b`` belongs to branch ``b``). ``forward`` takes
+
+    * a list/tuple of clip batches ``[N, T, 3, H, W]``, each ``T`` one of ``frames`` (the training
+      step, all given branches packed into one tensor) -> a tuple of logits ``[N, classes]``;
+    * one clip batch ``[N, n, 3, H, W]`` of any ``n`` -> logits ``[N, classes]`` from the branch
+      nearest to ``n`` (:func:`nearest_branch`), shifting over ``n`` frames;
+    * a packed ``[F, 3, H, W]`` tensor and its :class:`~ffn_kernels.FrameLayout` -> a tuple of
+      logits per segment.
+    """
+
+    def __init__(self, depth: int = 50, frames: Sequence[int] = (4, 8, 16),
+                 num_classes: int = 400, fold_div: int = 8, dropout: float = 0.5,
+                 weight_alteration: bool = True) -> None:
+        super().__init__()
+        if depth not in DEPTHS:
+            raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
+        frames = tuple(int(t) for t in frames)
+        if not frames or frames[0] < 1 or any(a >= b for a, b in zip(frames, frames[1:])):
+            raise ValueError(f"frames must be positive and strictly increasing, got {frames}")
+        self.config = dict(depth=depth, frames=frames, num_classes=num_classes, fold_div=fold_div,
+                           dropout=dropout, weight_alteration=weight_alteration)
+        self.frames, self.fold_div = frames, fold_div
+        branches = len(frames)
+        block, counts = DEPTHS[depth]
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = FreqBatchNorm2d(64, branches)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        inplanes = 64
+        for i, (planes, count) in enumerate(zip((64, 128, 256, 512), counts)):
+            blocks = []
+            for j in range(count):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(block(inplanes, planes, stride, branches, fold_div, weight_alteration))
+                inplanes = planes * block.expansion
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(inplanes, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # as the official FFN: He init for convs, a small normal for the new classifier
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.normal_(self.fc.weight, 0, 1e-3)
+        nn.init.zeros_(self.fc.bias)
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.frames)
+
+    def blocks(self) -> list[Block]:
+        return [b for i in range(1, 5) for b in getattr(self, f"layer{i}")]
+
+    def branch_for(self, n: int) -> int:
+        return nearest_branch(self.frames, n)
+
+    def forward(self, x: Clips, layout: Optional[FrameLayout] = None):
+        packed, layout, single = self._pack(x, layout)
+        logits = self.branch_logits(packed, layout)
+        return logits[0] if single else logits
+
+    def _pack(self, x: Clips, layout: Optional[FrameLayout]) -> tuple[Tensor, FrameLayout, bool]:
+        if isinstance(x, (list, tuple)):
+            if not x:
+                raise ValueError("forward needs at least one branch's clips")
+            counts = [c.shape[1] if c.dim() == 5 else None for c in x]
+            if any(t not in self.frames for t in counts) or len(set(counts)) != len(counts):
+                raise ValueError(
+                    f"training clips have frame counts {counts}; each must be a distinct one of the "
+                    f"branches' {self.frames} (for another count, pass one [N, n, 3, H, W] batch)"
+                )
+            return (*pack_clips(x, [self.frames.index(t) for t in counts]), False)
+        if x.dim() == 5:
+            n, t = x.shape[:2]
+            return x.flatten(0, 1), FrameLayout.single(n, t, self.branch_for(t)), True
+        if x.dim() == 4 and layout is not None:
+            return x, layout, False
+        raise ValueError(
+            f"forward takes a list of [N, T, 3, H, W] clips, one [N, n, 3, H, W] batch, or a packed "
+            f"[F, 3, H, W] tensor with its layout; got shape {tuple(x.shape)}, layout={layout}"
+        )
+
+    def features(self, x: Tensor, layout: FrameLayout) -> Tensor:
+        """The last block's output for packed frames ``x`` (one conv call per layer per step)."""
+        x = self.maxpool(self.bn1(self.conv1(x), layout, activation="relu"))
+        blocks = self.blocks()
+        x_in = blocks[0].alter(x, layout)
+        for block, following in zip(blocks, blocks[1:] + [None]):
+            x, x_in = block(x, x_in, layout, following.alter if following is not None else None)
+        return x
+
+    def branch_logits(self, x: Tensor, layout: FrameLayout) -> tuple[Tensor, ...]:
+        feats = self.features(x, layout).mean((2, 3))
+        pooled = torch.cat([clip_average(f, layout.clips, seg.frames)
+                            for f, seg in zip(layout.split(feats), layout.segments())])
+        return self.fc(self.dropout(pooled)).split(layout.clips)
+
+
+def clip_average(feats: Tensor, clips: int, frames: int) -> Tensor:
+    """``[clips*frames, D]`` frame features -> ``[clips, D]`` clip features (TSN's average)."""
+    return feats.view(clips, frames, -1).mean(1)
