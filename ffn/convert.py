@@ -46,10 +46,11 @@ def load_official(model: FFNResNet, checkpoint: Checkpoint,
     ``_{suffixes[p]}``."""
     if len(suffixes) != model.num_branches:
         raise ValueError(f"the model has {model.num_branches} branches but suffixes={tuple(suffixes)}")
-    sd = {}
-    for k, v in read_state_dict(checkpoint).items():
-        k = k.removeprefix("base_model.")
-        sd["fc." + k.removeprefix("new_fc.") if k.startswith("new_fc.") else k] = v
+    sd, origin = {}, {}  # origin: our spelling of a key -> the checkpoint's, for error messages
+    for key, v in read_state_dict(checkpoint).items():
+        k = key.removeprefix("base_model.")
+        k = "fc." + k.removeprefix("new_fc.") if k.startswith("new_fc.") else k
+        sd[k], origin[k] = v, key
 
     def source(path: str, module: nn.Module) -> Source:
         # our names differ from the official ones only in these parts
@@ -59,7 +60,7 @@ def load_official(model: FFNResNet, checkpoint: Checkpoint,
             return [f"{name}_{s}" for s in suffixes]
         return name
 
-    return _load(model, sd, source, "official FFN")
+    return _load(model, sd, source, "official FFN", origin)
 
 
 def load_torchvision(model: FFNResNet, checkpoint: Checkpoint) -> FFNResNet:
@@ -76,16 +77,17 @@ def load_torchvision(model: FFNResNet, checkpoint: Checkpoint) -> FFNResNet:
 
 
 def _load(model: nn.Module, sd: Mapping[str, Tensor], source: Callable[[str, nn.Module], Source],
-          kind: str) -> nn.Module:
+          kind: str, origin: Optional[Mapping[str, str]] = None) -> nn.Module:
     state = model.state_dict()
     used: set[str] = set()
+    origin = origin or {}
 
     def take(key: str, shape: torch.Size, ours: str) -> Tensor:
         if key not in sd:
             raise ValueError(f"{kind} checkpoint has no {key!r} (needed for {ours!r})")
         if sd[key].shape != shape:
             raise ValueError(
-                f"{kind} checkpoint: {key!r} has shape {list(sd[key].shape)} but {ours!r} needs "
+                f"{kind} checkpoint: {origin.get(key, key)!r} has shape {list(sd[key].shape)} but {ours!r} needs "
                 f"{list(shape)} (another depth, width or class count?)"
             )
         used.add(key)
@@ -107,7 +109,7 @@ def _load(model: nn.Module, sd: Mapping[str, Tensor], source: Callable[[str, nn.
             # one row per branch; the official WA conv weight is [C, 1, 1, 1] per branch
             row = _wa_shape(ours) if isinstance(module, ShiftAlter) else ours.shape[1:]
             state[name] = torch.stack([take(k, row, name).reshape(ours.shape[1:]) for k in keys])
-    unused = sorted(set(sd) - used)
+    unused = sorted(origin.get(k, k) for k in set(sd) - used)
     if unused:
         raise ValueError(f"{kind} checkpoint has {len(unused)} keys the model does not use, e.g. "
                          f"{unused[:5]}")
