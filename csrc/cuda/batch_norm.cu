@@ -7,15 +7,6 @@ namespace ffn_kernels {
 namespace cuda {
 namespace {
 
-// Gradient reaching BN's output in the block op: g = (dout + rev_shift((1+a) * dnext)) * [out > 0],
-// rounded where the reference rounds (its shift backward and the sum are in the storage dtype).
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t block_grad(acc_t dout, acc_t dnext_src, acc_t factor, acc_t out) {
-  const scalar_t shifted = static_cast<scalar_t>(factor * dnext_src);
-  const scalar_t total = static_cast<scalar_t>(static_cast<acc_t>(shifted) + dout);
-  return static_cast<acc_t>(total) * static_cast<acc_t>(out > acc_t(0));
-}
-
 // Elements of one channel in segment s.
 __device__ __forceinline__ int64_t seg_count(const SegTable& seg, const Geom& g, int s) {
   return (seg.start[s + 1] - seg.start[s]) * g.HW;
@@ -110,11 +101,11 @@ struct BnBwdVisitor {
     if constexpr (kShift) {
       const acc_t ds = l.valid ? static_cast<acc_t>(dnext[off + l.delta]) : acc_t(0);
       const acc_t o = static_cast<acc_t>(y[off]);
-      gv = block_grad<scalar_t>(static_cast<acc_t>(dy[off]), ds, l.factor, o);
+      gv = ffn::block_grad<scalar_t>(static_cast<acc_t>(dy[off]), ds, l.factor, o);
       a.v[2] += o * ds;
     } else {
       gv = static_cast<acc_t>(dy[off]);
-      if (y != nullptr) gv *= static_cast<acc_t>(static_cast<acc_t>(y[off]) > acc_t(0));
+      if (y != nullptr) gv *= ffn::relu_mask(static_cast<acc_t>(y[off]));
     }
     a.v[0] += gv;
     a.v[1] += gv * (static_cast<acc_t>(x[off]) - l.mean);
@@ -143,11 +134,11 @@ struct BnBwdOp {
       load_shifted<V>(dnext, off, g, fp, c, /*reverse=*/true, ds);
 #pragma unroll
       for (int k = 0; k < V; ++k)
-        gv[k] = block_grad<scalar_t>(gv[k], ds[k], alter_factor<scalar_t>(alter, fp.row, g.C, c[k]),
+        gv[k] = ffn::block_grad<scalar_t>(gv[k], ds[k], alter_factor<scalar_t>(alter, fp.row, g.C, c[k]),
                                      yv[k]);
     } else if (y != nullptr) {
 #pragma unroll
-      for (int k = 0; k < V; ++k) gv[k] *= static_cast<acc_t>(yv[k] > acc_t(0));
+      for (int k = 0; k < V; ++k) gv[k] *= ffn::relu_mask(yv[k]);
     }
     const acc_t n = static_cast<acc_t>(seg_count(seg, g, fp.s));
     const int64_t plane = static_cast<int64_t>(seg.n) * g.C;
