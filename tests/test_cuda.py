@@ -179,6 +179,26 @@ def test_bnrs(case, dtype, channels_last, training, with_alter):
 
 @requires_gpu
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_repeated_rows(channels_last):
+    """A row used by two segments (eval, or no running statistics): parameter gradients come from
+    the last such segment, as in the reference and the CPU kernels."""
+    layout = FrameLayout(clips=2, frames=(2, 3), rows=(1, 1))
+    p = _params(3, 16, torch.float32)
+    x = make_input(layout, 16, (3, 3), torch.float32, channels_last)
+    dy = make_input(layout, 16, (3, 3), torch.float32, channels_last, seed=2)
+    for training, rm, rv in ((True, None, None), (False, p["running_mean"], p["running_var"])):
+        ref, got = _run("bn_fwd", x, *_flat(layout), p["weight"], p["bias"], rm, rv, training,
+                        [0.1, 0.1], 1e-5, True, None)
+        _check(ref, got, torch.float32, param_outputs=(1, 2, 3, 4), what="bn_fwd")
+        ref, got = _run("bn_bwd", dy, x, ref[0], *_flat(layout), p["weight"], ref[1], ref[2],
+                        training, True, False)
+        _check(ref, got, torch.float32, param_outputs=(1, 2), what="bn_bwd")
+    ref, got = _run("shift_alter_bwd", dy, x, *_flat(layout), p["alter"], 8, True)
+    _check(ref, got, torch.float32, param_outputs=(1,), what="shift_alter_bwd")
+
+
+@requires_gpu
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_backward_is_deterministic(channels_last):
     layout, C, hw = CASES[-1]
     p = _params(4, C, torch.float32)

@@ -218,14 +218,13 @@ __global__ void row_grads_kernel(const acc_t* __restrict__ sums, const acc_t* __
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int p = static_cast<int>(idx / C), c = static_cast<int>(idx % C);
     for (int i = 0; i < a.n; ++i) {
-      acc_t sum = 0;
-      for (int s = 0; s < seg.n; ++s) {  // segments in order: deterministic
+      acc_t v = 0;
+      for (int s = 0; s < seg.n; ++s) {  // segments in order: a repeated row ends with the last
         if (seg.row[s] != p) continue;
-        acc_t v = sums[(static_cast<int64_t>(a.field[i]) * seg.n + s) * C + c];
+        v = sums[(static_cast<int64_t>(a.field[i]) * seg.n + s) * C + c];
         if (a.times_invstd[i]) v *= invstd[static_cast<int64_t>(s) * C + c];
-        sum += v;
       }
-      a.out[i][idx] = sum;
+      a.out[i][idx] = v;
     }
   }
 }

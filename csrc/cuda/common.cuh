@@ -387,8 +387,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(
 // chunk added in a fixed order (deterministic, no atomics).
 at::Tensor combine_sums(const at::Tensor& partials, const SegTable& seg, const Geom& g);
 
-// A parameter gradient [P, C]: out[p] = sum over the segments s with row p of
-// seg_sums[field][s] (times invstd[s] when `times_invstd`); rows not in the layout get 0.
+// A parameter gradient [P, C]: out[p] = seg_sums[field][s] (times invstd[s] when `times_invstd`)
+// of the segment s with row p; a row used by several segments (eval, or no running statistics)
+// takes the last one, as the reference and the CPU kernels do; rows not in the layout get 0.
 struct RowGrad {
   int field;
   bool times_invstd;
