@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .layout import FrameLayout
+from .validation import acc_dtype as _acc
+from .validation import memory_format_of as _format_of
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,13 +244,3 @@ def _momenta(momentum, layout):
     if isinstance(momentum, (int, float)):
         return [float(momentum)] * layout.num_segments
     return [float(m) for m in momentum]
-
-
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _format_of(x: Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
