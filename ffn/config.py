@@ -17,6 +17,7 @@ from typing import Any
 
 @dataclass
 class SyntheticConfig:
+    task: str = "direction"  # the class is the direction of motion | its speed (see ffn.data.synthetic)
     train_videos: int = 2000
     val_videos: int = 400
     num_classes: int = 4
@@ -24,6 +25,7 @@ class SyntheticConfig:
     frame_size: int = 40
     travel: float = 0.5
     noise: float = 12.0
+    movers: int = 1  # moving shapes per video (all of the class's direction or speed)
 
 
 @dataclass
@@ -53,6 +55,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "resnet18"
+    width: int = 64  # first-stage channels (64 = standard ResNet; smaller for quick CPU runs)
     impl: str = "fused"  # fused: FFNResNet on the ffn_kernels ops | eager: EagerFFNResNet (same weights)
     frames: list[int] = field(default_factory=lambda: [4, 8, 16])  # one entry = single-frame-count model
     weight_alteration: bool = True  # False with one frame count = a plain TSM baseline
@@ -145,6 +148,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     config = _build(Config, tree, "")
     for key, value, allowed in (
         ("data.kind", config.data.kind, ("synthetic", "frames", "video")),
+        ("data.synthetic.task", config.data.synthetic.task, ("direction", "speed")),
         ("model.impl", config.model.impl, ("fused", "eager")),
         ("model.pretrained_format", config.model.pretrained_format, ("torchvision", "official")),
         ("optim.schedule", config.optim.schedule, ("cosine", "step")),

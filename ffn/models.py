@@ -130,7 +130,8 @@ class FFNResNet(nn.Module):
     """Frame Flexible TSM-ResNet-{18,34,50,101}: shared convs and classifier, per-branch BN and WA.
 
     ``frames`` are the training frame counts of the branches (strictly increasing; parameter row
-    ``b`` belongs to branch ``b``). ``forward`` takes
+    ``b`` belongs to branch ``b``). ``width`` is the first stage's channel count (64 in ResNet and
+    the official checkpoints; smaller widths make quick CPU experiments such as ``ffn demo``). ``forward`` takes
 
     * a list/tuple of clip batches ``[N, T, 3, H, W]``, each ``T`` one of ``frames`` (the training
       step, all given branches packed into one tensor) -> a tuple of logits ``[N, classes]``;
@@ -142,23 +143,26 @@ class FFNResNet(nn.Module):
 
     def __init__(self, depth: int = 50, frames: Sequence[int] = (4, 8, 16),
                  num_classes: int = 400, fold_div: int = 8, dropout: float = 0.5,
-                 weight_alteration: bool = True) -> None:
+                 weight_alteration: bool = True, width: int = 64) -> None:
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
         frames = tuple(int(t) for t in frames)
         if not frames or frames[0] < 1 or any(a >= b for a, b in zip(frames, frames[1:])):
             raise ValueError(f"frames must be positive and strictly increasing, got {frames}")
+        if width < 8 or width % 8:
+            raise ValueError(f"width must be a positive multiple of 8, got {width}")
         self.config = dict(depth=depth, frames=frames, num_classes=num_classes, fold_div=fold_div,
-                           dropout=dropout, weight_alteration=weight_alteration)
+                           dropout=dropout, weight_alteration=weight_alteration, width=width)
         self.frames, self.fold_div = frames, fold_div
         branches = len(frames)
         block, counts = DEPTHS[depth]
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = FreqBatchNorm2d(64, branches)
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = FreqBatchNorm2d(width, branches)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        inplanes = 64
-        for i, (planes, count) in enumerate(zip((64, 128, 256, 512), counts)):
+        inplanes = width
+        for i, count in enumerate(counts):
+            planes = width << i
             blocks = []
             for j in range(count):
                 stride = 2 if i > 0 and j == 0 else 1

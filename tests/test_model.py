@@ -14,7 +14,7 @@ FRAMES = (2, 4, 8)
 
 
 def rel(a, b):
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
 
 
 def make_clips(frames, clips=2, hw=32, dtype=torch.float32, seed=0):
@@ -168,6 +168,15 @@ def test_bad_input_is_refused():
         packed(torch.randn(4, 3, 32, 32))
     with pytest.raises(ValueError, match="increasing"):
         FFNResNet(18, frames=(8, 4))
+    with pytest.raises(ValueError, match="width"):
+        FFNResNet(18, width=12)
+
+
+def test_narrow_model_matches_its_twin():
+    packed, eager = make_pair(50, dtype=torch.float64, width=16)
+    assert packed.conv1.weight.shape == (16, 3, 7, 7) and packed.fc.weight.shape == (5, 16 * 8 * 4)
+    assert packed.layer4[0].conv1.weight.shape == (128, 256, 1, 1)
+    assert_twins_match(packed, eager, make_clips(FRAMES, hw=24, dtype=torch.float64), tol=1e-6)
 
 
 def param_count(**kw):

@@ -23,7 +23,7 @@ def build_model(cfg: ModelConfig, classes: int, pretrained: bool = True) -> FFNR
     """The FFN (several frame counts) or single-frame-count TSM described by ``cfg``."""
     cls = FFNResNet if cfg.impl == "fused" else EagerFFNResNet
     model = cls(depth_of(cfg.arch), cfg.frames, classes, dropout=cfg.dropout,
-                      weight_alteration=cfg.weight_alteration)
+                weight_alteration=cfg.weight_alteration, width=cfg.width)
     if pretrained and cfg.pretrained:
         load = load_torchvision if cfg.pretrained_format == "torchvision" else load_official
         load(model, cfg.pretrained)
