@@ -165,6 +165,39 @@ def test_synthetic_label_is_the_direction_of_motion():
         assert (np.sign(dy) if abs(dy) > abs(dx) else 0, np.sign(dx) if abs(dx) > abs(dy) else 0) == expected
 
 
+def test_synthetic_speed_classes_move_twice_as_far_per_frame():
+    data = SyntheticMotion(30, num_classes=3, num_frames=48, size=32, travel=2.0, noise=0.0, task="speed")
+    changed = {c: [] for c in range(3)}  # pixels changed from one frame to the next, per class
+    for i in range(30):
+        video = data.read(i, list(range(48))).astype(np.int32)
+        changed[data.record(i).label].append((video[1:] != video[:-1]).any(-1).sum(axis=(1, 2)).mean())
+    means = [np.mean(changed[c]) for c in range(3)]
+    assert means[0] * 1.5 < means[1] and means[1] * 1.3 < means[2], means
+    # three movers change about three times the pixels of one
+    one, three = (SyntheticMotion(6, 3, 48, 32, 2.0, 0.0, task="speed", movers=m) for m in (1, 3))
+    counts = [sum((v[0] != v[1]).any(-1).sum() for v in (d.read(i, [10, 11]) for i in range(6)))
+              for d in (one, three)]
+    assert counts[1] > 2 * counts[0], counts
+
+
+def test_synthetic_bounce_reflects_into_the_frame():
+    from ffn.data.synthetic import _bounce
+
+    p = np.array([3.0, 10.0, 12.0, 25.0, -4.0, 41.0])
+    np.testing.assert_allclose(_bounce(p, 2.0, 12.0), [3.0, 10.0, 12.0, 5.0, 8.0, 3.0])
+
+
+def test_synthetic_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="task"):
+        SyntheticMotion(4, task="colour")
+    with pytest.raises(ValueError, match="travel"):
+        SyntheticMotion(4, travel=2.0)  # a direction video's path must fit in the frame
+    with pytest.raises(ValueError, match="travel"):
+        SyntheticMotion(4, travel=0.0, task="speed")
+    with pytest.raises(ValueError, match="movers"):
+        SyntheticMotion(4, movers=0)
+
+
 # --- sampling ------------------------------------------------------------------------------------
 
 def test_train_indices_take_one_frame_per_segment():

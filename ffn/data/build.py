@@ -19,7 +19,7 @@ def build_source(cfg: DataConfig, split: str) -> Source:
         s = cfg.synthetic
         count = s.train_videos if split == "train" else s.val_videos
         return SyntheticMotion(count, s.num_classes, s.num_frames, s.frame_size, s.travel, s.noise,
-                               seed=SYNTHETIC_SEEDS[split])
+                               seed=SYNTHETIC_SEEDS[split], task=s.task, movers=s.movers)
     list_file = cfg.train_list if split == "train" else cfg.val_list
     if not list_file:
         raise ValueError(f"data.{split}_list is required for data.kind={cfg.kind!r}")
