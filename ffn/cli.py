@@ -79,6 +79,7 @@ def _train(args) -> int:
 def _eval(args) -> int:
     import torch
 
+    from .data import num_classes
     from .engine import distributed
     from .engine.evaluate import accuracy_by_frames
     from .engine.factory import load_trained
@@ -104,7 +105,7 @@ def _eval(args) -> int:
     finally:
         distributed.teardown()
     if d.main:
-        paths = write_results(results, args.out)
+        paths = write_results(results, args.out, chance=100 / num_classes(cfg.data))
         print(markdown_table(results))
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

@@ -19,8 +19,10 @@ def markdown_table(results: Results, metric: str = "top1") -> str:
     return "\n".join(lines)
 
 
-def write_results(results: Results, out: str | Path, title: str = "Top-1 accuracy vs frames") -> dict[str, Path]:
-    """Write ``results.json``, ``results.csv``, ``results.md`` and ``accuracy.png`` into ``out``."""
+def write_results(results: Results, out: str | Path, title: str = "Top-1 accuracy vs frames",
+                  chance: float | None = None) -> dict[str, Path]:
+    """Write ``results.json``, ``results.csv``, ``results.md`` and ``accuracy.png`` into ``out``
+    (``chance``: the top-1 of guessing, in %, drawn as a dashed line)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f"results.{k}" for k in ("json", "csv", "md")}
@@ -34,20 +36,24 @@ def write_results(results: Results, out: str | Path, title: str = "Top-1 accurac
             for n, v in sorted(r.items()):
                 writer.writerow([m, n, f"{v['top1']:.2f}", f"{v['top5']:.2f}", v["videos"], v["skipped"]])
     paths["md"].write_text(f"{title} (%)\n\n{markdown_table(results)}\n")
-    plot(results, paths["png"], title)
+    plot(results, paths["png"], title, chance)
     return paths
 
 
-def plot(results: Results, path: str | Path, title: str) -> None:
+def plot(results: Results, path: str | Path, title: str, chance: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for label, r in results.items():
         frames = sorted(r)
         ax.plot(frames, [r[n]["top1"] for n in frames], marker="o", markersize=3, label=label)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("frames at inference")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)

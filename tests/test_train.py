@@ -118,6 +118,22 @@ def test_train_then_eval_ffn_and_a_single_frame_count_baseline(tmp_path, capsys)
     assert "| 5 |" in capsys.readouterr().out
 
 
+def test_demo_trains_both_models_and_reports_every_frame_count(tmp_path, capsys):
+    small = ["data.synthetic.train_videos=4", "data.synthetic.val_videos=3", "data.synthetic.num_frames=16",
+             "data.synthetic.frame_size=16", "data.size=16", "data.scale_size=16", "data.batch_size=4",
+             "data.workers=0", "train.epochs=1", "train.progress=false"]
+    assert main(["demo", "--out", str(tmp_path), *small]) == 0
+    assert {p.name for p in (tmp_path / "tsm16").iterdir()} >= {"last.pt", "log.csv"}
+    assert [r["epoch"] for r in read_log(tmp_path / "ffn")] == ["1"]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results) == ["TSM, 16 frames", "FFN, 4/8/16 frames"]
+    assert all(list(r) == [str(n) for n in range(2, 21)] and all(v["videos"] == 3 for v in r.values())
+               for r in results.values())
+    report = (tmp_path / "report.md").read_text()
+    assert "| frames | TSM, 16 frames | FFN, 4/8/16 frames |" in report and "| 20 |" in report
+    assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_checkpoints_load_weights_only_and_hold_the_whole_state(tmp_path):
     fit(load_config(overrides=tiny(tmp_path, "optim.amp=bf16")))
     state = torch.load(tmp_path / "last.pt", weights_only=True)
