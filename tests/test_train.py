@@ -4,6 +4,7 @@ end, exact resume, 2-process gloo DDP with synchronised frequency-indexed BN, sk
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -142,22 +143,29 @@ def test_checkpoints_load_weights_only_and_hold_the_whole_state(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_resume_continues_exactly(tmp_path, monkeypatch):
+# The interrupted run is SIGKILLed (no finally blocks, no flush) as it starts its second epoch.
+KILL_IN_SECOND_EPOCH = """
+import os, signal, sys
+from ffn.cli import main
+from ffn.engine.trainer import Trainer
+train_epoch = Trainer.train_epoch
+def kill_in_second_epoch(self, net, epoch):
+    if epoch == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return train_epoch(self, net, epoch)
+Trainer.train_epoch = kill_in_second_epoch
+main(["train", *sys.argv[1:]])
+"""
+
+
+def test_resume_after_a_kill_continues_exactly(tmp_path):
     args = ["train.epochs=2", "model.dropout=0.5", "data.synthetic.train_videos=12"]
     fit(load_config(overrides=tiny(tmp_path / "straight", *args)))
 
-    train_epoch = Trainer.train_epoch
-
-    def crash_in_second_epoch(self, net, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return train_epoch(self, net, epoch)
-
-    cfg = load_config(overrides=tiny(tmp_path / "resumed", *args))
-    monkeypatch.setattr(Trainer, "train_epoch", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        fit(cfg)
-    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-c", KILL_IN_SECOND_EPOCH, *tiny(tmp_path / "resumed", *args)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert checkpoint.load(tmp_path / "resumed" / "last.pt")["epoch"] == 1
     assert main(["train", *tiny(tmp_path / "resumed", *args), "--resume"]) == 0
 
