@@ -43,6 +43,7 @@ from torch import Tensor
 from .layout import FrameLayout
 from .validation import acc_dtype as _acc
 from .validation import memory_format_of as _format_of
+from .validation import momenta as _momenta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,9 +239,3 @@ def _stats(x, layout, running_mean, running_var, training, eps):
         means.append(mu)
         invstds.append(torch.rsqrt(var + eps))
     return torch.stack(means), torch.stack(invstds)
-
-
-def _momenta(momentum, layout):
-    if isinstance(momentum, (int, float)):
-        return [float(momentum)] * layout.num_segments
-    return [float(m) for m in momentum]
