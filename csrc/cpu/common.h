@@ -20,6 +20,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -199,15 +200,21 @@ void map_runs(const Geom& g, const Layout& L, Op&& op) {
 // NCHW reductions accumulate a plane into kLanes independent lanes (vectorizable, fixed order).
 constexpr int64_t kLanes = 64;
 
+// Accumulator slots of one chunk: a channel each in channels_last; in NCHW the lanes a plane of HW
+// elements can reach (small late-stage planes such as 2x2 sum 4 lanes, not 64).
+inline int64_t lane_count(const Geom& g) {
+  return g.cl ? g.C : std::min(kLanes, g.HW);
+}
+
 // Sums of NA quantities per (segment, channel): visit(cl, frame_info, off, len, c0, acc, stride)
 // adds element i's quantity a to acc[a * stride + i]. Per-chunk partials are summed in chunk order.
 // Returns [NA, S, C].
 template <int NA, typename acc_t, typename Visit>
 std::vector<acc_t> segment_sums(const Geom& g, const Layout& L, Visit&& visit) {
-  const int64_t C = g.C, nblk = g.cl ? g.chunks : 1, width = g.cl ? C : kLanes;
+  const int64_t C = g.C, nblk = g.cl ? g.chunks : 1, width = lane_count(g);
   std::vector<acc_t> part(g.F * nblk * NA * C);
   parallel_chunks(g, [&](int64_t f, int64_t q) {
-    std::vector<acc_t> acc(NA * width, acc_t(0));
+    c10::SmallVector<acc_t, NA * kLanes> acc(NA * width, acc_t(0));
     chunk_runs(g, f, q, kLanes, [&](auto cl, int64_t off, int64_t len, int64_t c0, int64_t slot) {
       visit(cl, L.frame[f], off, len, c0, acc.data() + slot, width);
     });
@@ -217,7 +224,7 @@ std::vector<acc_t> segment_sums(const Geom& g, const Layout& L, Visit&& visit) {
         std::copy(src, src + C, part.begin() + ((f * nblk + q) * NA + a) * C);
       } else {
         acc_t sum = 0;
-        for (int64_t i = 0; i < kLanes; ++i) sum += src[i];
+        for (int64_t i = 0; i < width; ++i) sum += src[i];
         part[(f * NA + a) * C + q] = sum;
       }
     }
@@ -239,10 +246,10 @@ std::vector<acc_t> segment_sums(const Geom& g, const Layout& L, Visit&& visit) {
 // order. Returns [S, C] Welford triples.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 std::vector<ffn::Welford<acc_t>> segment_stats(const Geom& g, const Layout& L, const scalar_t* x) {
-  const int64_t C = g.C, nblk = g.cl ? g.chunks : 1, width = g.cl ? C : kLanes;
+  const int64_t C = g.C, nblk = g.cl ? g.chunks : 1, width = lane_count(g);
   std::vector<ffn::Welford<acc_t>> part(g.F * nblk * C);
   parallel_chunks(g, [&](int64_t f, int64_t q) {
-    std::vector<acc_t> sum(width, acc_t(0)), m2(width, acc_t(0)), mean(g.cl ? C : 1);
+    c10::SmallVector<acc_t, kLanes> sum(width, acc_t(0)), m2(width, acc_t(0)), mean(g.cl ? C : 1);
     chunk_runs(g, f, q, kLanes, [&](auto, int64_t off, int64_t len, int64_t, int64_t slot) {
       const scalar_t* __restrict__ xp = x + off;
       acc_t* __restrict__ a = sum.data() + slot;
@@ -253,7 +260,7 @@ std::vector<ffn::Welford<acc_t>> segment_stats(const Geom& g, const Layout& L, c
       for (int64_t c = 0; c < C; ++c) mean[c] = sum[c] / acc_t(n);
     } else {
       acc_t s = 0;
-      for (int64_t i = 0; i < kLanes; ++i) s += sum[i];
+      for (int64_t i = 0; i < width; ++i) s += sum[i];
       mean[0] = s / acc_t(n);
     }
     chunk_runs(g, f, q, kLanes, [&](auto cl, int64_t off, int64_t len, int64_t c0, int64_t slot) {
@@ -270,7 +277,7 @@ std::vector<ffn::Welford<acc_t>> segment_stats(const Geom& g, const Layout& L, c
       for (int64_t c = 0; c < C; ++c) part[(f * nblk + q) * C + c] = {acc_t(n), mean[c], m2[c]};
     } else {
       acc_t s = 0;
-      for (int64_t i = 0; i < kLanes; ++i) s += m2[i];
+      for (int64_t i = 0; i < width; ++i) s += m2[i];
       part[f * C + q] = {acc_t(n), mean[0], s};
     }
   });
