@@ -118,6 +118,27 @@ def test_bn_add_relu_shift_alter_matches_reference(backend, layout, dtype, chann
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 1e-3)
 
 
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (9, 9)])  # the CPU kernels walk 1x1 frames, and
+@pytest.mark.parametrize("channels_last", [False, True])  # planes under and over 64, differently
+def test_plane_sizes(backend, hw, channels_last):
+    only_plumbing_on_reference(backend, torch.float64, channels_last)
+    layout, p = LAYOUTS[0], make_params(3, 16, dtype=torch.float64)
+    z, identity = (make_input(layout, 16, hw, torch.float64, channels_last, seed=s) for s in (0, 1))
+    stats = {k: (p["running_mean"].clone(), p["running_var"].clone()) for k in ("op", "ref")}
+
+    def all_three(name, impl):
+        rm, rv = stats[name]
+        return lambda z, identity, weight, bias, alter: (
+            *impl.bn_add_relu_shift_alter(z, identity, layout, weight, bias, rm, rv, True, 0.1, 1e-5, alter, 8),
+            impl.freq_batch_norm(z, layout, weight, bias, None, None, True, 0.1, 1e-5, "relu", identity),
+            impl.shift_alter(z, layout, alter, 8))
+
+    compare(all_three("op", ops), all_three("ref", reference),
+            dict(z=z, identity=identity, weight=p["weight"], bias=p["bias"], alter=p["alter"]), torch.float64)
+    for a, b in zip(stats["op"], stats["ref"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
 # --------------------------------------------------------------------------------------------
 # gradcheck and opcheck
 # --------------------------------------------------------------------------------------------

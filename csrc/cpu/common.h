@@ -76,7 +76,7 @@ inline Layout make_layout(int64_t num_frames, int64_t clips, at::IntArrayRef fra
 
 struct Geom {
   int64_t F, C, HW, chw;
-  bool cl;                  // channels_last
+  bool cl;                  // walked as channels_last (that format, or 1x1 frames in either)
   int fold;                 // TSM fold (0 for ops without a shift: one run per pixel)
   int64_t block;            // channels_last: pixels per chunk
   int64_t chunks;           // chunks per frame
@@ -95,9 +95,12 @@ inline Geom make_geom(const Tensor& x, int64_t fold_div) {
   g.C = x.size(1);
   g.HW = x.size(2) * x.size(3);
   g.chw = g.C * g.HW;
-  g.cl = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(g.cl || x.is_contiguous(), "activations must be NCHW or channels_last contiguous");
-  g.format = g.cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(channels_last || x.is_contiguous(), "activations must be NCHW or channels_last contiguous");
+  g.format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  // 1x1 frames are the same memory in both formats: walked as channels_last they make one chunk
+  // per frame instead of one per element (and the same sums: one element per channel and frame)
+  g.cl = channels_last || g.HW == 1;
   TORCH_CHECK(g.C <= INT32_MAX, "too many channels: ", g.C);
   g.fold = fold_div ? static_cast<int>(g.C / fold_div) : 0;
   // ~16K elements per channels_last chunk: big enough to amortise the per-chunk partials, small
