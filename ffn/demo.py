@@ -3,7 +3,7 @@
 A TSM trained at 16 frames only is evaluated at 2..20 frames and loses accuracy away from 16; an FFN
 trained on 4/8/16 frames, evaluated the same way (nearest branch), holds it. Both are the same
 narrow TSM-ResNet-18 (width 16, 32x32 frames) trained from scratch with the same data, schedule
-and seed; on a 2-core CPU the whole demo takes about 10 minutes.
+and seed; on a 2-core CPU the whole demo takes about 8 minutes.
 """
 
 from __future__ import annotations
