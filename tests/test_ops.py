@@ -139,6 +139,31 @@ def test_plane_sizes(backend, hw, channels_last):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.skipif(not ffn_kernels.backend.extension_loaded(), reason="needs the compiled CPU kernels")
+@pytest.mark.parametrize("hw", [(2, 2), (9, 9), (40, 40)])  # grouped planes, and one plane per chunk
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_results_do_not_depend_on_the_thread_count(hw, channels_last):
+    previous_backend, previous_threads = ffn_kernels.get_backend(), torch.get_num_threads()
+    ffn_kernels.set_backend("cpu")
+    layout, p = LAYOUTS[0], make_params(3, 32)
+    z, identity = (make_input(layout, 32, hw, channels_last=channels_last, seed=s).requires_grad_()
+                   for s in (0, 1))
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            rm, rv = p["running_mean"].clone(), p["running_var"].clone()
+            out, nxt = ops.bn_add_relu_shift_alter(z, identity, layout, p["weight"], p["bias"], rm, rv,
+                                                   True, 0.1, 1e-5, p["alter"], 8)
+            grads = torch.autograd.grad((out * 1.5 + nxt).sum(), (z, identity))
+            results.append([out, nxt, rm, rv, *grads])
+    finally:
+        torch.set_num_threads(previous_threads)
+        ffn_kernels.set_backend(previous_backend)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------------------------
 # gradcheck and opcheck
 # --------------------------------------------------------------------------------------------

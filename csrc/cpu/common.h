@@ -7,7 +7,8 @@
 // is the same in-frame offset `delta` frames away.
 //
 // Chunks (fixed by the shape only, so results do not depend on the thread count):
-//   NCHW:          chunk (f, c) = one channel plane of HW elements;
+//   NCHW:          chunk (f, q) = `planes` consecutive channel planes of HW elements (one plane
+//                  from 1024 elements up; smaller planes are grouped to amortise the chunk);
 //   channels_last: chunk (f, b) = a block of `block` pixels of frame f, all channels.
 // A chunk is walked as runs of contiguous elements that share a frame and a TSM shift class:
 //   NCHW: pieces of the plane (channel c0 for every element);
@@ -20,11 +21,11 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "ffn_math.h"
@@ -74,11 +75,16 @@ inline Layout make_layout(int64_t num_frames, int64_t clips, at::IntArrayRef fra
   return L;
 }
 
+// NCHW reductions accumulate a plane into kLanes independent lanes (vectorizable, fixed order).
+constexpr int64_t kLanes = 64;
+constexpr int64_t kGroupElems = 1024;
+
 struct Geom {
   int64_t F, C, HW, chw;
   bool cl;                  // walked as channels_last (that format, or 1x1 frames in either)
   int fold;                 // TSM fold (0 for ops without a shift: one run per pixel)
   int64_t block;            // channels_last: pixels per chunk
+  int64_t planes;           // NCHW: channel planes per chunk
   int64_t chunks;           // chunks per frame
   int64_t piece[4];         // channels_last run boundaries: 0, fold, 2*fold, C (clamped)
   at::MemoryFormat format;  // of every activation of the op, and of its outputs
@@ -98,15 +104,18 @@ inline Geom make_geom(const Tensor& x, int64_t fold_div) {
   const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
   TORCH_CHECK(channels_last || x.is_contiguous(), "activations must be NCHW or channels_last contiguous");
   g.format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  // 1x1 frames are the same memory in both formats: walked as channels_last they make one chunk
-  // per frame instead of one per element (and the same sums: one element per channel and frame)
+  // 1x1 frames are the same memory in both formats; walked as channels_last a frame is three runs
+  // instead of C one-element planes (and the sums are the same: one element per channel and frame)
   g.cl = channels_last || g.HW == 1;
   TORCH_CHECK(g.C <= INT32_MAX, "too many channels: ", g.C);
   g.fold = fold_div ? static_cast<int>(g.C / fold_div) : 0;
   // ~16K elements per channels_last chunk: big enough to amortise the per-chunk partials, small
   // enough that the second statistics pass re-reads it from cache.
   g.block = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, g.C));
-  g.chunks = g.cl ? (g.HW + g.block - 1) / g.block : g.C;
+  // NCHW planes smaller than kGroupElems share a chunk of about that size (a 2x2 plane alone is 4
+  // elements: a chunk per plane costs more than its work)
+  g.planes = std::clamp<int64_t>((kGroupElems + g.HW - 1) / std::max<int64_t>(1, g.HW), 1, g.C);
+  g.chunks = g.cl ? (g.HW + g.block - 1) / g.block : (g.C + g.planes - 1) / g.planes;
   g.piece[0] = 0;
   g.piece[1] = std::min<int64_t>(g.fold, g.C);
   g.piece[2] = std::min<int64_t>(2 * g.fold, g.C);
@@ -164,22 +173,46 @@ std::vector<acc_t> alter_factors(const Layout& L, const c10::optional<Tensor>& a
 template <typename Fn>
 void parallel_chunks(const Geom& g, Fn&& fn) {
   constexpr int64_t kGrainElems = 1 << 15;
-  const int64_t chunk_elems = g.cl ? g.block * g.C : g.HW;
+  const int64_t chunk_elems = g.cl ? g.block * g.C : g.planes * g.HW;
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, chunk_elems));
   at::parallel_for(0, g.F * g.chunks, grain, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) fn(k / g.chunks, k % g.chunks);
   });
 }
 
+// Accumulator slots of one plane (NCHW: the lanes its HW elements reach, e.g. 4 for a 2x2 plane)
+// or of one chunk (channels_last: a channel each).
+inline int64_t lane_count(const Geom& g) {
+  return g.cl ? g.C : std::min(kLanes, g.HW);
+}
+
+// `n` zeroed accumulators for one chunk, in a buffer the calling thread reuses (no allocation per
+// chunk; a chunk's reduction never starts another).
+template <typename T>
+T* chunk_scratch(int64_t n) {
+  thread_local std::vector<T> buffer;
+  buffer.assign(n, T(0));
+  return buffer.data();
+}
+
+// Channel planes [first, end) of NCHW chunk q.
+inline std::pair<int64_t, int64_t> chunk_planes(const Geom& g, int64_t q) {
+  return {q * g.planes, std::min(g.C, (q + 1) * g.planes)};
+}
+
 // Calls fn(cl, off, len, c0, slot) for the runs of chunk (f, q); NCHW planes are cut into runs of
 // at most `max_run` elements, and element i of a run maps to slot `slot + i` of the chunk's
-// accumulators (NCHW: lane i; channels_last: channel c0 + i).
+// accumulators (NCHW: lane i of the chunk's k-th plane, slot k * lane_count; channels_last:
+// channel c0 + i).
 template <typename Fn>
 inline void chunk_runs(const Geom& g, int64_t f, int64_t q, int64_t max_run, Fn&& fn) {
   const int64_t base = f * g.chw;
   if (!g.cl) {
-    for (int64_t j = 0; j < g.HW; j += max_run)
-      fn(std::false_type{}, base + q * g.HW + j, std::min(max_run, g.HW - j), q, int64_t(0));
+    const auto [c_first, c_end] = chunk_planes(g, q);
+    const int64_t lanes = lane_count(g);
+    for (int64_t c = c_first; c < c_end; ++c)
+      for (int64_t j = 0; j < g.HW; j += max_run)
+        fn(std::false_type{}, base + c * g.HW + j, std::min(max_run, g.HW - j), c, (c - c_first) * lanes);
     return;
   }
   const int64_t p1 = std::min(g.HW, (q + 1) * g.block);
@@ -200,35 +233,31 @@ void map_runs(const Geom& g, const Layout& L, Op&& op) {
   });
 }
 
-// NCHW reductions accumulate a plane into kLanes independent lanes (vectorizable, fixed order).
-constexpr int64_t kLanes = 64;
-
-// Accumulator slots of one chunk: a channel each in channels_last; in NCHW the lanes a plane of HW
-// elements can reach (small late-stage planes such as 2x2 sum 4 lanes, not 64).
-inline int64_t lane_count(const Geom& g) {
-  return g.cl ? g.C : std::min(kLanes, g.HW);
-}
-
 // Sums of NA quantities per (segment, channel): visit(cl, frame_info, off, len, c0, acc, stride)
 // adds element i's quantity a to acc[a * stride + i]. Per-chunk partials are summed in chunk order.
 // Returns [NA, S, C].
 template <int NA, typename acc_t, typename Visit>
 std::vector<acc_t> segment_sums(const Geom& g, const Layout& L, Visit&& visit) {
-  const int64_t C = g.C, nblk = g.cl ? g.chunks : 1, width = lane_count(g);
+  const int64_t C = g.C, nblk = g.cl ? g.chunks : 1, lanes = lane_count(g);
+  const int64_t width = g.cl ? C : g.planes * lanes;  // accumulators per quantity and chunk
   std::vector<acc_t> part(g.F * nblk * NA * C);
   parallel_chunks(g, [&](int64_t f, int64_t q) {
-    c10::SmallVector<acc_t, NA * kLanes> acc(NA * width, acc_t(0));
+    acc_t* acc = chunk_scratch<acc_t>(NA * width);
     chunk_runs(g, f, q, kLanes, [&](auto cl, int64_t off, int64_t len, int64_t c0, int64_t slot) {
-      visit(cl, L.frame[f], off, len, c0, acc.data() + slot, width);
+      visit(cl, L.frame[f], off, len, c0, acc + slot, width);
     });
     for (int a = 0; a < NA; ++a) {
-      const acc_t* src = acc.data() + a * width;
+      const acc_t* src = acc + a * width;
       if (g.cl) {
         std::copy(src, src + C, part.begin() + ((f * nblk + q) * NA + a) * C);
-      } else {
+        continue;
+      }
+      const auto [c_first, c_end] = chunk_planes(g, q);
+      for (int64_t c = c_first; c < c_end; ++c) {
+        const acc_t* lane = src + (c - c_first) * lanes;
         acc_t sum = 0;
-        for (int64_t i = 0; i < width; ++i) sum += src[i];
-        part[(f * NA + a) * C + q] = sum;
+        for (int64_t i = 0; i < lanes; ++i) sum += lane[i];
+        part[(f * NA + a) * C + c] = sum;
       }
     }
   });
@@ -249,28 +278,34 @@ std::vector<acc_t> segment_sums(const Geom& g, const Layout& L, Visit&& visit) {
 // order. Returns [S, C] Welford triples.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 std::vector<ffn::Welford<acc_t>> segment_stats(const Geom& g, const Layout& L, const scalar_t* x) {
-  const int64_t C = g.C, nblk = g.cl ? g.chunks : 1, width = lane_count(g);
+  const int64_t C = g.C, nblk = g.cl ? g.chunks : 1, lanes = lane_count(g);
+  const int64_t width = g.cl ? C : g.planes * lanes, means = g.cl ? C : g.planes;
   std::vector<ffn::Welford<acc_t>> part(g.F * nblk * C);
   parallel_chunks(g, [&](int64_t f, int64_t q) {
-    c10::SmallVector<acc_t, kLanes> sum(width, acc_t(0)), m2(width, acc_t(0)), mean(g.cl ? C : 1);
+    acc_t* sum = chunk_scratch<acc_t>(2 * width + means);
+    acc_t *m2 = sum + width, *mean = m2 + width;
     chunk_runs(g, f, q, kLanes, [&](auto, int64_t off, int64_t len, int64_t, int64_t slot) {
       const scalar_t* __restrict__ xp = x + off;
-      acc_t* __restrict__ a = sum.data() + slot;
+      acc_t* __restrict__ a = sum + slot;
       for (int64_t i = 0; i < len; ++i) a[i] += static_cast<acc_t>(xp[i]);
     });
+    // NCHW: the chunk's planes [c_first, c_end), each with its own lanes and mean
+    const auto [c_first, c_end] = g.cl ? std::pair<int64_t, int64_t>{0, C} : chunk_planes(g, q);
     const int64_t n = g.cl ? std::min(g.HW, (q + 1) * g.block) - q * g.block : g.HW;
     if (g.cl) {
       for (int64_t c = 0; c < C; ++c) mean[c] = sum[c] / acc_t(n);
     } else {
-      acc_t s = 0;
-      for (int64_t i = 0; i < width; ++i) s += sum[i];
-      mean[0] = s / acc_t(n);
+      for (int64_t k = 0; k < c_end - c_first; ++k) {
+        acc_t s = 0;
+        for (int64_t i = 0; i < lanes; ++i) s += sum[k * lanes + i];
+        mean[k] = s / acc_t(n);
+      }
     }
     chunk_runs(g, f, q, kLanes, [&](auto cl, int64_t off, int64_t len, int64_t c0, int64_t slot) {
       constexpr bool CL = decltype(cl)::value;
       const scalar_t* __restrict__ xp = x + off;
-      const acc_t* __restrict__ mu = mean.data() + (CL ? c0 : 0);
-      acc_t* __restrict__ a = m2.data() + slot;
+      const acc_t* __restrict__ mu = mean + (CL ? c0 : c0 - c_first);
+      acc_t* __restrict__ a = m2 + slot;
       for (int64_t i = 0; i < len; ++i) {
         const acc_t d = static_cast<acc_t>(xp[i]) - mu[ch<CL>(i)];
         a[i] += d * d;
@@ -279,9 +314,11 @@ std::vector<ffn::Welford<acc_t>> segment_stats(const Geom& g, const Layout& L, c
     if (g.cl) {
       for (int64_t c = 0; c < C; ++c) part[(f * nblk + q) * C + c] = {acc_t(n), mean[c], m2[c]};
     } else {
-      acc_t s = 0;
-      for (int64_t i = 0; i < width; ++i) s += m2[i];
-      part[f * C + q] = {acc_t(n), mean[0], s};
+      for (int64_t k = 0; k < c_end - c_first; ++k) {
+        acc_t s = 0;
+        for (int64_t i = 0; i < lanes; ++i) s += m2[k * lanes + i];
+        part[f * C + c_first + k] = {acc_t(n), mean[k], s};
+      }
     }
   });
   std::vector<ffn::Welford<acc_t>> out(L.S * C, ffn::Welford<acc_t>{});
