@@ -1,5 +1,6 @@
-"""A synthetic video dataset rendered on the fly: a shape moves in a straight line, and the class is
-either the direction it moves in (``task="direction"``) or how fast (``task="speed"``).
+"""A synthetic video dataset rendered on the fly: shapes move at constant velocity, and the class is
+either the direction they move in (``task="direction"``, staying inside the frame) or how fast
+(``task="speed"``, bouncing off the edges).
 
 Every frame is a pure function of ``(seed, video, frame)``, so any sampler, worker or process sees
 the same pixels. A single frame says nothing about the class (start position, shape, colours and a
