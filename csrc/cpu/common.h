@@ -195,6 +195,14 @@ T* chunk_scratch(int64_t n) {
   return buffer.data();
 }
 
+// Sum of the n lanes at p, in lane order.
+template <typename T>
+inline T sum_lanes(const T* p, int64_t n) {
+  T sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += p[i];
+  return sum;
+}
+
 // Channel planes [first, end) of NCHW chunk q.
 inline std::pair<int64_t, int64_t> chunk_planes(const Geom& g, int64_t q) {
   return {q * g.planes, std::min(g.C, (q + 1) * g.planes)};
@@ -253,12 +261,8 @@ std::vector<acc_t> segment_sums(const Geom& g, const Layout& L, Visit&& visit) {
         continue;
       }
       const auto [c_first, c_end] = chunk_planes(g, q);
-      for (int64_t c = c_first; c < c_end; ++c) {
-        const acc_t* lane = src + (c - c_first) * lanes;
-        acc_t sum = 0;
-        for (int64_t i = 0; i < lanes; ++i) sum += lane[i];
-        part[(f * NA + a) * C + c] = sum;
-      }
+      for (int64_t c = c_first; c < c_end; ++c)
+        part[(f * NA + a) * C + c] = sum_lanes(src + (c - c_first) * lanes, lanes);
     }
   });
   std::vector<acc_t> out(NA * L.S * C, acc_t(0));
@@ -295,11 +299,7 @@ std::vector<ffn::Welford<acc_t>> segment_stats(const Geom& g, const Layout& L, c
     if (g.cl) {
       for (int64_t c = 0; c < C; ++c) mean[c] = sum[c] / acc_t(n);
     } else {
-      for (int64_t k = 0; k < c_end - c_first; ++k) {
-        acc_t s = 0;
-        for (int64_t i = 0; i < lanes; ++i) s += sum[k * lanes + i];
-        mean[k] = s / acc_t(n);
-      }
+      for (int64_t k = 0; k < c_end - c_first; ++k) mean[k] = sum_lanes(sum + k * lanes, lanes) / acc_t(n);
     }
     chunk_runs(g, f, q, kLanes, [&](auto cl, int64_t off, int64_t len, int64_t c0, int64_t slot) {
       constexpr bool CL = decltype(cl)::value;
@@ -314,11 +314,8 @@ std::vector<ffn::Welford<acc_t>> segment_stats(const Geom& g, const Layout& L, c
     if (g.cl) {
       for (int64_t c = 0; c < C; ++c) part[(f * nblk + q) * C + c] = {acc_t(n), mean[c], m2[c]};
     } else {
-      for (int64_t k = 0; k < c_end - c_first; ++k) {
-        acc_t s = 0;
-        for (int64_t i = 0; i < lanes; ++i) s += m2[k * lanes + i];
-        part[f * C + c_first + k] = {acc_t(n), mean[k], s};
-      }
+      for (int64_t k = 0; k < c_end - c_first; ++k)
+        part[f * C + c_first + k] = {acc_t(n), mean[k], sum_lanes(m2 + k * lanes, lanes)};
     }
   });
   std::vector<ffn::Welford<acc_t>> out(L.S * C, ffn::Welford<acc_t>{});
