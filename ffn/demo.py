@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import load_config
+from .data import num_classes
 from .engine.evaluate import accuracy_by_frames
 from .engine.factory import load_trained
 from .engine.trainer import fit
@@ -51,7 +52,7 @@ def run_demo(out: Path, overrides: list[str] = ()) -> dict:
             results[label] = accuracy_by_frames(model, cfg.data, EVAL_FRAMES, torch.device("cpu"))
     minutes = (time.perf_counter() - start) / 60
     paths = write_results(results, out, "Synthetic motion speed: top-1 vs inference frames",
-                          chance=100 / cfg.data.synthetic.num_classes)
+                          chance=100 / num_classes(cfg.data))
     table = markdown_table(results)
     (out / "report.md").write_text(
         f"# ffn demo\n\nTop-1 accuracy (%) on {cfg.data.synthetic.val_videos} synthetic validation videos, "

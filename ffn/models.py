@@ -131,7 +131,8 @@ class FFNResNet(nn.Module):
 
     ``frames`` are the training frame counts of the branches (strictly increasing; parameter row
     ``b`` belongs to branch ``b``). ``width`` is the first stage's channel count (64 in ResNet and
-    the official checkpoints; smaller widths make quick CPU experiments such as ``ffn demo``). ``forward`` takes
+    the official checkpoints; smaller widths make quick CPU experiments such as ``ffn demo``).
+    ``forward`` takes
 
     * a list/tuple of clip batches ``[N, T, 3, H, W]``, each ``T`` one of ``frames`` (the training
       step, all given branches packed into one tensor) -> a tuple of logits ``[N, classes]``;

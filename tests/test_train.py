@@ -36,6 +36,11 @@ def tiny(tmp_path, *extra) -> list[str]:
     return [*TINY, f"train.out={tmp_path}", *extra]
 
 
+def child_env(**extra) -> dict:
+    """Environment of a child Python process that imports this checkout."""
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **extra}
+
+
 def read_log(out) -> list[dict]:
     with open(Path(out) / "log.csv") as f:
         return list(csv.DictReader(f))
@@ -133,6 +138,7 @@ def test_demo_trains_both_models_and_reports_every_frame_count(tmp_path, capsys)
     report = (tmp_path / "report.md").read_text()
     assert "| frames | TSM, 16 frames | FFN, 4/8/16 frames |" in report and "| 20 |" in report
     assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 20 |" in capsys.readouterr().out
 
 
 def test_checkpoints_load_weights_only_and_hold_the_whole_state(tmp_path):
@@ -162,9 +168,8 @@ def test_resume_after_a_kill_continues_exactly(tmp_path):
     args = ["train.epochs=2", "model.dropout=0.5", "data.synthetic.train_videos=12"]
     fit(load_config(overrides=tiny(tmp_path / "straight", *args)))
 
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run([sys.executable, "-c", KILL_IN_SECOND_EPOCH, *tiny(tmp_path / "resumed", *args)],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert checkpoint.load(tmp_path / "resumed" / "last.pt")["epoch"] == 1
     assert main(["train", *tiny(tmp_path / "resumed", *args), "--resume"]) == 0
@@ -189,8 +194,7 @@ def test_ddp_gloo_two_processes_match_one_process_with_sync_bn(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={port}", "-m", "ffn", "train", *tiny(tmp_path / "ddp", *common)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
