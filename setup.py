@@ -34,11 +34,22 @@ def build_cuda() -> bool:
 
 
 def cuda_arch_flags() -> list[str]:
+    """nvcc -gencode flags: SASS (code=sm_XX) for each architecture in FFN_KERNELS_CUDA_ARCHS
+    (default "8.0;9.0"; "9.0a" or torch's "9.0+PTX" spellings are accepted), plus PTX
+    (code=compute_XX) for the highest one, which the driver JIT-compiles on GPUs newer than the
+    list (as PyTorch and flash-attention ship theirs). The PTX is the plain architecture's: an
+    arch-specific "a"/"f" target's PTX would load on that exact GPU family only."""
+    archs = []
+    for arch in os.environ.get("FFN_KERNELS_CUDA_ARCHS", "8.0;9.0").replace(",", ";").split(";"):
+        num = arch.strip().removesuffix("+PTX").replace(".", "")
+        if num and num not in archs:
+            archs.append(num)
     flags = []
-    for arch in os.environ.get("FFN_KERNELS_CUDA_ARCHS", "8.0;9.0").split(";"):
-        num = arch.strip().replace(".", "")
-        if num:
-            flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+    for num in archs:
+        flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+    if archs:
+        top = max(int(n.rstrip("abcdefghijklmnopqrstuvwxyz")) for n in archs)  # "90a" -> 90
+        flags += ["-gencode", f"arch=compute_{top},code=compute_{top}"]
     return flags
 
 
