@@ -207,3 +207,122 @@ def test_traffic_meter():
     assert {row["op"] for row in table} == {"shift_alter", "freq_batch_norm", "bn_add_relu_shift_alter"}
     for row in table:
         assert row["measured"] >= row["minimum"] * 0.9
+
+
+def test_many_segments_momentum():
+    """More segments than momenta per statistics-combine launch (8): each segment blends its
+    running statistics with its own momentum."""
+    frames = list(range(1, 11))
+    layout = (1, frames, list(range(9, -1, -1)))
+    x = _input(layout, 8, torch.float32, False, hw=(2, 3))
+    g = torch.Generator().manual_seed(1)
+    rm = (0.1 * torch.randn(10, 8, generator=g)).to(DEVICE)
+    rv = (0.5 + torch.rand(10, 8, generator=g)).to(DEVICE)
+    w, b = torch.ones(10, 8, device=DEVICE), torch.zeros(10, 8, device=DEVICE)
+    momentum = [0.05 * (i + 1) for i in range(10)]
+    args = (*layout, w, b, rm, rv, True, momentum, 1e-5, False, None)
+    _check(tk.bn_fwd(x, *args), ref.bn_fwd(x, *args), torch.float32, param_outputs=(1, 2, 3, 4))
+
+
+# what a tensor built from host data (torch.tensor, as_tensor of a list, .to(device) of a fresh
+# CPU tensor) or a read back to the host (.item(), .tolist()) dispatches to
+_HOST_OPS = ("aten.lift_fresh", "aten.lift_fresh_copy", "aten.scalar_tensor", "aten._to_copy",
+             "aten._local_scalar_dense")
+
+
+def _training_step(layout, x, dy, p, momentum):
+    """Training forward and backward of the three ops through the raw Triton API."""
+    w, b, rm, rv, alter = (p[k] for k in ("weight", "bias", "running_mean", "running_var", "alter"))
+    y = tk.shift_alter_fwd(x, *layout, alter, 8)
+    tk.shift_alter_bwd(dy, x, *layout, alter, 8, True)
+    y, mean, invstd, *_ = tk.bn_fwd(x, *layout, w, b, rm, rv, True, momentum, 1e-5, True, dy)
+    tk.bn_bwd(dy, x, y, *layout, w, mean, invstd, True, True, True)
+    out, _, mean, invstd, *_ = tk.bnrs_fwd(x, dy, *layout, w, b, rm, rv, True, momentum, 1e-5,
+                                           alter, 8)
+    tk.bnrs_bwd(dy, dy, x, out, *layout, w, mean, invstd, True, alter, 8)
+
+
+def test_no_host_data_per_call():
+    """After a first call (which builds the cached layout table), a training forward and backward
+    creates no device tensor from Python values and reads nothing back to the host: no blocking
+    copy per call, nothing that breaks CUDA-graph capture. Momenta change between the calls
+    (as with ``momentum=None``'s cumulative average) and must not need a new tensor either."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Spy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket) in _HOST_OPS:
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    layout = LAYOUTS[2]
+    x = _input(layout, 16, torch.float32, False)
+    dy = _input(layout, 16, torch.float32, False, seed=2)
+    p = _params(16)
+    _training_step(layout, x, dy, p, [0.1, 0.2])
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with Spy() as spy:
+            _training_step(layout, x, dy, p, [0.5, 0.25])
+    finally:
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert spy.seen == []
+
+
+def test_device_guard(monkeypatch):
+    """Every entry point launches with its input's device current. CPU tensors take no guard in
+    production; here CPU is declared a guarded device type and the guard records the device and
+    whether each kernel launch happens inside it."""
+    import contextlib
+
+    from ffn_kernels.triton import kernels as K
+
+    entered, launches = [], []
+
+    @contextlib.contextmanager
+    def guard(device):
+        entered.append(device)
+        try:
+            yield
+        finally:
+            entered.append(None)
+
+    class Launch:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(bool(entered) and entered[-1] is not None)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(api, "_GUARDED", (torch.device(DEVICE).type,))
+    monkeypatch.setattr(api, "_device_guard", guard)
+    for name in ("_stats_kernel", "_stats_combine_kernel", "_fwd_kernel", "_bwd_kernel",
+                 "_sum_combine_kernel"):
+        monkeypatch.setattr(K, name, Launch(getattr(K, name)))
+    layout = LAYOUTS[2]
+    x = _input(layout, 16, torch.float32, True)
+    _training_step(layout, x, x.clone(), _params(16), [0.1, 0.2])
+    assert entered == [x.device, None] * 6  # one guard per entry point, with x's device
+    assert launches and all(launches)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_gpu():
+    """Inputs on ``cuda:1`` while ``cuda:0`` is current: same results as the reference there."""
+    layout = LAYOUTS[0]
+    with torch.cuda.device(0):
+        x = _input(layout, 20, torch.float32, True).to("cuda:1")
+        res = _input(layout, 20, torch.float32, True, seed=3).to("cuda:1")
+        p = {k: v.to("cuda:1") for k, v in _params(20).items()}
+        args = (*layout, p["weight"], p["bias"], p["running_mean"], p["running_var"], True,
+                [0.1, 0.3, 0.05], 1e-5, p["alter"], 8)
+        _check(tk.bnrs_fwd(x, res, *args), ref.bnrs_fwd(x, res, *args), torch.float32,
+               param_outputs=(2, 3, 4, 5))

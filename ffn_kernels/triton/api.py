@@ -17,6 +17,7 @@ from . import kernels as K
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 2048  # elements per [BLOCK_C, BLOCK_P] tile
 _CHUNK = 1 << 15  # elements a program covers (frames per chunk follow from it)
+_MOMENTA = 8  # segment momenta per statistics-combine launch (scalar kernel arguments)
 
 
 @functools.lru_cache(maxsize=256)
@@ -89,11 +90,14 @@ def _stats(plan, x, running_mean, running_var, training, momentum, eps):
         part = x.new_empty((3, plan.nch, C), dtype=torch.float32)
         K._stats_kernel[plan.grid](x, part, *plan.args, **plan.kw)
     update = batch and has_running
-    mom = torch.tensor(list(momentum), dtype=torch.float32, device=x.device) if update else mean
-    K._stats_combine_kernel[plan.combine_grid](
-        part, mean, invstd, new_rm, new_rv, mom, plan.meta, plan.nch, S, C, float(eps),
-        BATCH=batch, UPDATE=update, BLOCK_C=plan.combine_block,
-    )
+    for s_lo in range(0, S, _MOMENTA):  # momenta as scalar arguments, 8 segments per launch
+        s_hi = min(S, s_lo + _MOMENTA)
+        moms = [float(m) for m in momentum[s_lo:s_hi]] if update else []
+        K._stats_combine_kernel[plan.combine_grid](
+            part, mean, invstd, new_rm, new_rv, plan.meta, plan.nch, S, C, float(eps), s_lo, s_hi,
+            *moms, *[0.0] * (_MOMENTA - len(moms)),
+            BATCH=batch, UPDATE=update, BLOCK_C=plan.combine_block,
+        )
     return mean, invstd, new_rm, new_rv
 
 
@@ -155,11 +159,31 @@ def _zeros(p):
     return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
 
 
+_GUARDED = ("cuda",)  # device types whose tensors launch under a device guard (ROCm is "cuda")
+_device_guard = torch.cuda.device
+
+
+def _on_device(fn):
+    """Run an entry point with its first tensor's device current (Triton launches on the current
+    device, so a tensor on ``cuda:1`` would otherwise launch on ``cuda:0``). CPU tensors (the
+    interpreter) take no guard."""
+
+    @functools.wraps(fn)
+    def guarded(x, *args, **kwargs):
+        if x.device.type in _GUARDED:
+            with _device_guard(x.device):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
+
+    return guarded
+
+
 # ---------------------------------------------------------------------------------------------
 # Raw backend API
 # ---------------------------------------------------------------------------------------------
 
 
+@_on_device
 def shift_alter_fwd(x, clips, frames, rows, alter, fold_div):
     plan = _Plan(x, clips, frames, rows)
     y = torch.empty_like(x)
@@ -167,6 +191,7 @@ def shift_alter_fwd(x, clips, frames, rows, alter, fold_div):
     return y
 
 
+@_on_device
 def shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad):
     plan = _Plan(x, clips, frames, rows)
     dx = torch.empty_like(x)
@@ -176,6 +201,7 @@ def shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad):
     return dx, grads[0] if alter_grad else x.new_empty(0)
 
 
+@_on_device
 def bn_fwd(x, clips, frames, rows, weight, bias, running_mean, running_var, training, momentum,
            eps, relu, residual):
     plan = _Plan(x, clips, frames, rows)
@@ -187,6 +213,7 @@ def bn_fwd(x, clips, frames, rows, weight, bias, running_mean, running_var, trai
     return y, mean, invstd, new_rm, new_rv
 
 
+@_on_device
 def bn_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu, has_residual):
     plan = _Plan(x, clips, frames, rows)
     dx = torch.empty_like(x)
@@ -197,6 +224,7 @@ def bn_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu, 
     return dx, grads[0], grads[1], x.new_empty(0) if dres is None else dres
 
 
+@_on_device
 def bnrs_fwd(z, identity, clips, frames, rows, weight, bias, running_mean, running_var, training,
              momentum, eps, alter_next, fold_div):
     plan = _Plan(z, clips, frames, rows)
@@ -208,6 +236,7 @@ def bnrs_fwd(z, identity, clips, frames, rows, weight, bias, running_mean, runni
     return out, next_in, mean, invstd, new_rm, new_rv
 
 
+@_on_device
 def bnrs_bwd(dout, dnext, z, out, clips, frames, rows, weight, mean, invstd, training, alter_next,
              fold_div):
     plan = _Plan(z, clips, frames, rows)

@@ -109,16 +109,18 @@ def _stats_kernel(x_ptr, part_ptr, meta, NCH, S, C, HW,
 
 
 @triton.jit
-def _stats_combine_kernel(part_ptr, mean_ptr, invstd_ptr, rm_ptr, rv_ptr, momentum_ptr, meta,
-                          NCH, S, C, eps, BATCH: tl.constexpr, UPDATE: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
-    """Per segment: merge the chunks' partials (``BATCH``) or read the row's running statistics,
-    write ``mean``/``invstd[S, C]`` and (``UPDATE``) blend the batch statistics into the running
-    statistics ``rm``/``rv`` (updated copies) with the segment's momentum and unbiased variance."""
+def _stats_combine_kernel(part_ptr, mean_ptr, invstd_ptr, rm_ptr, rv_ptr, meta, NCH, S, C, eps,
+                          s_lo, s_hi, mom0, mom1, mom2, mom3, mom4, mom5, mom6, mom7,
+                          BATCH: tl.constexpr, UPDATE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per segment ``s_lo <= s < s_hi`` (at most 8): merge the chunks' partials (``BATCH``) or
+    read the row's running statistics, write ``mean``/``invstd[S, C]`` and (``UPDATE``) blend
+    the batch statistics into the running statistics ``rm``/``rv`` (updated copies) with the
+    segment's momentum and unbiased variance. The momenta ``mom0..mom7`` of segments ``s_lo..`` are
+    scalar arguments: no host-to-device copy per call (and nothing that breaks graph capture)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     first_chunk = meta + 3 * NCH + 3 * (S + 1)
-    for s in range(S):
+    for s in range(s_lo, s_hi):
         start, stop, T, row = _segment(meta, NCH, S, s)
         prow = row * C + c
         if BATCH:
@@ -133,7 +135,10 @@ def _stats_combine_kernel(part_ptr, mean_ptr, invstd_ptr, rm_ptr, rv_ptr, moment
                     tl.load(src + 2 * NCH * C, mask=cmask, other=0.0))
             var = m2 / tl.maximum(n, 1.0)
             if UPDATE:
-                mom = tl.load(momentum_ptr + s)
+                j = s - s_lo
+                mom = tl.where(j == 0, mom0, tl.where(j == 1, mom1, tl.where(j == 2, mom2, tl.where(
+                    j == 3, mom3, tl.where(j == 4, mom4, tl.where(j == 5, mom5, tl.where(
+                        j == 6, mom6, mom7)))))))
                 rm = tl.load(rm_ptr + prow, mask=cmask)
                 rv = tl.load(rv_ptr + prow, mask=cmask)
                 unbiased = var * n / tl.maximum(n - 1.0, 1.0)
