@@ -68,17 +68,22 @@ struct BnFwdOp {
 // Backward reduction per (segment, channel): sum g, sum g*(x - mean) and, with kShift, the WA
 // gradient sum out * dnext[reverse source] (= the reference's sum dnext * out[source]).
 // bn_bwd: g = dy * [y > 0] (y == nullptr: no ReLU). bnrs_bwd: dy = dout, x = z, y = out.
-template <typename scalar_t, bool kShift>
+// kWriteDx (eval: running statistics, so dx = g * weight * invstd needs no reduction): the same
+// pass also writes dx and, when dres != nullptr, dres = g, so the activations are read once.
+template <typename scalar_t, bool kShift, bool kWriteDx = false>
 struct BnBwdVisitor {
   using acc_t = at::opmath_type<scalar_t>;
   using Acc = SumAcc<acc_t, kShift ? 3 : 2>;
   struct Local {
-    acc_t mean, factor;
+    acc_t mean, factor, scale;
     int64_t delta;
     bool valid;
   };
   const scalar_t *dy, *dnext, *x, *y;
   const acc_t *mean, *alter;
+  // kWriteDx only:
+  scalar_t *dx, *dres;             // dres may be nullptr
+  const acc_t *invstd, *weight;    // [S, C], [P, C]
 
   static __device__ __forceinline__ Acc identity() {
     Acc a;
@@ -87,7 +92,9 @@ struct BnBwdVisitor {
     return a;
   }
   __device__ __forceinline__ Local local(const Geom& g, const FramePos& fp, int c) const {
-    Local l{mean[static_cast<int64_t>(fp.s) * g.C + c], acc_t(1), 0, false};
+    const int64_t sc = static_cast<int64_t>(fp.s) * g.C + c;
+    Local l{mean[sc], acc_t(1), acc_t(0), 0, false};
+    if constexpr (kWriteDx) l.scale = weight[static_cast<int64_t>(fp.row) * g.C + c] * invstd[sc];
     if constexpr (kShift) {
       const int d = src_delta(g, fp, c, /*reverse=*/true);
       l.factor = alter_factor<scalar_t>(alter, fp.row, g.C, c);
@@ -109,10 +116,15 @@ struct BnBwdVisitor {
     }
     a.v[0] += gv;
     a.v[1] += gv * (static_cast<acc_t>(x[off]) - l.mean);
+    if constexpr (kWriteDx) {  // eval dx = w * invstd * g (ffn::bn_backward_coef, !training)
+      dx[off] = static_cast<scalar_t>(gv * l.scale);
+      if (dres != nullptr) dres[off] = static_cast<scalar_t>(gv);
+    }
   }
 };
 
-// dx (and dresidual = g) from g and the per-segment sums; g is recomputed as in the visitor.
+// Training (batch statistics): dx (and dresidual = g) from g and the per-segment sums, after the
+// reduction; g is recomputed as in the visitor. (Eval writes dx in the reduction pass instead.)
 template <typename scalar_t, bool kShift>
 struct BnBwdOp {
   using acc_t = at::opmath_type<scalar_t>;
@@ -120,7 +132,6 @@ struct BnBwdOp {
   scalar_t *dx, *dres;  // dres may be nullptr
   const acc_t *mean, *invstd, *weight, *alter;
   const acc_t* sums;  // [fields, S, C]: sum g, sum g*(x - mean)
-  bool training;
 
   template <int V>
   __device__ __forceinline__ void apply(const SegTable& seg, const Geom& g, const FramePos& fp,
@@ -147,7 +158,7 @@ struct BnBwdOp {
       const int64_t sc = static_cast<int64_t>(fp.s) * g.C + c[k];
       const int64_t rc = static_cast<int64_t>(fp.row) * g.C + c[k];
       out[k] = ffn::bn_backward_dx(gv[k], xv[k] - mean[sc], invstd[sc], weight[rc], sums[sc],
-                                   sums[plane + sc], n, training);
+                                   sums[plane + sc], n, /*training=*/true);
     }
     if (dres != nullptr) store_vec<V>(dres + off, gv);
     store_vec<V>(dx + off, out);
@@ -239,19 +250,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
   at::Tensor partials = at::empty({fields, plan.num_chunks, g.C}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ffn_bn_bwd_reduce", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const BnBwdVisitor<scalar_t, kShift> vis{
-        dy.data_ptr<scalar_t>(), kShift ? dnext.data_ptr<scalar_t>() : nullptr,
-        x.data_ptr<scalar_t>(), y.defined() ? y.data_ptr<scalar_t>() : nullptr,
-        mean.data_ptr<acc_t>(), ptr_or_null<acc_t>(a)};
-    if (g.HW > 0)
+    const scalar_t* dnext_p = kShift ? dnext.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* y_p = y.defined() ? y.data_ptr<scalar_t>() : nullptr;
+    if (g.HW == 0) {
+      partials.zero_();  // no elements: dx / dres are empty too
+    } else if (training) {
+      const BnBwdVisitor<scalar_t, kShift> vis{dy.data_ptr<scalar_t>(), dnext_p, x.data_ptr<scalar_t>(),
+                                               y_p, mean.data_ptr<acc_t>(), ptr_or_null<acc_t>(a),
+                                               nullptr, nullptr, nullptr, nullptr};
       launch_reduce(vis, seg, g, plan, partials.data_ptr<acc_t>());
-    else
-      partials.zero_();
+    } else {  // one pass: sums and dx / dres together
+      const BnBwdVisitor<scalar_t, kShift, true> vis{
+          dy.data_ptr<scalar_t>(), dnext_p, x.data_ptr<scalar_t>(), y_p, mean.data_ptr<acc_t>(),
+          ptr_or_null<acc_t>(a), dx.data_ptr<scalar_t>(),
+          has_residual ? dres.data_ptr<scalar_t>() : nullptr, invstd.data_ptr<acc_t>(),
+          w.data_ptr<acc_t>()};
+      launch_reduce(vis, seg, g, plan, partials.data_ptr<acc_t>());
+    }
   });
   const at::Tensor sums = combine_sums(partials, seg, g);
   std::vector<RowGrad> grads{{1, true, dweight}, {0, false, dbias}};
   if (kShift && a.defined()) grads.push_back({2, false, dalter});
   row_grads(sums, seg, g, invstd, grads);
+  if (!training) return {dx, dres, dweight, dbias, dalter};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ffn_bn_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const BnBwdOp<scalar_t, kShift> op{
@@ -259,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
         x.data_ptr<scalar_t>(), y.defined() ? y.data_ptr<scalar_t>() : nullptr,
         dx.data_ptr<scalar_t>(), has_residual ? dres.data_ptr<scalar_t>() : nullptr,
         mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
-        ptr_or_null<acc_t>(a), sums.data_ptr<acc_t>(), training};
+        ptr_or_null<acc_t>(a), sums.data_ptr<acc_t>()};
     launch_frame_map<scalar_t>(op, seg, g,
                                can_vectorize<scalar_t>(g, {&dy, &dnext, &x, &y, &dx, &dres}));
   });
