@@ -217,7 +217,9 @@ __global__ void row_grads_kernel(const acc_t* __restrict__ sums, const acc_t* __
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int p = static_cast<int>(idx / C), c = static_cast<int>(idx % C);
-    for (int i = 0; i < a.n; ++i) {
+#pragma unroll
+    for (int i = 0; i < kMaxRowGrads; ++i) {  // unrolled: a.out[i] is not copied to the stack
+      if (i >= a.n) break;
       acc_t v = 0;
       for (int s = 0; s < seg.n; ++s) {  // segments in order: a repeated row ends with the last
         if (seg.row[s] != p) continue;
