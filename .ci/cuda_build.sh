@@ -62,33 +62,75 @@ build_start=$(date +%s)
   > "$LOGS/build.log" 2>&1 || { tail -n 80 "$LOGS/build.log"; echo "CUDA build failed (log: $LOGS/build.log)" >&2; exit 1; }
 build_s=$(( $(date +%s) - build_start ))
 grep -E "^ptxas|bytes stack frame" "$LOGS/build.log" > "$LOGS/ptxas.log" || true
-# One line per kernel and architecture: registers, spills, stack; demangled.
-"$PY" - "$LOGS/ptxas.log" > "$LOGS/ptxas-summary.txt" <<'EOF'
+# One line per kernel and architecture (registers, spills, stack; demangled), then the gate: no
+# kernel may use more than 128 registers, and none may spill, except fp64 kernels (`double` in
+# the demangled name), which may: double division and sqrt call ptxas's slow-path subroutines,
+# whose calling convention saves registers to the stack, and fp64 is the correctness path, not
+# a performance one. Stack without spills (local arrays) is reported, not gated.
+gate_rc=0
+"$PY" - "$LOGS/ptxas.log" > "$LOGS/ptxas-summary.txt" <<'PTXAS_GATE' || gate_rc=$?
 import re, subprocess, sys
+MAX_REGS = 128
 lines = open(sys.argv[1]).read().splitlines()
-rows, name, arch = [], None, None
+rows = {}  # (function, arch) -> [registers, stack, spill stores, spill loads]
+entry, arch, props = None, None, None
 for line in lines:
-    m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
+    m = re.search(r"Compiling entry function '(\S+?)' for '(sm_\w+?)'", line)
     if m:
-        name, arch = m.groups()
+        entry, arch = m.groups()
+        rows.setdefault((entry, arch), [None, 0, 0, 0])
+        continue
+    m = re.search(r"Function properties for (\S+)", line)
+    if m:
+        props = m.group(1)
         continue
     m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-    if m and name:
-        rows.append([name, arch, None, *m.groups()])
+    if m and props and arch:
+        row = rows.setdefault((props, arch), [None, 0, 0, 0])  # non-inlined device functions too
+        row[1:] = [int(v) for v in m.groups()]
+        continue
     m = re.search(r"Used (\d+) registers", line)
-    if m and rows and rows[-1][0] == name and rows[-1][2] is None:
-        rows[-1][2] = m.group(1)
-names = subprocess.run(["c++filt"], input="\n".join(r[0] for r in rows), capture_output=True,
-                       text=True).stdout.splitlines() if rows else []
-spills = 0
-for r, demangled in zip(rows, names):
+    if m and entry and rows.get((entry, arch), [0])[0] is None:
+        rows[(entry, arch)][0] = int(m.group(1))
+keys = list(rows)
+names = subprocess.run(["c++filt"], input="\n".join(k[0] for k in keys), capture_output=True,
+                       text=True).stdout.splitlines() if keys else []
+if len(names) != len(keys):
+    names = [k[0] for k in keys]
+spills, fp64_spilling, failures = 0, 0, []
+for (name, arch), demangled in zip(keys, names):
+    regs, stack, st, ld = rows[(name, arch)]
     short = re.sub(r"ffn_kernels::cuda::|\(anonymous namespace\)::|c10::", "", demangled)
-    spills += int(r[4]) + int(r[5])
-    print(f"{r[1]} regs={r[2]:>3} stack={r[3]:>3}B spill_st={r[4]}B spill_ld={r[5]}B  {short[:200]}")
-print(f"# {len(rows)} kernels, total spill bytes {spills}")
-EOF
+    spills += st + ld
+    verdict = ""
+    if regs is not None and regs > MAX_REGS:
+        failures.append(f"{arch} {short[:200]}: {regs} registers > {MAX_REGS}")
+        verdict += "  FAIL: registers"
+    if st + ld:
+        if re.search(r"\bdouble\b", demangled):
+            fp64_spilling += 1
+            verdict += "  (fp64: spill allowed)"
+        else:
+            failures.append(f"{arch} {short[:200]}: spills ({st} B stores, {ld} B loads)")
+            verdict += "  FAIL: spill"
+    regs_s = "  ?" if regs is None else f"{regs:>3}"
+    print(f"{arch} regs={regs_s} stack={stack:>3}B spill_st={st}B spill_ld={ld}B  {short[:200]}{verdict}")
+if not rows:
+    failures.append("no ptxas report in the build log (was -Xptxas=-v passed?)")
+max_regs = max((r[0] for r in rows.values() if r[0] is not None), default=0)
+print(f"# {len(rows)} kernels, max {max_regs} registers, total spill bytes {spills} "
+      f"({fp64_spilling} fp64 kernels spill: allowed); gate (<= {MAX_REGS} registers, no spill "
+      f"outside fp64): {'FAIL' if failures else 'pass'}")
+for f in failures:
+    print(f"ptxas gate: {f}", file=sys.stderr)
+sys.exit(1 if failures else 0)
+PTXAS_GATE
 step "built in ${build_s}s; ptxas: $(tail -1 "$LOGS/ptxas-summary.txt") (report: $LOGS/ptxas-summary.txt)"
 cat "$LOGS/ptxas-summary.txt"
+if [ "$gate_rc" -ne 0 ]; then
+  echo "ptxas gate FAILED: the kernels marked FAIL above (report: $LOGS/ptxas-summary.txt)" >&2
+  exit 1
+fi
 
 # 5. Import the extension and run the CUDA tests (a missing CUDA kernel fails them).
 cd "$SRC"
