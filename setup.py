@@ -55,7 +55,8 @@ def cuda_arch_flags() -> list[str]:
 
 def extension():
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cpu").glob("*.cpp"))
+    for folder in ("csrc/ops", "csrc/cpu"):
+        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).glob("*.cpp"))
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     # No -std flag: BuildExtension adds the standard torch's headers need (C++20 since torch 2.14).
     cxx = opt + ["-fopenmp"]

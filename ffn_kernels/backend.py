@@ -1,8 +1,12 @@
 """Which kernels run an op (DESIGN.md §4).
 
 Every backend is a module-like object with the raw API of :mod:`ffn_kernels.reference`
-(``shift_alter_fwd``, ``bn_fwd``, ...). The choice comes from ``FFN_KERNELS_BACKEND``
-(``auto|cuda|triton|cpu|reference``, read at import) or :func:`set_backend`:
+(``shift_alter_fwd``, ``bn_fwd``, ...). The public ops dispatch in C++ (``csrc/ops/``): for each
+device type they call either the compiled raw ops ``torch.ops.ffn_kernels_C.*`` or their Python
+twins ``torch.ops.ffn_kernels_py.*`` defined here, which run :func:`kernels_for` (Triton, the
+reference, or an error naming the problem). :func:`set_backend` sets that route. The choice comes
+from ``FFN_KERNELS_BACKEND`` (``auto|cuda|triton|cpu|reference``, read at import) or
+:func:`set_backend`:
 
 * ``auto``: CUDA tensors use the CUDA extension if it was built, else Triton; CPU tensors use the
   C++ CPU kernels if the extension was built, else the reference.
@@ -67,6 +71,7 @@ def set_backend(name: str) -> None:
     """Choose the backend for subsequent op calls (one of :data:`CHOICES`)."""
     global _choice
     _choice = _check_choice(name)
+    _set_routes()
 
 
 def get_backend() -> str:
@@ -105,10 +110,43 @@ def kernels_for(x: torch.Tensor):
     return _compiled()
 
 
-if _extension_error is not None:
+def missing_extension(*args, **kwargs):
+    """Stands in for the public ops when ``ffn_kernels._C`` did not load: they live in it."""
+    raise RuntimeError(
+        f"ffn_kernels.ops need the compiled extension ffn_kernels._C, which failed to load "
+        f"({_extension_error}); reinstall with `pip install --no-build-isolation .` (the pure-PyTorch "
+        "ffn_kernels.reference and the model's eager twin work without it)"
+    )
+
+
+def _define_python_routes() -> torch.library.Library:
+    """``ffn_kernels_py::<raw>``: the raw ops' schemas, run by the backend :func:`kernels_for`
+    picks (the C++ dispatch calls them when the chosen backend is not compiled)."""
+    lib = torch.library.Library("ffn_kernels_py", "DEF")
+    for name in RAW_OPS:
+        lib.define(str(getattr(torch.ops.ffn_kernels_C, name).default._schema).split("::", 1)[1])
+
+        def run(*args, _name=name):
+            return getattr(kernels_for(args[0]), _name)(*args)
+
+        lib.impl(name, run, "CompositeExplicitAutograd")
+    return lib
+
+
+def _set_routes() -> None:
+    if extension_loaded():
+        torch.ops.ffn_kernels_C.set_python_route(
+            backend_name("cpu") != "cpu", backend_name("cuda") != "cuda" or not extension_has_cuda()
+        )
+
+
+if _extension_error is None:
+    _python_routes = _define_python_routes()
+    _set_routes()
+else:
     warnings.warn(
-        f"ffn_kernels: compiled extension not available ({_extension_error}); CPU ops use the "
-        "pure-PyTorch reference, CUDA ops use Triton",
+        f"ffn_kernels: compiled extension not available ({_extension_error}); ffn_kernels.ops "
+        "will raise until it is built (ffn_kernels.reference still works)",
         RuntimeWarning,
         stacklevel=2,
     )

@@ -1,0 +1,105 @@
+// Route table and argument checks of the public ops (see dispatch.h).
+#include "ops/dispatch.h"
+
+#include <atomic>
+
+namespace ffn_kernels {
+namespace ops {
+
+namespace {
+std::atomic<bool> g_python_cpu{false};
+std::atomic<bool> g_python_cuda{true};  // until the extension's CUDA kernels are known to exist
+}  // namespace
+
+bool python_route(const at::Device& device) {
+  if (device.is_cpu()) return g_python_cpu.load(std::memory_order_relaxed);
+  if (device.is_cuda()) return g_python_cuda.load(std::memory_order_relaxed);
+  return true;
+}
+
+void set_python_route(bool cpu, bool cuda) {
+  g_python_cpu.store(cpu);
+  g_python_cuda.store(cuda);
+}
+
+void check_input(const char* name, const Tensor& x, int64_t clips, at::IntArrayRef frames,
+                 at::IntArrayRef rows) {
+  TORCH_CHECK_VALUE(x.dim() == 4, name, " must be 4-D [frames, C, H, W], got shape ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble,
+                   name, " must be float16, bfloat16, float32 or float64, got ", dt);
+  // FrameLayout validates these in Python; direct callers of torch.ops.ffn_kernels get them here
+  TORCH_CHECK_VALUE(clips >= 1, "layout: clips must be >= 1, got ", clips);
+  TORCH_CHECK_VALUE(!frames.empty() && frames.size() == rows.size(), "layout: ", frames.size(),
+                    " frame counts and ", rows.size(), " rows (one row per segment, at least one)");
+  int64_t total = 0;
+  for (size_t s = 0; s < frames.size(); ++s) {
+    TORCH_CHECK_VALUE(frames[s] >= 1, "layout: every frame count must be >= 1, got ", frames);
+    TORCH_CHECK_VALUE(rows[s] >= 0, "layout: rows must be >= 0, got ", rows);
+    total += clips * frames[s];
+  }
+  TORCH_CHECK_VALUE(x.size(0) == total, name, ".shape[0] is ", x.size(0), " but the layout holds ",
+                    total, " frames (clips=", clips, " x frames=", frames, ")");
+}
+
+void check_param(const char* name, const OptTensor& p, const Tensor& x, at::IntArrayRef rows) {
+  if (!p) return;
+  TORCH_CHECK_VALUE(p->dim() == 2 && p->size(1) == x.size(1), name, " must have shape [rows, C=",
+                    x.size(1), "] (one row per branch), got ", p->sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(p->scalar_type()), name,
+                   " must be a floating-point tensor, got ", p->scalar_type());
+  TORCH_CHECK_VALUE(p->device() == x.device(), name, " is on ", p->device(), " but x is on ",
+                    x.device(), " (mixed devices)");
+  const int64_t top = *std::max_element(rows.begin(), rows.end());
+  TORCH_CHECK_VALUE(top < p->size(0), "layout rows ", rows, " index row ", top, " of ", name,
+                    ", which has only ", p->size(0), " rows");
+}
+
+void check_like(const char* name, const OptTensor& t, const Tensor& x, const char* x_name) {
+  if (!t) return;
+  TORCH_CHECK_VALUE(t->sizes() == x.sizes(), name, " has shape ", t->sizes(), " but ", x_name,
+                    " has ", x.sizes());
+  TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), name, " has dtype ", t->scalar_type(),
+                   " but ", x_name, " has ", x.scalar_type());
+  TORCH_CHECK_VALUE(t->device() == x.device(), name, " is on ", t->device(), " but ", x_name,
+                    " is on ", x.device(), " (mixed devices)");
+}
+
+void check_fold_div(int64_t fold_div) {
+  TORCH_CHECK_VALUE(fold_div >= 2, "fold_div must be an int >= 2, got ", fold_div);
+}
+
+void check_norm(const char* name, const Tensor& x, int64_t clips, at::IntArrayRef frames,
+                at::IntArrayRef rows, const Tensor& weight, const Tensor& bias,
+                const OptTensor& running_mean, const OptTensor& running_var, bool training,
+                at::ArrayRef<double> momentum, double eps) {
+  check_input(name, x, clips, frames, rows);
+  check_param("weight", weight, x, rows);
+  check_param("bias", bias, x, rows);
+  check_param("running_mean", running_mean, x, rows);
+  check_param("running_var", running_var, x, rows);
+  TORCH_CHECK_VALUE(running_mean.has_value() == running_var.has_value(),
+                    "running_mean and running_var must be given together (or both None)");
+  TORCH_CHECK_VALUE(training || running_mean.has_value(),
+                    "training=False needs running_mean and running_var");
+  TORCH_CHECK_VALUE(momentum.size() == frames.size(), "momentum has ", momentum.size(),
+                    " values but the layout has ", frames.size(), " segments");
+  TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+  if (!training) return;
+  if (running_mean) {
+    for (size_t a = 0; a < rows.size(); ++a)
+      for (size_t b = a + 1; b < rows.size(); ++b)
+        TORCH_CHECK_VALUE(rows[a] != rows[b], "layout rows ", rows,
+                          " repeat a row; in training each parameter row may appear at most once "
+                          "per call (its running statistics would be updated twice)");
+  }
+  const int64_t per_channel =
+      clips * *std::min_element(frames.begin(), frames.end()) * x.size(2) * x.size(3);
+  TORCH_CHECK_VALUE(per_channel >= 2,
+                    "training BatchNorm needs more than 1 value per channel in every segment, got ",
+                    per_channel, " (clips=", clips, ", frames=", frames, ", spatial=[", x.size(2),
+                    ", ", x.size(3), "])");
+}
+
+}  // namespace ops
+}  // namespace ffn_kernels

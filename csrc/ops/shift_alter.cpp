@@ -1,0 +1,120 @@
+// shift_alter (DESIGN.md §3): temporal shift + Weight Alteration. The public op and its backward
+// for CPU, CUDA and Meta tensors, and its autograd formula.
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "ops/dispatch.h"
+
+namespace ffn_kernels {
+namespace ops {
+namespace {
+
+using at::IntArrayRef;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using FwdSig = Tensor(const Tensor&, int64_t, IntArrayRef, IntArrayRef, const OptTensor&, int64_t);
+using BwdSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, IntArrayRef,
+                                          IntArrayRef, const OptTensor&, int64_t, bool);
+
+void check(const Tensor& x, int64_t clips, IntArrayRef frames, IntArrayRef rows,
+           const OptTensor& alter, int64_t fold_div) {
+  check_input("x", x, clips, frames, rows);
+  check_param("alter", alter, x, rows);
+  check_fold_div(fold_div);
+}
+
+Tensor forward(const Tensor& x, int64_t clips, IntArrayRef frames, IntArrayRef rows,
+               const OptTensor& alter, int64_t fold_div) {
+  check(x, clips, frames, rows, alter, fold_div);
+  static const RawOp<FwdSig> raw("shift_alter_fwd");
+  return raw(x.device()).call(like(x, format_of(x)), clips, frames, rows, param(alter, x),
+                              fold_div);
+}
+
+Tensor forward_meta(const Tensor& x, int64_t clips, IntArrayRef frames, IntArrayRef rows,
+                    const OptTensor& alter, int64_t fold_div) {
+  check(x, clips, frames, rows, alter, fold_div);
+  return at::empty_like(x, x.options(), format_of(x));
+}
+
+std::tuple<Tensor, Tensor> backward(const Tensor& dy, const Tensor& x, int64_t clips,
+                                    IntArrayRef frames, IntArrayRef rows, const OptTensor& alter,
+                                    int64_t fold_div, bool alter_grad) {
+  static const RawOp<BwdSig> raw("shift_alter_bwd");
+  const auto fmt = format_of(x);
+  return raw(x.device()).call(like(dy, fmt), like(x, fmt), clips, frames, rows, param(alter, x),
+                              fold_div, alter_grad);
+}
+
+std::tuple<Tensor, Tensor> backward_meta(const Tensor& dy, const Tensor& x, int64_t clips,
+                                         IntArrayRef frames, IntArrayRef rows,
+                                         const OptTensor& alter, int64_t fold_div,
+                                         bool alter_grad) {
+  const auto acc = x.options().dtype(acc_type(x));
+  return {at::empty_like(x, x.options(), format_of(x)),
+          alter_grad ? at::empty(alter->sizes(), acc) : at::empty({0}, acc)};
+}
+
+struct ShiftAlter : torch::autograd::Function<ShiftAlter> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, int64_t clips, IntArrayRef frames,
+                        IntArrayRef rows, const OptTensor& alter, int64_t fold_div) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("ffn_kernels::shift_alter", "")
+                               .typed<FwdSig>();
+    const bool alter_grad = alter && alter->requires_grad();
+    ctx->saved_data["clips"] = clips;
+    ctx->saved_data["frames"] = frames;
+    ctx->saved_data["rows"] = rows;
+    ctx->saved_data["fold_div"] = fold_div;
+    ctx->saved_data["alter_grad"] = alter_grad;
+    // a pure shift (or a frozen alter) needs only dy to go backward: keep x only for d alter
+    ctx->save_for_backward({alter_grad ? x : Tensor(), alter.value_or(Tensor())});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, clips, frames, rows, alter, fold_div);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("ffn_kernels::shift_alter_backward", "")
+                               .typed<BwdSig>();
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& x = saved[0];
+    const OptTensor alter = saved[1].defined() ? OptTensor(saved[1]) : std::nullopt;
+    const bool alter_grad = ctx->saved_data["alter_grad"].toBool();
+    auto [dx, dalter] = op.call(grads[0], x.defined() ? x : grads[0],
+                                ctx->saved_data["clips"].toInt(),
+                                ctx->saved_data["frames"].toIntVector(),
+                                ctx->saved_data["rows"].toIntVector(), alter,
+                                ctx->saved_data["fold_div"].toInt(), alter_grad);
+    return {dx, Tensor(), Tensor(), Tensor(), alter_grad ? grad_as(dalter, *alter) : Tensor(),
+            Tensor()};
+  }
+};
+
+Tensor forward_autograd(const Tensor& x, int64_t clips, IntArrayRef frames, IntArrayRef rows,
+                        const OptTensor& alter, int64_t fold_div) {
+  return ShiftAlter::apply(x, clips, frames, rows, alter, fold_div);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ffn_kernels, CPU, m) {
+  m.impl("shift_alter", &forward);
+  m.impl("shift_alter_backward", &backward);
+}
+
+TORCH_LIBRARY_IMPL(ffn_kernels, CUDA, m) {
+  m.impl("shift_alter", &forward);
+  m.impl("shift_alter_backward", &backward);
+}
+
+TORCH_LIBRARY_IMPL(ffn_kernels, Meta, m) {
+  m.impl("shift_alter", &forward_meta);
+  m.impl("shift_alter_backward", &backward_meta);
+}
+
+TORCH_LIBRARY_IMPL(ffn_kernels, Autograd, m) { m.impl("shift_alter", &forward_autograd); }
+
+}  // namespace ops
+}  // namespace ffn_kernels
