@@ -63,10 +63,23 @@ class FreqBatchNorm2d(nn.Module):
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
+        self._counts = None
         if self.track_running_stats:
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
+
+    def _host_counts(self) -> list[int]:
+        """A host copy of ``num_batches_tracked`` for ``momentum=None``: read from the device once
+        (after construction, a reset or a state_dict load), then counted alongside it, so training
+        steps never wait on the device."""
+        if self._counts is None:
+            self._counts = self.num_batches_tracked.tolist()
+        return self._counts
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._counts = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
@@ -86,10 +99,14 @@ class FreqBatchNorm2d(nn.Module):
         use_batch_stats = self.training or not self.track_running_stats
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
-            rows = list(layout.rows)
-            self.num_batches_tracked[rows] += 1
-            if self.momentum is None:  # cumulative moving average per branch
-                momentum = [1.0 / float(n) for n in self.num_batches_tracked[rows].tolist()]
+            if self.momentum is None:  # cumulative moving average per branch, counted on the host
+                counts = self._host_counts()
+                for r in layout.rows:
+                    counts[r] += 1
+                momentum = [1.0 / counts[r] for r in layout.rows]
+            # one view per row: indexing with the list would copy it to the device every call
+            for r in layout.rows:
+                self.num_batches_tracked[r].add_(1)
         weight, bias = self.weight, self.bias
         if not self.affine:
             shape = (self.num_branches, self.num_features)

@@ -277,6 +277,49 @@ def test_module_running_stats_follow_batchnorm2d(backend, momentum):
     assert fbn.running_mean.abs().sum() == 0 and fbn.num_batches_tracked.sum() == 0
 
 
+def test_module_cumulative_momentum_resumes_from_a_loaded_counter(backend):
+    layout = FrameLayout(clips=2, frames=(2, 3), rows=(0, 1))
+    fbn = FreqBatchNorm2d(4, num_branches=2, momentum=None)
+    fbn(make_input(layout, 4), layout)  # the host counter now holds 1 per row
+    bn = nn.BatchNorm2d(4, momentum=None)
+    state = dict(fbn.state_dict(), num_batches_tracked=torch.tensor([7, 7]))
+    fbn.load_state_dict(state)
+    bn.load_state_dict(dict(running_mean=state["running_mean"][0], running_var=state["running_var"][0],
+                            weight=state["weight"][0], bias=state["bias"][0],
+                            num_batches_tracked=torch.tensor(7)))
+    x = make_input(layout, 4, seed=3)
+    fbn(x, layout), bn(layout.split(x)[0])
+    torch.testing.assert_close(fbn.running_mean[0], bn.running_mean)
+    assert fbn.num_batches_tracked.tolist() == [8, 8]
+
+
+def test_module_training_step_reads_nothing_back_and_copies_nothing_to_the_device(monkeypatch):
+    """A training step must not wait on the device: no ``.tolist()``/``.item()``, and no index
+    tensor built from a host list (an index op), once the module is warm."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    layout = FrameLayout(clips=2, frames=(2, 3), rows=(1, 0))
+    fbn = FreqBatchNorm2d(4, num_branches=2, momentum=None)
+    x = make_input(layout, 4)
+    fbn(x, layout)
+    reads = []
+    for name in ("tolist", "item"):
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _n=name: reads.append(_n))
+    with Record() as record:
+        fbn(x, layout)
+    assert reads == []
+    assert not [op for op in record.ops if "index" in op or "local_scalar" in op], record.ops
+
+
 def test_module_state_dict_and_eval_does_not_touch_stats(backend):
     fbn = FreqBatchNorm2d(4, num_branches=3).eval()
     assert set(fbn.state_dict()) == {"weight", "bias", "running_mean", "running_var",
