@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ops", action="store_true", help="run the op-level section")
     p.add_argument("--model", action="store_true", help="run the model-level section")
     p.add_argument("--traffic", action="store_true", help="run the memory-traffic section")
+    p.add_argument("--overhead", action="store_true",
+                   help="run the per-call overhead section (tiny shape, 1 thread)")
     p.add_argument("--clips", type=int, default=None, help="clips per branch (default 2; 1 with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (median)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
@@ -50,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "ResNet-50 compile alone takes minutes)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     args = p.parse_args(argv)
-    if not (args.ops or args.model or args.traffic):
-        args.ops = args.model = args.traffic = True
+    if not (args.ops or args.model or args.traffic or args.overhead):
+        args.ops = args.model = args.traffic = args.overhead = True
     if args.compile_model is None:
         args.compile_model = args.device.startswith("cuda")
     args.clips = args.clips or (1 if args.quick else 2)
@@ -130,6 +132,9 @@ def main(argv=None) -> None:
         "channels_last": args.channels_last, "clips": args.clips, "repeats": args.repeats,
     })
     report.print_header()
+    if args.overhead:
+        from overhead_section import overhead_section
+        overhead_section(args, report)
     if args.ops:
         op_section(args, report)
     if args.traffic:
