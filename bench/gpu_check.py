@@ -169,7 +169,7 @@ def plan(ctx: Context) -> list[Step]:
              sanitize + ["--tool", "memcheck"] + child + ["ops"], 300, "checks", env=sanitize_env,
              judge=last_line_judge),
         Step("racecheck", "compute-sanitizer racecheck: every op fwd+bwd, NCHW and channels_last",
-             sanitize + ["--tool", "racecheck", "--racecheck-report", "all"] + child + ["ops"], 300,
+             sanitize + ["--tool", "racecheck"] + child + ["ops"], 300,
              "checks", env=sanitize_env, judge=last_line_judge),
         Step("sync_debug", "FFNResNet training step under set_sync_debug_mode('error'), cuda",
              child + ["sync-step", "--backend", "cuda"], 180, "checks", env=threads_env(2),
@@ -650,6 +650,14 @@ def child_graph_step(backend: str, device: str = "cuda", **model_kw) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu-check"),
@@ -661,7 +669,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", default="", help="comma-separated step names to leave out")
     p.add_argument("--arch", default="", help="CUDA architecture to build for, e.g. 9.0 "
                    "(default: torch.cuda.get_device_capability())")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="build jobs (default: all cores)")
+    p.add_argument("--jobs", type=int, default=cores(), help="build jobs (default: all cores)")
     p.add_argument("--serial", action="store_true", help="run the checks one at a time")
     p.add_argument("--bench-compile-model", action="store_true",
                    help="also time torch.compile of the model in the benchmark (slow to compile)")
