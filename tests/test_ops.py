@@ -406,3 +406,33 @@ def test_cpu_ops_run_the_compiled_kernels():
     names = _ran_kernels(step)
     for raw in ffn_kernels.backend.RAW_OPS:
         assert f"ffn_kernels_C::{raw}" in names, f"{raw} did not run through the C++ kernels"
+
+
+# --------------------------------------------------------------------------------------------
+# What autograd supports: first-order reverse mode only, and never a silent zero beyond it
+# --------------------------------------------------------------------------------------------
+
+
+def _first_order_cases():
+    layout = FrameLayout(clips=2, frames=(2, 3), rows=(0, 1))
+    p = {k: v.double().requires_grad_(k in ("weight", "bias", "alter")) for k, v in make_params(2, 8).items()}
+    x = make_input(layout, 8, dtype=torch.float64).requires_grad_()
+    return {
+        "shift_alter": lambda: ops.shift_alter(x, layout, p["alter"]),
+        "freq_batch_norm": lambda: ops.freq_batch_norm(x, layout, p["weight"], p["bias"],
+                                                       activation="relu"),
+        "bn_add_relu_shift_alter": lambda: ops.bn_add_relu_shift_alter(
+            x, x, layout, p["weight"], p["bias"], alter_next=p["alter"])[1],
+    }, x
+
+
+@pytest.mark.parametrize("op", ["shift_alter", "freq_batch_norm", "bn_add_relu_shift_alter"])
+def test_double_backward_and_forward_mode_raise_naming_the_op(backend, op):
+    cases, x = _first_order_cases()
+    y = cases[op]()
+    with pytest.raises(RuntimeError, match=f"ffn_kernels::{op} is differentiable once"):
+        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(cases[op]().pow(2).sum(), x)  # first order still works
+    assert g.abs().sum() > 0
+    with pytest.raises(RuntimeError):
+        torch.func.jvp(lambda t: cases[op]() * t, (x.detach(),), (torch.ones_like(x),))

@@ -90,6 +90,13 @@ BwdOutputs backward_meta(const Tensor& dout, const Tensor& dnext, const Tensor& 
           alter_next ? at::empty(alter_next->sizes(), acc) : at::empty({0}, acc)};
 }
 
+const c10::TypedOperatorHandle<BwdSig>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ffn_kernels::bn_add_relu_shift_alter_backward", "")
+                             .typed<BwdSig>();
+  return op;
+}
+
 struct BnAddReluShiftAlter : torch::autograd::Function<BnAddReluShiftAlter> {
   static variable_list forward(AutogradContext* ctx, const Tensor& z, const Tensor& identity,
                                int64_t clips, IntArrayRef frames, IntArrayRef rows,
@@ -119,10 +126,6 @@ struct BnAddReluShiftAlter : torch::autograd::Function<BnAddReluShiftAlter> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("ffn_kernels::bn_add_relu_shift_alter_backward", "")
-            .typed<BwdSig>();
     const auto saved = ctx->get_saved_variables();
     const Tensor &z = saved[0], &out = saved[1], &weight = saved[2];
     const OptTensor alter_next = saved[5].defined() ? OptTensor(saved[5]) : std::nullopt;
@@ -130,7 +133,7 @@ struct BnAddReluShiftAlter : torch::autograd::Function<BnAddReluShiftAlter> {
     const Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(z);
     const Tensor dnext = grads[1].defined() ? grads[1] : at::zeros_like(z);
     auto [dz, didentity, dw, db, dalter] =
-        op.call(dout, dnext, z, out, ctx->saved_data["clips"].toInt(),
+        backward_op().call(dout, dnext, z, out, ctx->saved_data["clips"].toInt(),
                 ctx->saved_data["frames"].toIntVector(), ctx->saved_data["rows"].toIntVector(),
                 weight, saved[3], saved[4], ctx->saved_data["training"].toBool(), alter_next,
                 ctx->saved_data["fold_div"].toInt());
@@ -141,6 +144,18 @@ struct BnAddReluShiftAlter : torch::autograd::Function<BnAddReluShiftAlter> {
             Tensor(), Tensor(),  alter_next ? grad_as(dalter, *alter_next) : Tensor(), Tensor()};
   }
 };
+
+BwdOutputs backward_autograd(const Tensor& dout, const Tensor& dnext, const Tensor& z,
+                             const Tensor& out, int64_t clips, IntArrayRef frames,
+                             IntArrayRef rows, const Tensor& weight, const Tensor& mean,
+                             const Tensor& invstd, bool training, const OptTensor& alter_next,
+                             int64_t fold_div) {
+  refuse_double_backward("bn_add_relu_shift_alter",
+                         {dout, dnext, z, out, weight, alter_next.value_or(Tensor())});
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return backward_op().call(dout, dnext, z, out, clips, frames, rows, weight, mean, invstd,
+                            training, alter_next, fold_div);
+}
 
 Outputs forward_autograd(const Tensor& z, const Tensor& identity, int64_t clips,
                          IntArrayRef frames, IntArrayRef rows, const Tensor& weight,
@@ -173,6 +188,7 @@ TORCH_LIBRARY_IMPL(ffn_kernels, Meta, m) {
 
 TORCH_LIBRARY_IMPL(ffn_kernels, Autograd, m) {
   m.impl("bn_add_relu_shift_alter", &forward_autograd);
+  m.impl("bn_add_relu_shift_alter_backward", &backward_autograd);
 }
 
 }  // namespace ops

@@ -1,6 +1,8 @@
 // Route table and argument checks of the public ops (see dispatch.h).
 #include "ops/dispatch.h"
 
+#include <ATen/core/grad_mode.h>
+
 #include <atomic>
 
 namespace ffn_kernels {
@@ -20,6 +22,14 @@ bool python_route(const at::Device& device) {
 void set_python_route(bool cpu, bool cuda) {
   g_python_cpu.store(cpu);
   g_python_cuda.store(cuda);
+}
+
+void refuse_double_backward(const char* op, at::ArrayRef<Tensor> inputs) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const Tensor& t : inputs)
+    TORCH_CHECK(!(t.defined() && t.requires_grad()), "ffn_kernels::", op,
+                " is differentiable once: its backward has no derivative (double backward, "
+                "create_graph=True through it, and forward-mode AD are not supported)");
 }
 
 void check_input(const char* name, const Tensor& x, int64_t clips, at::IntArrayRef frames,

@@ -77,6 +77,10 @@ inline Tensor grad_as(const Tensor& g, const Tensor& p) {
   return g.scalar_type() == p.scalar_type() ? g : g.to(p.scalar_type());
 }
 
+// The backward ops are not differentiable: a graph through them (create_graph=True, double
+// backward) must fail, not give silent zeros.
+void refuse_double_backward(const char* op, at::ArrayRef<Tensor> inputs);
+
 // ---- argument checks (ValueError / TypeError naming the argument) ----------------------------
 
 // The packed layout (clips, frames, rows) and the activation `name` that it must describe.

@@ -80,6 +80,13 @@ BwdOutputs backward_meta(const Tensor& dy, const Tensor& x, const Tensor& y, int
           has_residual ? at::empty_like(x, x.options(), fmt) : at::empty({0}, x.options())};
 }
 
+const c10::TypedOperatorHandle<BwdSig>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ffn_kernels::freq_batch_norm_backward", "")
+                             .typed<BwdSig>();
+  return op;
+}
+
 struct FreqBatchNorm : torch::autograd::Function<FreqBatchNorm> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, int64_t clips,
                                IntArrayRef frames, IntArrayRef rows, const Tensor& weight,
@@ -111,15 +118,12 @@ struct FreqBatchNorm : torch::autograd::Function<FreqBatchNorm> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("ffn_kernels::freq_batch_norm_backward", "")
-                               .typed<BwdSig>();
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &y = saved[1], &weight = saved[2];
     const bool has_residual = ctx->saved_data["has_residual"].toBool();
     const Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(x);
     auto [dx, dw, db, dres] =
-        op.call(dy, x, y.defined() ? y : x, ctx->saved_data["clips"].toInt(),
+        backward_op().call(dy, x, y.defined() ? y : x, ctx->saved_data["clips"].toInt(),
                 ctx->saved_data["frames"].toIntVector(), ctx->saved_data["rows"].toIntVector(),
                 weight, saved[3], saved[4], ctx->saved_data["training"].toBool(),
                 ctx->saved_data["relu"].toBool(), has_residual);
@@ -130,6 +134,16 @@ struct FreqBatchNorm : torch::autograd::Function<FreqBatchNorm> {
             has_residual ? dres : Tensor()};
   }
 };
+
+BwdOutputs backward_autograd(const Tensor& dy, const Tensor& x, const Tensor& y, int64_t clips,
+                             IntArrayRef frames, IntArrayRef rows, const Tensor& weight,
+                             const Tensor& mean, const Tensor& invstd, bool training, bool relu,
+                             bool has_residual) {
+  refuse_double_backward("freq_batch_norm", {dy, x, y, weight});
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return backward_op().call(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu,
+                            has_residual);
+}
 
 Outputs forward_autograd(const Tensor& x, int64_t clips, IntArrayRef frames, IntArrayRef rows,
                          const Tensor& weight, const Tensor& bias, const OptTensor& running_mean,
@@ -158,7 +172,10 @@ TORCH_LIBRARY_IMPL(ffn_kernels, Meta, m) {
   m.impl("freq_batch_norm_backward", &backward_meta);
 }
 
-TORCH_LIBRARY_IMPL(ffn_kernels, Autograd, m) { m.impl("freq_batch_norm", &forward_autograd); }
+TORCH_LIBRARY_IMPL(ffn_kernels, Autograd, m) {
+  m.impl("freq_batch_norm", &forward_autograd);
+  m.impl("freq_batch_norm_backward", &backward_autograd);
+}
 
 }  // namespace ops
 }  // namespace ffn_kernels

@@ -56,6 +56,13 @@ std::tuple<Tensor, Tensor> backward_meta(const Tensor& dy, const Tensor& x, int6
           alter_grad ? at::empty(alter->sizes(), acc) : at::empty({0}, acc)};
 }
 
+const c10::TypedOperatorHandle<BwdSig>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("ffn_kernels::shift_alter_backward", "")
+                             .typed<BwdSig>();
+  return op;
+}
+
 struct ShiftAlter : torch::autograd::Function<ShiftAlter> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, int64_t clips, IntArrayRef frames,
                         IntArrayRef rows, const OptTensor& alter, int64_t fold_div) {
@@ -75,14 +82,11 @@ struct ShiftAlter : torch::autograd::Function<ShiftAlter> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("ffn_kernels::shift_alter_backward", "")
-                               .typed<BwdSig>();
     const auto saved = ctx->get_saved_variables();
     const Tensor& x = saved[0];
     const OptTensor alter = saved[1].defined() ? OptTensor(saved[1]) : std::nullopt;
     const bool alter_grad = ctx->saved_data["alter_grad"].toBool();
-    auto [dx, dalter] = op.call(grads[0], x.defined() ? x : grads[0],
+    auto [dx, dalter] = backward_op().call(grads[0], x.defined() ? x : grads[0],
                                 ctx->saved_data["clips"].toInt(),
                                 ctx->saved_data["frames"].toIntVector(),
                                 ctx->saved_data["rows"].toIntVector(), alter,
@@ -91,6 +95,15 @@ struct ShiftAlter : torch::autograd::Function<ShiftAlter> {
             Tensor()};
   }
 };
+
+std::tuple<Tensor, Tensor> backward_autograd(const Tensor& dy, const Tensor& x, int64_t clips,
+                                             IntArrayRef frames, IntArrayRef rows,
+                                             const OptTensor& alter, int64_t fold_div,
+                                             bool alter_grad) {
+  refuse_double_backward("shift_alter", {dy, x, alter.value_or(Tensor())});
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return backward_op().call(dy, x, clips, frames, rows, alter, fold_div, alter_grad);
+}
 
 Tensor forward_autograd(const Tensor& x, int64_t clips, IntArrayRef frames, IntArrayRef rows,
                         const OptTensor& alter, int64_t fold_div) {
@@ -114,7 +127,10 @@ TORCH_LIBRARY_IMPL(ffn_kernels, Meta, m) {
   m.impl("shift_alter_backward", &backward_meta);
 }
 
-TORCH_LIBRARY_IMPL(ffn_kernels, Autograd, m) { m.impl("shift_alter", &forward_autograd); }
+TORCH_LIBRARY_IMPL(ffn_kernels, Autograd, m) {
+  m.impl("shift_alter", &forward_autograd);
+  m.impl("shift_alter_backward", &backward_autograd);
+}
 
 }  // namespace ops
 }  // namespace ffn_kernels
