@@ -161,6 +161,9 @@ def main(argv=None):
     parser.add_argument("--max-regs", type=int, default=128)
     parser.add_argument("--quick", action="store_true",
                         help="float32 only, first and last stage (a smoke run)")
+    parser.add_argument("--shape", action="append", help="only these stages, e.g. 2048/7")
+    parser.add_argument("--dtype", action="append", choices=["float16", "float32"])
+    parser.add_argument("--format", action="append", choices=["nchw", "cl"])
     args = parser.parse_args(argv)
     if not os.path.exists(CUOBJDUMP):
         sys.exit(f"cuobjdump not found at {CUOBJDUMP} (it ships with the Triton wheel)")
@@ -170,14 +173,19 @@ def main(argv=None):
     from ffn_kernels.triton import api
 
     shapes = SHAPES[::len(SHAPES) - 1] if args.quick else SHAPES
+    if args.shape:
+        shapes = [s for s in shapes if f"{s[0]}/{s[1]}" in args.shape]
     dtypes = [torch.float32] if args.quick else [torch.float16, torch.float32]
+    if args.dtype:
+        dtypes = [getattr(torch, d) for d in args.dtype]
+    formats = [f == "cl" for f in (args.format or ["nchw", "cl"])]
     t0 = time.perf_counter()
     rows = {}  # (kernel, shape, dtype, format) -> set of kernel ids
     labels = []
     with Recorder() as rec:
         for C, hw in shapes:
             for dtype in dtypes:
-                for cl in (False, True):
+                for cl in formats:
                     label = (f"{C}/{hw}x{hw}", str(dtype).removeprefix("torch."),
                              "cl" if cl else "nchw")
                     labels.append(label)

@@ -17,6 +17,7 @@ from . import kernels as K
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 2048  # elements per [BLOCK_C, BLOCK_P] tile
 _CHUNK = 1 << 15  # elements a program covers (frames per chunk follow from it)
+_MAXNREG = 128  # registers per thread at most (the sm_90 CI gate)
 _MOMENTA = 8  # segment momenta per statistics-combine launch (scalar kernel arguments)
 
 
@@ -37,12 +38,25 @@ def _meta(clips: int, frames: tuple, rows: tuple, chunk_frames: int, device: tor
     return torch.tensor(table, dtype=torch.int32, device=device), len(seg)
 
 
+def _pow2_divisor(n: int, cap: int = 16) -> int:
+    """The largest power of two <= ``cap`` dividing ``n`` (``cap`` for 0)."""
+    return cap if n == 0 else min(cap, n & -n)
+
+
+def _launch(tile: int) -> dict:
+    """Warps for a tile (about 8 elements per thread at most) and the register cap: ptxas's own
+    choice for 256-thread blocks (64) spills in the largest backward variants, 128 does not and
+    still fits two such blocks per SM (``.ci/triton_sm90.py`` checks every variant at sm_90)."""
+    return dict(num_warps=max(2, min(8, tile // 256)), maxnreg=_MAXNREG)
+
+
 class _Plan:
     """Launch configuration of one call: block sizes from ``C`` and ``H*W`` (the tile grows
     along the contiguous axis: pixels for NCHW, channels for channels_last), frames per
-    chunk, and the metadata table."""
+    chunk, the metadata table, and for the ops that shift (``fold_div`` given) channel blocks
+    that respect the fold boundaries (see :mod:`.kernels`)."""
 
-    def __init__(self, x: torch.Tensor, clips: int, frames, rows):
+    def __init__(self, x: torch.Tensor, clips: int, frames, rows, fold_div=None):
         if x.dtype not in _DTYPES:
             raise TypeError(
                 f"ffn_kernels.triton: x has dtype {x.dtype}; the Triton kernels take float32, "
@@ -53,21 +67,33 @@ class _Plan:
             raise ValueError("ffn_kernels.triton: x must be NCHW contiguous or channels_last")
         _, C, H, W = x.shape
         hw = H * W
+        if C * hw >= 2**31:
+            raise ValueError("ffn_kernels.triton: a frame (C*H*W) must have fewer than 2**31 "
+                             "elements (int32 offsets inside a frame)")
         if self.cl:
             bc = min(triton.next_power_of_2(C), 128)
-            bp = min(triton.next_power_of_2(hw), max(1, _TILE // bc))
         else:
             bp = min(triton.next_power_of_2(hw), 1024)
             bc = min(triton.next_power_of_2(C), max(1, _TILE // bp))
+        regions = fold_div is not None
+        fold = C // fold_div if regions else 0
+        if regions and fold > 0:  # blocks no wider than a fold (at least 8 channels)
+            bc = min(bc, max(8, triton.next_power_of_2(fold)))
+        if self.cl:
+            bp = min(triton.next_power_of_2(hw), max(1, _TILE // bc))
+        nb0 = max(1, triton.cdiv(fold, bc))
+        nblocks = 2 * nb0 + triton.cdiv(C - min(C, 2 * fold), bc) if regions else triton.cdiv(C, bc)
+        align = min(bc, _pow2_divisor(C), _pow2_divisor(fold))
         chunk_frames = max(1, _CHUNK // (bc * hw))
         self.meta, self.nch = _meta(int(clips), tuple(frames), tuple(rows), chunk_frames, x.device)
         self.C, self.S = C, len(frames)
         self.fmt = torch.channels_last if self.cl else torch.contiguous_format
-        self.grid = (self.nch, triton.cdiv(C, bc))
+        self.grid = (self.nch, nblocks)
         self.combine_block = min(triton.next_power_of_2(C), 256)
         self.combine_grid = (triton.cdiv(C, self.combine_block),)
-        self.kw = dict(CL=self.cl, BLOCK_C=bc, BLOCK_P=bp, num_warps=4 if bc * bp >= 1024 else 2)
-        self.args = (self.meta, self.nch, self.S, C, hw)
+        self.kw = dict(REGIONS=regions, ALIGN=align, HW_ALIGN=_pow2_divisor(hw), CL=self.cl,
+                       BLOCK_C=bc, BLOCK_P=bp, **_launch(bc * bp))
+        self.args = (self.meta, self.nch, self.S, C, hw, fold, nb0)
 
     def like(self, t):
         """``t`` in this call's memory format (a no-op for inputs that already are)."""
@@ -102,7 +128,7 @@ def _stats(plan, x, running_mean, running_var, training, momentum, eps):
 
 
 def _forward(plan, x, *, res=None, y=None, nxt=None, mean=None, invstd=None, weight=None,
-             bias=None, alter=None, fold_div=1, relu=False):
+             bias=None, alter=None, relu=False):
     """One elementwise pass: ``y = act(BN(x) + res)`` (BN when ``mean`` is given) and/or
     ``nxt = shift_alter(act(...))``."""
     norm, shift = mean is not None, nxt is not None
@@ -113,15 +139,13 @@ def _forward(plan, x, *, res=None, y=None, nxt=None, mean=None, invstd=None, wei
     K._fwd_kernel[plan.grid](
         x, pick(plan.like(res)), pick(y), pick(nxt), pick(mean),
         pick(invstd), pick(weight), pick(bias), pick(alter), *plan.args,
-        plan.C // fold_div if shift else 0,
         NORM=norm, HAS_RES=res is not None, RELU=relu, STORE_Y=y is not None, SHIFT=shift,
         HAS_ALTER=shift and alter is not None, **plan.kw,
     )
 
 
 def _backward(plan, dx, param_grads, *, dy=None, dnext=None, x=None, y=None, dres=None,
-              weight=None, mean=None, invstd=None, training=False, relu=False, alter=None,
-              fold_div=1):
+              weight=None, mean=None, invstd=None, training=False, relu=False, alter=None):
     """Fill ``dx``, ``dres`` and ``param_grads`` (float32 ``[P, C]`` zeros: dweight and dbias
     when BN (``mean`` given), then dalter). Training BN needs the segment sums before ``dx``,
     so it reduces in one pass and stores in a second; otherwise one pass does both."""
@@ -134,8 +158,7 @@ def _backward(plan, dx, param_grads, *, dy=None, dnext=None, x=None, y=None, dre
 
     tensors = (pick(plan.like(dy)), pick(plan.like(dnext)), pick(x), pick(plan.like(y)), dx,
                pick(dres))
-    params = (pick(mean), pick(invstd), pick(weight), pick(alter), *plan.args,
-              plan.C // fold_div if dnext is not None else 0)
+    params = (pick(mean), pick(invstd), pick(weight), pick(alter), *plan.args)
     flags = dict(
         HAS_DY=dy is not None, SHIFT=dnext is not None, HAS_ALTER=alter is not None,
         ALTER_GRAD=alter_grad, RELU=relu, NORM=norm, TRAINING=training, HAS_RES=dres is not None,
@@ -185,19 +208,18 @@ def _on_device(fn):
 
 @_on_device
 def shift_alter_fwd(x, clips, frames, rows, alter, fold_div):
-    plan = _Plan(x, clips, frames, rows)
+    plan = _Plan(x, clips, frames, rows, fold_div)
     y = torch.empty_like(x)
-    _forward(plan, x, nxt=y, alter=alter, fold_div=fold_div)
+    _forward(plan, x, nxt=y, alter=alter)
     return y
 
 
 @_on_device
 def shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad):
-    plan = _Plan(x, clips, frames, rows)
+    plan = _Plan(x, clips, frames, rows, fold_div)
     dx = torch.empty_like(x)
     grads = [_zeros(alter)] if alter_grad else []
-    _backward(plan, dx, grads, dnext=dy, y=x if alter_grad else None, alter=alter,
-              fold_div=fold_div)
+    _backward(plan, dx, grads, dnext=dy, y=x if alter_grad else None, alter=alter)
     return dx, grads[0] if alter_grad else x.new_empty(0)
 
 
@@ -227,23 +249,22 @@ def bn_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu, 
 @_on_device
 def bnrs_fwd(z, identity, clips, frames, rows, weight, bias, running_mean, running_var, training,
              momentum, eps, alter_next, fold_div):
-    plan = _Plan(z, clips, frames, rows)
+    plan = _Plan(z, clips, frames, rows, fold_div)
     mean, invstd, new_rm, new_rv = _stats(plan, z, running_mean, running_var, training, momentum,
                                           eps)
     out, next_in = torch.empty_like(z), torch.empty_like(z)
     _forward(plan, z, res=identity, y=out, nxt=next_in, mean=mean, invstd=invstd, weight=weight,
-             bias=bias, alter=alter_next, fold_div=fold_div, relu=True)
+             bias=bias, alter=alter_next, relu=True)
     return out, next_in, mean, invstd, new_rm, new_rv
 
 
 @_on_device
 def bnrs_bwd(dout, dnext, z, out, clips, frames, rows, weight, mean, invstd, training, alter_next,
              fold_div):
-    plan = _Plan(z, clips, frames, rows)
+    plan = _Plan(z, clips, frames, rows, fold_div)
     dz, didentity = torch.empty_like(z), torch.empty_like(z)
     grads = [_zeros(weight), _zeros(weight)] + ([] if alter_next is None else [_zeros(alter_next)])
     _backward(plan, dz, grads, dy=dout, dnext=dnext, x=z, y=out, dres=didentity, weight=weight,
-              mean=mean, invstd=invstd, training=training, relu=True, alter=alter_next,
-              fold_div=fold_div)
+              mean=mean, invstd=invstd, training=training, relu=True, alter=alter_next)
     dalter = out.new_empty(0) if alter_next is None else grads[2]
     return dz, didentity, grads[0], grads[1], dalter

@@ -10,6 +10,14 @@ parameter row and clip length from a few scalar loads of the int32 ``meta`` tabl
 A program walks its frames and, per frame, tiles of ``[BLOCK_C, BLOCK_P]`` (channels x pixels).
 Element ``(f, c, p)`` lives at ``f*C*HW + c*HW + p`` (NCHW) or ``f*C*HW + p*C + c`` (channels_last);
 ``CL`` is a constexpr so the compiler sees which tile axis is contiguous and vectorises along it.
+The frame offset ``f*C*HW`` is a scalar int64, offsets inside a frame are int32 (fewer registers
+per element). ``ALIGN`` / ``HW_ALIGN`` (powers of two dividing the channel-block bounds and
+``H*W``) let the compiler vectorise loads and stores where the shapes allow.
+
+When a pass shifts (TSM), channel blocks respect the fold boundaries (``REGIONS``): the blocks
+of ``[0, fold)``, ``[fold, 2*fold)`` and ``[2*fold, C)`` are numbered in turn (``nb0`` blocks in
+each of the first two), so a program's shift direction, target frame and in-clip test are
+scalars and its shifted loads/stores stay contiguous.
 
 Reductions never use atomics: each program writes per-(chunk, channel) partials, and a combine
 kernel folds a segment's chunks in chunk order (deterministic), one program per channel block
@@ -21,18 +29,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _shift_target(t, T, c, fold):
-    """Per channel, the frame offset from frame ``t`` (of ``T``) to the frame whose TSM shift
-    reads frame ``t``, and whether that frame is inside the clip. The forward shift makes frame
-    ``u`` of channels ``[0, fold)`` read ``u+1`` and of ``[fold, 2*fold)`` read ``u-1``, so the
-    target is ``t-1`` resp. ``t+1``; this is also the source of the reverse (adjoint) shift.
-    Out-of-clip offsets wrap around the clip, which makes the map a permutation: scattering
-    ``where(valid, v, 0)`` with it writes every element exactly once, zeros included."""
-    step = tl.where(c < fold, -1, tl.where(c < 2 * fold, 1, 0))
+def _shift_target(t, T, step):
+    """The frame offset from frame ``t`` (of ``T``) to the frame whose TSM shift reads frame
+    ``t``, and whether that frame is inside the clip, for a channel block whose region shifts by
+    ``step``. The forward shift makes frame ``u`` of channels ``[0, fold)`` read ``u+1`` and of
+    ``[fold, 2*fold)`` read ``u-1``, so the target is ``t-1`` (``step = -1``) resp. ``t+1``
+    (``step = 1``); this is also the source of the reverse (adjoint) shift. Out-of-clip offsets
+    wrap around the clip, which makes the map a permutation: scattering ``where(valid, v, 0)``
+    with it writes every element exactly once, zeros included."""
     dst = t + step
     valid = (dst >= 0) & (dst < T)
-    off = tl.where(dst < 0, step + T, tl.where(dst >= T, step - T, step))
-    return off.to(tl.int64), valid
+    off = step + T * ((dst < 0).to(tl.int32) - (dst >= T).to(tl.int32))  # no select chain
+    return off, valid
 
 
 @triton.jit
@@ -57,20 +65,35 @@ def _chunk(meta, NCH, S):
 
 
 @triton.jit
-def _channels(C, BLOCK_C: tl.constexpr):
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return c, c < C
+def _channels(C, fold, nb0, REGIONS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's channels, their mask and (``REGIONS``) the shift step of their region."""
+    j = tl.program_id(1)
+    if REGIONS:
+        # region r in 0..2 by arithmetic, not selects (LLVM turns select chains on r into a
+        # lookup table, which ptxas places on the stack)
+        r = tl.minimum(j // nb0, 2)
+        lo = tl.minimum(r * fold, C)
+        hi = tl.minimum(lo + fold + (r >> 1) * C, C)
+        c0 = lo + (j - r * nb0) * BLOCK_C
+        step = 2 * r - 1 - 3 * (r >> 1)  # -1, 1, 0
+    else:
+        c0 = j * BLOCK_C
+        hi = C
+        step = 0
+    c0 = tl.multiple_of(c0, ALIGN)
+    hi = tl.multiple_of(hi, ALIGN)
+    c = c0 + tl.arange(0, BLOCK_C)
+    return c, c < hi, step
 
 
 @triton.jit
-def _tile(f, p0, c, cmask, C, HW, CL: tl.constexpr, BLOCK_P: tl.constexpr):
-    """int64 element offsets and mask of the ``[BLOCK_C, BLOCK_P]`` tile at frame ``f``."""
+def _tile(p0, c, cmask, C, HW, CL: tl.constexpr, BLOCK_P: tl.constexpr):
+    """int32 offsets inside a frame and mask of the ``[BLOCK_C, BLOCK_P]`` tile at pixel ``p0``."""
     p = p0 + tl.arange(0, BLOCK_P)
-    base = f.to(tl.int64) * C * HW
     if CL:
-        idx = base + p[None, :] * C + c[:, None]
+        idx = p[None, :] * C + c[:, None]
     else:
-        idx = base + c[:, None] * HW + p[None, :]
+        idx = c[:, None] * HW + p[None, :]
     return idx, cmask[:, None] & (p < HW)[None, :]
 
 
@@ -84,19 +107,22 @@ def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, part_ptr, meta, NCH, S, C, HW,
+def _stats_kernel(x_ptr, part_ptr, meta, NCH, S, C, HW, fold, nb0,
+                  REGIONS: tl.constexpr, ALIGN: tl.constexpr, HW_ALIGN: tl.constexpr,
                   CL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Per-lane Welford over the chunk, merged across lanes; writes ``part[3, NCH, C]`` =
     (mean, M2, count) of this chunk's frames x pixels for each channel."""
+    HW = tl.multiple_of(HW, HW_ALIGN)
     k, seg, f0, nf = _chunk(meta, NCH, S)
-    c, cmask = _channels(C, BLOCK_C)
+    c, cmask, step = _channels(C, fold, nb0, REGIONS, ALIGN, BLOCK_C)
     mean = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     m2 = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     cnt = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     for i in range(nf):
+        xf = x_ptr + (f0 + i).to(tl.int64) * C * HW
         for p0 in range(0, HW, BLOCK_P):
-            idx, m = _tile(f0 + i, p0, c, cmask, C, HW, CL, BLOCK_P)
-            v = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
+            idx, m = _tile(p0, c, cmask, C, HW, CL, BLOCK_P)
+            v = tl.load(xf + idx, mask=m, other=0.0).to(tl.float32)
             cnt += m.to(tl.float32)
             delta = v - mean
             mean += tl.where(m, delta / tl.maximum(cnt, 1.0), 0.0)
@@ -153,16 +179,18 @@ def _stats_combine_kernel(part_ptr, mean_ptr, invstd_ptr, rm_ptr, rv_ptr, meta, 
 
 @triton.jit
 def _fwd_kernel(x_ptr, res_ptr, y_ptr, nxt_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, alter_ptr,
-                meta, NCH, S, C, HW, fold,
+                meta, NCH, S, C, HW, fold, nb0,
                 NORM: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
                 STORE_Y: tl.constexpr, SHIFT: tl.constexpr, HAS_ALTER: tl.constexpr,
+                REGIONS: tl.constexpr, ALIGN: tl.constexpr, HW_ALIGN: tl.constexpr,
                 CL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """``v = act(BN(x) + res)`` (each part optional), stored to ``y``, and/or
     ``shift_alter(v)`` scattered to ``nxt``: each frame sends its values to the frame that reads
     them, so ``x``/``res`` are read once and the shifted output needs no second pass."""
+    HW = tl.multiple_of(HW, HW_ALIGN)
     k, seg, f0, nf = _chunk(meta, NCH, S)
     start, stop, T, row = _segment(meta, NCH, S, seg)
-    c, cmask = _channels(C, BLOCK_C)
+    c, cmask, step = _channels(C, fold, nb0, REGIONS, ALIGN, BLOCK_C)
     prow = row * C + c
     if NORM:
         scale = tl.load(w_ptr + prow, mask=cmask, other=0.0) * tl.load(
@@ -173,36 +201,38 @@ def _fwd_kernel(x_ptr, res_ptr, y_ptr, nxt_ptr, mean_ptr, invstd_ptr, w_ptr, b_p
         a1 = 1.0 + tl.load(alter_ptr + prow, mask=cmask, other=0.0)
     for i in range(nf):
         f = f0 + i
+        fb = f.to(tl.int64) * C * HW
         if SHIFT:
-            off, valid = _shift_target((f - start) % T, T, c, fold)
-            dst = off[:, None] * C * HW
+            off, valid = _shift_target((f - start) % T, T, step)
+            nxt_f = nxt_ptr + fb + off.to(tl.int64) * C * HW
         for p0 in range(0, HW, BLOCK_P):
-            idx, m = _tile(f, p0, c, cmask, C, HW, CL, BLOCK_P)
-            v = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
+            idx, m = _tile(p0, c, cmask, C, HW, CL, BLOCK_P)
+            v = tl.load(x_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
             if NORM:
                 v = v * scale[:, None] + shift[:, None]
             if HAS_RES:
-                v += tl.load(res_ptr + idx, mask=m, other=0.0).to(tl.float32)
+                v += tl.load(res_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
             if RELU:
                 v = tl.maximum(v, 0.0)
             if STORE_Y:
                 yv = v.to(y_ptr.dtype.element_ty)
-                tl.store(y_ptr + idx, yv, mask=m)
+                tl.store(y_ptr + fb + idx, yv, mask=m)
                 v = yv.to(tl.float32)  # next_in is the shift of the stored (rounded) y
             if SHIFT:
                 if HAS_ALTER:
                     v = v * a1[:, None]
-                v = tl.where(valid[:, None], v, 0.0)
-                tl.store(nxt_ptr + idx + dst, v.to(nxt_ptr.dtype.element_ty), mask=m)
+                v = tl.where(valid, v, 0.0)
+                tl.store(nxt_f + idx, v.to(nxt_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _bwd_kernel(dy_ptr, dnext_ptr, x_ptr, y_ptr, dx_ptr, dres_ptr, part_ptr, sums_ptr,
-                mean_ptr, invstd_ptr, w_ptr, alter_ptr, meta, NCH, S, C, HW, fold,
+                mean_ptr, invstd_ptr, w_ptr, alter_ptr, meta, NCH, S, C, HW, fold, nb0,
                 HAS_DY: tl.constexpr, SHIFT: tl.constexpr, HAS_ALTER: tl.constexpr,
                 ALTER_GRAD: tl.constexpr, RELU: tl.constexpr, NORM: tl.constexpr,
                 TRAINING: tl.constexpr, HAS_RES: tl.constexpr, REDUCE: tl.constexpr,
-                STORE: tl.constexpr, CL: tl.constexpr, BLOCK_C: tl.constexpr,
+                STORE: tl.constexpr, REGIONS: tl.constexpr, ALIGN: tl.constexpr,
+                HW_ALIGN: tl.constexpr, CL: tl.constexpr, BLOCK_C: tl.constexpr,
                 BLOCK_P: tl.constexpr):
     """Backward of ``_fwd_kernel``. The incoming gradient of the BN output is, per element,
     ``g = (dy + (1+a) * dnext[reverse shift]) * (y > 0)`` (each term optional).
@@ -211,9 +241,10 @@ def _bwd_kernel(dy_ptr, dnext_ptr, x_ptr, y_ptr, dx_ptr, dres_ptr, part_ptr, sum
     and ``Σ y·dnext[reverse shift]`` (``ALTER_GRAD``; equal to ``Σ dnext·shift(y)``).
     ``STORE`` writes ``dx`` (the BN input gradient, or ``g`` without ``NORM``) and ``dres = g``;
     in training it needs the segment sums ``sums[2, S, C]`` from a previous ``REDUCE`` pass."""
+    HW = tl.multiple_of(HW, HW_ALIGN)
     k, seg, f0, nf = _chunk(meta, NCH, S)
     start, stop, T, row = _segment(meta, NCH, S, seg)
-    c, cmask = _channels(C, BLOCK_C)
+    c, cmask, step = _channels(C, fold, nb0, REGIONS, ALIGN, BLOCK_C)
     prow = row * C + c
     if HAS_ALTER:
         a1 = 1.0 + tl.load(alter_ptr + prow, mask=cmask, other=0.0)
@@ -230,19 +261,20 @@ def _bwd_kernel(dy_ptr, dnext_ptr, x_ptr, y_ptr, dx_ptr, dres_ptr, part_ptr, sum
     acc_da = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     for i in range(nf):
         f = f0 + i
+        fb = f.to(tl.int64) * C * HW
         if SHIFT:
-            off, valid = _shift_target((f - start) % T, T, c, fold)
-            src = off[:, None] * C * HW
+            off, valid = _shift_target((f - start) % T, T, step)
+            dnext_f = dnext_ptr + fb + off.to(tl.int64) * C * HW
         for p0 in range(0, HW, BLOCK_P):
-            idx, m = _tile(f, p0, c, cmask, C, HW, CL, BLOCK_P)
+            idx, m = _tile(p0, c, cmask, C, HW, CL, BLOCK_P)
             if HAS_DY:
-                g = tl.load(dy_ptr + idx, mask=m, other=0.0).to(tl.float32)
+                g = tl.load(dy_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
             else:
                 g = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
             if RELU or (ALTER_GRAD and REDUCE):
-                yv = tl.load(y_ptr + idx, mask=m, other=0.0).to(tl.float32)
+                yv = tl.load(y_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
             if SHIFT:
-                dn = tl.load(dnext_ptr + idx + src, mask=m & valid[:, None], other=0.0)
+                dn = tl.load(dnext_f + idx, mask=m & valid, other=0.0)
                 dn = dn.to(tl.float32)
                 if ALTER_GRAD and REDUCE:
                     acc_da += yv * dn
@@ -253,7 +285,7 @@ def _bwd_kernel(dy_ptr, dnext_ptr, x_ptr, y_ptr, dx_ptr, dres_ptr, part_ptr, sum
                 g = tl.where(yv > 0, g, 0.0)
             if NORM:
                 if REDUCE or TRAINING:
-                    xv = tl.load(x_ptr + idx, mask=m, other=0.0).to(tl.float32)
+                    xv = tl.load(x_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
                     xhat = (xv - mu[:, None]) * istd[:, None]
                 if REDUCE:
                     acc_gx += g * xhat
@@ -266,9 +298,9 @@ def _bwd_kernel(dy_ptr, dnext_ptr, x_ptr, y_ptr, dx_ptr, dres_ptr, part_ptr, sum
             else:
                 dx = g
             if STORE:
-                tl.store(dx_ptr + idx, dx.to(dx_ptr.dtype.element_ty), mask=m)
+                tl.store(dx_ptr + fb + idx, dx.to(dx_ptr.dtype.element_ty), mask=m)
                 if HAS_RES:
-                    tl.store(dres_ptr + idx, g.to(dres_ptr.dtype.element_ty), mask=m)
+                    tl.store(dres_ptr + fb + idx, g.to(dres_ptr.dtype.element_ty), mask=m)
     if REDUCE:
         out = part_ptr + k * C + c
         if NORM:
