@@ -163,6 +163,10 @@ class ShiftAlter(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        if num_channels < 1 or num_branches < 1:
+            raise ValueError(
+                f"num_channels and num_branches must be >= 1, got {num_channels}, {num_branches}"
+            )
         if fold_div < 2:
             raise ValueError(f"fold_div must be >= 2, got {fold_div}")
         self.num_channels, self.num_branches, self.fold_div = num_channels, num_branches, fold_div

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ffn_kernels import FrameLayout, ops
+from ffn_kernels import FrameLayout, ShiftAlter, ops
 from conftest import make_input, make_params
 
 LAYOUT = FrameLayout(clips=2, frames=(2, 3), rows=(0, 1))
@@ -23,6 +23,14 @@ X = make_input(LAYOUT, 4)
 @pytest.mark.parametrize("call,error,match", [
     (lambda: ops.shift_alter(X[0], LAYOUT), ValueError, "x must be 4-D"),
     (lambda: ops.shift_alter(X.int(), LAYOUT), TypeError, "x must be float16"),
+    # empty channels or frames crashed the interpreter (division by zero in the CPU kernels)
+    (lambda: ops.shift_alter(X[:, :0], LAYOUT), ValueError, "x must have at least one channel"),
+    (lambda: ops.shift_alter(X[:, :, :0], LAYOUT), ValueError, "x must have at least one channel"),
+    (lambda: bn(X[:, :0], weight=torch.ones(2, 0), bias=torch.ones(2, 0), running_mean=None,
+                running_var=None), ValueError, "x must have at least one channel"),
+    (lambda: ops.bn_add_relu_shift_alter(X[:, :0], X[:, :0], LAYOUT, torch.ones(2, 0),
+                                         torch.zeros(2, 0)), ValueError, "z must have at least one"),
+    (lambda: ShiftAlter(0, 2), ValueError, "num_channels and num_branches must be >= 1"),
     (lambda: ops.shift_alter(X[:-1], LAYOUT), ValueError, r"x.shape\[0\] is 9 but the layout holds 10"),
     (lambda: ops.shift_alter(X, (2, (2, 3))), TypeError, "layout must be a ffn_kernels.FrameLayout"),
     (lambda: ops.shift_alter(X, LAYOUT, torch.zeros(2, 5)), ValueError, r"alter must have shape \[rows, C=4\]"),
@@ -73,3 +81,12 @@ def test_layout_offsets_and_defaults():
     assert layout.rows == (0, 1, 2)
     assert layout.offsets == (0, 8, 24, 56) and layout.total_frames == 56
     assert [s.start for s in layout.segments()] == [0, 8, 24]
+
+
+def test_raw_cpu_kernels_refuse_empty_planes_instead_of_crashing():
+    import ffn_kernels.backend as backend
+    if not backend.extension_loaded():
+        pytest.skip("needs the compiled CPU kernels")
+    x = torch.randn(10, 0, 4, 4)
+    with pytest.raises(ValueError, match="at least one channel"):
+        torch.ops.ffn_kernels_C.shift_alter_bwd(x, x, 2, [2, 3], [0, 1], None, 8, False)

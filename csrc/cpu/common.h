@@ -95,6 +95,9 @@ struct Geom {
 inline Geom make_geom(const Tensor& x, int64_t fold_div) {
   TORCH_CHECK(x.dim() == 4, "expected a 4-D activation, got ", x.sizes());
   TORCH_CHECK(x.device().is_cpu(), "CPU kernel got a tensor on ", x.device());
+  // (the chunk arithmetic below divides by C and H*W)
+  TORCH_CHECK_VALUE(x.size(1) >= 1 && x.size(2) * x.size(3) >= 1,
+                    "expected at least one channel and one pixel, got ", x.sizes());
   TORCH_CHECK(fold_div == 0 || fold_div >= 2, "fold_div must be >= 2, got ", fold_div);
   Geom g;
   g.F = x.size(0);

@@ -35,6 +35,8 @@ void refuse_double_backward(const char* op, at::ArrayRef<Tensor> inputs) {
 void check_input(const char* name, const Tensor& x, int64_t clips, at::IntArrayRef frames,
                  at::IntArrayRef rows) {
   TORCH_CHECK_VALUE(x.dim() == 4, name, " must be 4-D [frames, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(1) >= 1 && x.size(2) >= 1 && x.size(3) >= 1, name,
+                    " must have at least one channel and one pixel, got shape ", x.sizes());
   const auto dt = x.scalar_type();
   TORCH_CHECK_TYPE(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble,
                    name, " must be float16, bfloat16, float32 or float64, got ", dt);
