@@ -91,7 +91,8 @@ class _Plan:
         self.grid = (self.nch, nblocks)
         self.combine_block = min(triton.next_power_of_2(C), 256)
         self.combine_grid = (triton.cdiv(C, self.combine_block),)
-        self.kw = dict(REGIONS=regions, ALIGN=align, HW_ALIGN=_pow2_divisor(hw), CL=self.cl,
+        hw_align = min(bp, _pow2_divisor(hw))  # pixel tiles start at multiples of it
+        self.kw = dict(REGIONS=regions, ALIGN=align, HW_ALIGN=hw_align, CL=self.cl,
                        BLOCK_C=bc, BLOCK_P=bp, **_launch(bc * bp))
         self.args = (self.meta, self.nch, self.S, C, hw, fold, nb0)
 

@@ -87,14 +87,18 @@ def _channels(C, fold, nb0, REGIONS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C:
 
 
 @triton.jit
-def _tile(p0, c, cmask, C, HW, CL: tl.constexpr, BLOCK_P: tl.constexpr):
-    """int32 offsets inside a frame and mask of the ``[BLOCK_C, BLOCK_P]`` tile at pixel ``p0``."""
-    p = p0 + tl.arange(0, BLOCK_P)
+def _tile(p0, c, cmask, C, HW, CL: tl.constexpr, HW_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr):
+    """int32 offsets inside a frame and mask of the ``[BLOCK_C, BLOCK_P]`` tile at pixel ``p0``.
+    (``HW_ALIGN`` hints go on values computed here: a hint on the argument ``HW`` itself is
+    dropped, having no defining op to carry it.)"""
+    q = tl.arange(0, BLOCK_P)
+    left = tl.multiple_of(HW - p0, HW_ALIGN)  # pixels from p0 to the end of the plane
     if CL:
-        idx = p[None, :] * C + c[:, None]
+        idx = (p0 + q)[None, :] * C + c[:, None]
     else:
-        idx = c[:, None] * HW + p[None, :]
-    return idx, cmask[:, None] & (p < HW)[None, :]
+        rows = tl.multiple_of(c * HW + p0, HW_ALIGN)
+        idx = rows[:, None] + q[None, :]
+    return idx, cmask[:, None] & (q < left)[None, :]
 
 
 @triton.jit
@@ -112,7 +116,6 @@ def _stats_kernel(x_ptr, part_ptr, meta, NCH, S, C, HW, fold, nb0,
                   CL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Per-lane Welford over the chunk, merged across lanes; writes ``part[3, NCH, C]`` =
     (mean, M2, count) of this chunk's frames x pixels for each channel."""
-    HW = tl.multiple_of(HW, HW_ALIGN)
     k, seg, f0, nf = _chunk(meta, NCH, S)
     c, cmask, step = _channels(C, fold, nb0, REGIONS, ALIGN, BLOCK_C)
     mean = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
@@ -121,7 +124,7 @@ def _stats_kernel(x_ptr, part_ptr, meta, NCH, S, C, HW, fold, nb0,
     for i in range(nf):
         xf = x_ptr + (f0 + i).to(tl.int64) * C * HW
         for p0 in range(0, HW, BLOCK_P):
-            idx, m = _tile(p0, c, cmask, C, HW, CL, BLOCK_P)
+            idx, m = _tile(p0, c, cmask, C, HW, CL, HW_ALIGN, BLOCK_P)
             v = tl.load(xf + idx, mask=m, other=0.0).to(tl.float32)
             cnt += m.to(tl.float32)
             delta = v - mean
@@ -187,7 +190,6 @@ def _fwd_kernel(x_ptr, res_ptr, y_ptr, nxt_ptr, mean_ptr, invstd_ptr, w_ptr, b_p
     """``v = act(BN(x) + res)`` (each part optional), stored to ``y``, and/or
     ``shift_alter(v)`` scattered to ``nxt``: each frame sends its values to the frame that reads
     them, so ``x``/``res`` are read once and the shifted output needs no second pass."""
-    HW = tl.multiple_of(HW, HW_ALIGN)
     k, seg, f0, nf = _chunk(meta, NCH, S)
     start, stop, T, row = _segment(meta, NCH, S, seg)
     c, cmask, step = _channels(C, fold, nb0, REGIONS, ALIGN, BLOCK_C)
@@ -206,7 +208,7 @@ def _fwd_kernel(x_ptr, res_ptr, y_ptr, nxt_ptr, mean_ptr, invstd_ptr, w_ptr, b_p
             off, valid = _shift_target((f - start) % T, T, step)
             nxt_f = nxt_ptr + fb + off.to(tl.int64) * C * HW
         for p0 in range(0, HW, BLOCK_P):
-            idx, m = _tile(p0, c, cmask, C, HW, CL, BLOCK_P)
+            idx, m = _tile(p0, c, cmask, C, HW, CL, HW_ALIGN, BLOCK_P)
             v = tl.load(x_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
             if NORM:
                 v = v * scale[:, None] + shift[:, None]
@@ -241,7 +243,6 @@ def _bwd_kernel(dy_ptr, dnext_ptr, x_ptr, y_ptr, dx_ptr, dres_ptr, part_ptr, sum
     and ``Σ y·dnext[reverse shift]`` (``ALTER_GRAD``; equal to ``Σ dnext·shift(y)``).
     ``STORE`` writes ``dx`` (the BN input gradient, or ``g`` without ``NORM``) and ``dres = g``;
     in training it needs the segment sums ``sums[2, S, C]`` from a previous ``REDUCE`` pass."""
-    HW = tl.multiple_of(HW, HW_ALIGN)
     k, seg, f0, nf = _chunk(meta, NCH, S)
     start, stop, T, row = _segment(meta, NCH, S, seg)
     c, cmask, step = _channels(C, fold, nb0, REGIONS, ALIGN, BLOCK_C)
@@ -266,7 +267,7 @@ def _bwd_kernel(dy_ptr, dnext_ptr, x_ptr, y_ptr, dx_ptr, dres_ptr, part_ptr, sum
             off, valid = _shift_target((f - start) % T, T, step)
             dnext_f = dnext_ptr + fb + off.to(tl.int64) * C * HW
         for p0 in range(0, HW, BLOCK_P):
-            idx, m = _tile(p0, c, cmask, C, HW, CL, BLOCK_P)
+            idx, m = _tile(p0, c, cmask, C, HW, CL, HW_ALIGN, BLOCK_P)
             if HAS_DY:
                 g = tl.load(dy_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
             else:
