@@ -33,7 +33,7 @@ void check(const Tensor& z, const Tensor& identity, int64_t clips, IntArrayRef f
              momentum, eps);
   check_like("identity", identity, z, "z");
   check_param("alter_next", alter_next, z, rows);
-  check_fold_div(fold_div);
+  check_fold_div(fold_div, z);
 }
 
 Outputs forward(const Tensor& z, const Tensor& identity, int64_t clips, IntArrayRef frames,

@@ -77,8 +77,10 @@ void check_like(const char* name, const OptTensor& t, const Tensor& x, const cha
                     " is on ", x.device(), " (mixed devices)");
 }
 
-void check_fold_div(int64_t fold_div) {
+void check_fold_div(int64_t fold_div, const Tensor& x) {
   TORCH_CHECK_VALUE(fold_div >= 2, "fold_div must be an int >= 2, got ", fold_div);
+  TORCH_CHECK_VALUE(fold_div <= x.size(1), "fold_div=", fold_div, " exceeds the ", x.size(1),
+                    " channels: no channel would shift (C // fold_div == 0)");
 }
 
 void check_norm(const char* name, const Tensor& x, int64_t clips, at::IntArrayRef frames,
@@ -97,6 +99,8 @@ void check_norm(const char* name, const Tensor& x, int64_t clips, at::IntArrayRe
   TORCH_CHECK_VALUE(momentum.size() == frames.size(), "momentum has ", momentum.size(),
                     " values but the layout has ", frames.size(), " segments");
   TORCH_CHECK_VALUE(eps > 0, "eps must be > 0, got ", eps);
+  for (const double m : momentum)  // NaN fails both comparisons
+    TORCH_CHECK_VALUE(m >= 0 && m <= 1, "momentum must be in [0, 1], got ", momentum);
   if (!training) return;
   if (running_mean) {
     for (size_t a = 0; a < rows.size(); ++a)

@@ -90,7 +90,8 @@ void check_input(const char* name, const Tensor& x, int64_t clips, at::IntArrayR
 void check_param(const char* name, const OptTensor& p, const Tensor& x, at::IntArrayRef rows);
 // `t` has x's shape, dtype and device.
 void check_like(const char* name, const OptTensor& t, const Tensor& x, const char* x_name);
-void check_fold_div(int64_t fold_div);
+// fold_div in [2, C] (C // fold_div channels shift each way).
+void check_fold_div(int64_t fold_div, const Tensor& x);
 // The BatchNorm arguments of freq_batch_norm and bn_add_relu_shift_alter (input `name`).
 void check_norm(const char* name, const Tensor& x, int64_t clips, at::IntArrayRef frames,
                 at::IntArrayRef rows, const Tensor& weight, const Tensor& bias,

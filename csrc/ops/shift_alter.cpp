@@ -21,7 +21,7 @@ void check(const Tensor& x, int64_t clips, IntArrayRef frames, IntArrayRef rows,
            const OptTensor& alter, int64_t fold_div) {
   check_input("x", x, clips, frames, rows);
   check_param("alter", alter, x, rows);
-  check_fold_div(fold_div);
+  check_fold_div(fold_div, x);
 }
 
 Tensor forward(const Tensor& x, int64_t clips, IntArrayRef frames, IntArrayRef rows,
