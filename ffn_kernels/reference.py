@@ -28,7 +28,8 @@ empty tensor):
 ``mean``/``invstd`` are per segment: batch statistics in training (biased variance), the running
 statistics of the segment's row in eval. ``new_running_*`` are updated copies of the running
 statistics (the public op writes them back in place); rows not in the layout are unchanged.
-Parameter gradients of rows not in the layout are zero. ``y`` in ``bn_bwd`` is only read when
+Parameter gradients of rows not in the layout are zero; a row used by several segments gets the
+sum of their gradients (as autograd through the op semantics gives). ``y`` in ``bn_bwd`` is only read when
 ``relu`` is set (its sign is the ReLU mask).
 """
 
@@ -145,7 +146,8 @@ def shift_alter_fwd(x, clips, frames, rows, alter, fold_div):
 
 
 def shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad):
-    """``dx`` = reverse shift of ``(1 + a)·dy``; ``d alter[p]`` = Σ ``dy · shift(x)`` over the segment."""
+    """``dx`` = reverse shift of ``(1 + a)·dy``; ``d alter[p]`` = Σ ``dy · shift(x)`` over the
+    segments of row ``p``."""
     layout = FrameLayout(clips, tuple(frames), tuple(rows))
     acc = _acc(x)
     dx = torch.empty_like(dy)
@@ -155,7 +157,7 @@ def shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad):
         dx[seg.start : seg.stop] = temporal_shift(g, seg.frames, fold_div, reverse=True)
         if alter_grad:
             shifted = temporal_shift(xs, seg.frames, fold_div).to(acc)
-            dalter[seg.row] = (dys.to(acc) * shifted).sum(dim=(0, 2, 3))
+            dalter[seg.row] += (dys.to(acc) * shifted).sum(dim=(0, 2, 3))
     return dx, dalter
 
 
@@ -196,7 +198,8 @@ def bn_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu, 
             n = xs.numel() // xs.shape[1]
             g = g - (sum_g / n).view(1, -1, 1, 1) - xhat * (sum_gx / n).view(1, -1, 1, 1)
         dx[seg.start : seg.stop] = g * scale
-        dweight[seg.row], dbias[seg.row] = sum_gx, sum_g
+        dweight[seg.row] += sum_gx
+        dbias[seg.row] += sum_g
     return dx, dweight, dbias, dres
 
 

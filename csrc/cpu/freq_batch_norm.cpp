@@ -179,8 +179,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bnrs_fwd(
 // BN backward shared by bn_bwd and bnrs_bwd. grad(cl, fi, off, c0) returns the functor i -> g of
 // element i of a run (g is recomputed in both passes, never stored); with NX == 1, extra(...)
 // returns i -> a third per-(segment, channel) sum term. Pass 1 reduces sum(g), sum(g * (x - mean))
-// (and the extra term); pass 2 writes dx and, if dres is set, dres = g. Fills dweight/dbias rows
-// and returns the [2 + NX, S, C] sums.
+// (and the extra term); pass 2 writes dx and, if dres is set, dres = g. Adds to dweight/dbias rows
+// (zeroed by the caller; segments sharing a row sum) and returns the [2 + NX, S, C] sums.
 template <int NX, typename scalar_t, typename Grad, typename Extra>
 std::vector<at::opmath_type<scalar_t>> bn_backward(
     const Geom& g, const Layout& L, const Tensor& x, const Tensor& mean, const Tensor& invstd,
@@ -222,8 +222,9 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(
       scale[sc] = k.scale;
       mean_g[sc] = k.mean_g;
       proj[sc] = k.proj;
-      dw[rc] = sum_gxmu * is[sc];
-      db[rc] = sum_g;
+      // segments sharing a row add up (autograd semantics), in segment order
+      dw[rc] += sum_gxmu * is[sc];
+      db[rc] += sum_g;
     }
   }
 
@@ -359,8 +360,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bnrs_bwd(
     }
     const std::vector<acc_t> sums = run(std::integral_constant<int, 1>{});
     acc_t* da = dalter.data_ptr<acc_t>();
+    // segments sharing a row add up, in segment order
     for (int64_t s = 0; s < L.S; ++s)
-      std::copy_n(sums.data() + (2 * L.S + s) * g.C, g.C, da + L.rows[s] * g.C);
+      for (int64_t c = 0; c < g.C; ++c) da[L.rows[s] * g.C + c] += sums[(2 * L.S + s) * g.C + c];
   });
   return {dz, didentity, dweight, dbias, dalter};
 }

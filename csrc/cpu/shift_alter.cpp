@@ -86,8 +86,9 @@ std::tuple<Tensor, Tensor> shift_alter_bwd(const Tensor& dy, const Tensor& x, in
         g, L, [&](auto cl, const FrameInfo& fi, int64_t off, int64_t len, int64_t c0, acc_t* acc,
                   int64_t) { run(cl, std::true_type{}, fi, off, len, c0, acc); });
     acc_t* da = dalter.data_ptr<acc_t>();
+    // segments sharing a row add up (autograd semantics), in segment order
     for (int64_t s = 0; s < L.S; ++s)
-      std::copy_n(sums.data() + s * g.C, g.C, da + L.rows[s] * g.C);
+      for (int64_t c = 0; c < g.C; ++c) da[L.rows[s] * g.C + c] += sums[s * g.C + c];
   });
   return {dx, dalter};
 }
