@@ -168,7 +168,7 @@ def test_small_tiles(monkeypatch, layout, channels_last):
 
 def test_repeated_rows():
     """A row used by two segments (allowed without running statistics, and in eval): parameter
-    gradients come from the last such segment, as in the reference."""
+    gradients are the sum over those segments, as in the reference (and autograd)."""
     layout = (2, [2, 3], [1, 1])
     x = _input(layout, 12, torch.float32, True)
     dy = _input(layout, 12, torch.float32, True, seed=2)
@@ -180,6 +180,9 @@ def test_repeated_rows():
         bwd_args = (*layout, p["weight"], ref_out[1], ref_out[2], training, True, False)
         _check(tk.bn_bwd(dy, x, ref_out[0], *bwd_args), ref.bn_bwd(dy, x, ref_out[0], *bwd_args),
                torch.float32, param_outputs=(1, 2))
+    sa_args = (*layout, p["alter"], 8, True)
+    _check(tk.shift_alter_bwd(dy, x, *sa_args), ref.shift_alter_bwd(dy, x, *sa_args),
+           torch.float32, param_outputs=(1,))
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])

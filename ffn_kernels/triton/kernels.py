@@ -21,7 +21,8 @@ scalars and its shifted loads/stores stay contiguous.
 
 Reductions never use atomics: each program writes per-(chunk, channel) partials, and a combine
 kernel folds a segment's chunks in chunk order (deterministic), one program per channel block
-walking the segments in order (so a row that appears twice ends like the reference: last wins).
+walking the segments in order; a parameter row used by several segments gets the sum of their
+gradients, added in segment order (as autograd and the reference give).
 """
 
 import triton
@@ -313,23 +314,40 @@ def _bwd_kernel(dy_ptr, dnext_ptr, x_ptr, y_ptr, dx_ptr, dres_ptr, part_ptr, sum
 
 
 @triton.jit
+def _chunk_sum(part_ptr, first_chunk, j, s, NCH, C, c, cmask, BLOCK_C: tl.constexpr):
+    """Sum of slot ``j``'s partials over the chunks of segment ``s``, in chunk order."""
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    for k in range(tl.load(first_chunk + s), tl.load(first_chunk + s + 1)):
+        acc += tl.load(part_ptr + (j * NCH + k) * C + c, mask=cmask, other=0.0)
+    return acc
+
+
+@triton.jit
 def _sum_combine_kernel(part_ptr, sums_ptr, out0_ptr, out1_ptr, out2_ptr, meta, NCH, S, C,
                         K: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per segment and slot ``j < K``: sum the chunks' partials in chunk order into
-    ``sums[j, s]`` and into row ``rows[s]`` of output ``j`` (``[P, C]``)."""
+    ``sums[j, s]``; row ``p`` of output ``j`` (``[P, C]``) gets the sum over the segments with
+    row ``p``, added in segment order and stored once, by its first segment (rows kept in
+    registers: no re-read of a value this program stored)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     first_chunk = meta + 3 * NCH + 3 * (S + 1)
+    seg_row = meta + 3 * NCH + 2 * (S + 1)
     for s in range(S):
-        start, stop, T, row = _segment(meta, NCH, S, s)
+        row = tl.load(seg_row + s)
+        earlier = tl.full([], 0, tl.int32)  # segments before s with the same row (they stored it already)
+        for r in range(s):
+            earlier += (tl.load(seg_row + r) == row).to(tl.int32)
         for j in tl.static_range(K):
-            acc = tl.zeros([BLOCK_C], tl.float32)
-            for k in range(tl.load(first_chunk + s), tl.load(first_chunk + s + 1)):
-                acc += tl.load(part_ptr + (j * NCH + k) * C + c, mask=cmask, other=0.0)
+            acc = _chunk_sum(part_ptr, first_chunk, j, s, NCH, C, c, cmask, BLOCK_C)
             tl.store(sums_ptr + (j * S + s) * C + c, acc, mask=cmask)
-            if j == 0:
-                tl.store(out0_ptr + row * C + c, acc, mask=cmask)
-            elif j == 1:
-                tl.store(out1_ptr + row * C + c, acc, mask=cmask)
-            else:
-                tl.store(out2_ptr + row * C + c, acc, mask=cmask)
+            if earlier == 0:
+                for r in range(s + 1, S):  # later segments sharing the row, in order
+                    if tl.load(seg_row + r) == row:
+                        acc += _chunk_sum(part_ptr, first_chunk, j, r, NCH, C, c, cmask, BLOCK_C)
+                if j == 0:
+                    tl.store(out0_ptr + row * C + c, acc, mask=cmask)
+                elif j == 1:
+                    tl.store(out1_ptr + row * C + c, acc, mask=cmask)
+                else:
+                    tl.store(out2_ptr + row * C + c, acc, mask=cmask)
