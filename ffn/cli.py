@@ -7,18 +7,24 @@ import sys
 from pathlib import Path
 
 
+MAX_FRAMES = 1024  # the largest frame count --frames takes (each is a clip of that many frames)
+
+
 def parse_frames(text: str) -> list[int]:
-    """``"2..20"`` (inclusive range), ``"4,8,16"`` or a mix such as ``"1..4,8,16"``."""
-    frames: list[int] = []
+    """``"2..20"`` (inclusive range), ``"4,8,16"`` or a mix such as ``"1..4,8,16"``; counts in
+    1..:data:`MAX_FRAMES`."""
+    frames: set[int] = set()
     try:
         for part in text.split(","):
             lo, sep, hi = part.partition("..")
-            frames += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+            lo, hi = int(lo), int(hi) if sep else int(lo)
+            if lo < 1 or hi > MAX_FRAMES or lo > hi:
+                raise argparse.ArgumentTypeError(
+                    f"frames {text!r}: {part!r} is not counts in 1..{MAX_FRAMES} (low..high)")
+            frames.update(range(lo, hi + 1))
     except ValueError:
         raise argparse.ArgumentTypeError(f"frames {text!r}: expected e.g. 2..20 or 4,8,16") from None
-    if not frames or min(frames) < 1:
-        raise argparse.ArgumentTypeError(f"frames {text!r}: need at least one count, all >= 1")
-    return sorted(set(frames))
+    return sorted(frames)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--out", help="output folder (train.out)")
     train.add_argument("--epochs", type=int, help="train.epochs")
     train.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
-                       help="continue from a checkpoint (default: OUT/last.pt)")
+                       help="continue from a checkpoint (default: OUT/last.pt; a new run where OUT has none)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start over in an OUT that holds a run (its checkpoints and log are removed)")
     train.add_argument("--skip-bad", action="store_true", help="skip and count unreadable videos")
 
     ev = sub.add_parser("eval", help="accuracy at many frame counts, table and plot")
@@ -60,14 +68,40 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         getattr(args, "items" if args.command == "eval" else "overrides").extend(extra)
-    return {"train": _train, "eval": _eval, "demo": _demo}[args.command](args)
+    if args.command == "train" and args.resume and args.overwrite:
+        train.error("--resume and --overwrite exclude each other")
+    from .config import UserError
+    from .data.records import BadSampleError
+
+    try:
+        return {"train": _train, "eval": _eval, "demo": _demo}[args.command](args)
+    except (UserError, BadSampleError) as e:
+        # the user's input is wrong: one line naming it, no traceback (tracebacks are for bugs)
+        print(f"ffn {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        if isinstance(e, BadSampleError):
+            print("(--skip-bad skips and counts unreadable videos)", file=sys.stderr)
+        return 2
+
+
+def _one_line(e: Exception) -> str:
+    """The message of ``e`` on one line; for an error re-raised from a DataLoader worker (its message
+    holds the worker's traceback), the original error's message."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if "Original Traceback" in str(e) and lines:
+        head, sep, message = lines[-1].partition(": ")
+        return message if sep and head.endswith("Error") else lines[-1]
+    return " ".join(lines)
 
 
 def _train(args) -> int:
-    from .config import load_config
+    from .config import UserError, load_config
+    from .engine import checkpoint
     from .engine.trainer import fit
 
     overrides = list(args.overrides)
+    if args.resume and "=" in args.resume and not Path(args.resume).exists():
+        overrides.append(args.resume)  # `--resume optim.lr=0.5`: an override after a bare --resume
+        args.resume = "auto"
     if args.out:
         overrides.append(f"train.out={args.out}")
     if args.epochs is not None:
@@ -75,7 +109,20 @@ def _train(args) -> int:
     if args.skip_bad:
         overrides.append("data.skip_bad=true")
     cfg = load_config(args.config, overrides)
-    resume = Path(cfg.train.out) / "last.pt" if args.resume == "auto" else args.resume
+    if not args.resume:
+        fit(cfg, overwrite=args.overwrite)
+        return 0
+    resume = Path(cfg.train.out) / "last.pt" if args.resume == "auto" else Path(args.resume)
+    if args.resume == "auto" and not resume.exists():
+        print(f"no {resume} to resume: starting a new run", file=sys.stderr)
+        fit(cfg, overwrite=True)  # anything there is from a first epoch that was never completed
+        return 0
+    # the checkpoint's config is the base: --config and overrides given again must agree with it
+    state = checkpoint.load(resume)
+    if "config" not in state:
+        raise UserError(f"--resume {resume}: not a training checkpoint of `ffn train` (no config)")
+    cfg = load_config(args.config, overrides, base=state["config"])
+    del state
     fit(cfg, resume)
     return 0
 
@@ -83,6 +130,7 @@ def _train(args) -> int:
 def _eval(args) -> int:
     import torch
 
+    from .config import UserError
     from .data import num_classes
     from .engine import distributed
     from .engine.evaluate import accuracy_by_frames
@@ -93,10 +141,12 @@ def _eval(args) -> int:
     overrides = [i for i in args.items if "=" in i] + (["data.skip_bad=true"] if args.skip_bad else [])
     checkpoints = [i for i in args.items if "=" not in i]
     if not checkpoints:
-        raise SystemExit("ffn eval: give at least one checkpoint")
+        raise UserError("give at least one checkpoint")
     labels = args.labels or [Path(c).resolve().parent.name for c in checkpoints]
     if len(labels) != len(checkpoints):
-        raise SystemExit(f"ffn eval: {len(checkpoints)} checkpoints but {len(labels)} labels")
+        raise UserError(f"{len(checkpoints)} checkpoints but {len(labels)} --labels")
+    if len(set(labels)) != len(labels):
+        raise UserError(f"--labels: two checkpoints would share a label in {labels}; give --labels")
     results = {}
     d, device = distributed.setup()
     try:

@@ -1,18 +1,24 @@
 """Run configuration: nested dataclasses filled from a TOML/YAML file and ``key.sub=value`` overrides.
 
-Unknown keys and ill-typed values raise ``ValueError`` naming the key, so a typo never trains with
-a default silently.
+Unknown keys, ill-typed values and values out of range raise :class:`UserError` (a ``ValueError``)
+naming the key, so a typo never trains with a default silently.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+class UserError(ValueError):
+    """A bad input of the user's (config value, list file, checkpoint, run folder): the ``ffn`` command
+    prints its one-line message and exits with status 2, without a traceback."""
 
 
 @dataclass
@@ -104,19 +110,45 @@ class Config:
 
 
 def read_config_file(path: str | Path) -> dict:
-    """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) file as a dict."""
+    """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) file as a dict; a file that is missing,
+    unreadable, malformed or not a table at its top level raises :class:`UserError` naming it."""
     path = Path(path)
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise UserError(f"config file {path}: use .toml, .yaml or .yml")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first key
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a directory") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"config file {path}: {e.strerror or e}") from None
     if path.suffix == ".toml":
         if sys.version_info >= (3, 11):
             import tomllib
         else:
             import tomli as tomllib
-        return tomllib.loads(path.read_text())
-    if path.suffix in (".yaml", ".yml"):
+        try:
+            tree = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config file {path}: {e}") from None
+    else:
         import yaml
 
-        return yaml.safe_load(path.read_text()) or {}
-    raise ValueError(f"config file {path}: use .toml, .yaml or .yml")
+        try:
+            tree = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UserError(f"config file {where}: {what}") from None
+        tree = {} if tree is None else tree
+    if not isinstance(tree, dict):
+        raise UserError(f"config file {path}: the top level must be a table of keys, got a "
+                        f"{type(tree).__name__}")
+    return tree
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -125,8 +157,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     import yaml
 
     key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ValueError(f"override {item!r}: expected key.sub=value")
+    if not sep or not key.strip() or any(not k for k in key.strip().split(".")):
+        raise UserError(f"override {item!r}: expected key.sub=value")
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError:
@@ -142,8 +174,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     for item in overrides:
         keys, value = parse_override(item)
         node = tree
-        for k in keys[:-1]:
+        for i, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override {item!r}: config {'.'.join(keys[:i + 1])} is not a table")
         node[keys[-1]] = value
     config = _build(Config, tree, "")
     for key, value, allowed in (
@@ -156,8 +190,67 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         ("train.device", config.train.device, ("auto", "cpu", "cuda")),
     ):
         if value not in allowed:
-            raise ValueError(f"config {key}: {value!r} is not one of {allowed}")
+            raise UserError(f"config {key}: {value!r} is not one of {allowed}")
+    check_ranges(config)
     return config
+
+
+def check_ranges(config: Config) -> None:
+    """Values a run cannot use (a NaN or negative lr, zero epochs, a crop of 0 pixels, a frame file
+    template without a frame number...) raise :class:`UserError` naming the key."""
+    d, m, o, t = config.data, config.model, config.optim, config.train
+
+    def need(ok: bool, key: str, value, what: str) -> None:
+        if not ok:
+            raise UserError(f"config {key}: {what}, got {value!r}")
+
+    def finite(key: str, value: float, lo: float, lo_open: bool = False, hi: float = math.inf) -> None:
+        ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi
+        bounds = f"{'>' if lo_open else '>='} {lo:g}" + (f" and <= {hi:g}" if hi < math.inf else "")
+        need(ok, key, value, f"must be a finite number {bounds}")
+
+    finite("optim.lr", o.lr, 0, lo_open=True)
+    finite("optim.momentum", o.momentum, 0, hi=1)
+    finite("optim.weight_decay", o.weight_decay, 0)
+    finite("optim.fc_lr_mult", o.fc_lr_mult, 0, lo_open=True)
+    finite("optim.gamma", o.gamma, 0, lo_open=True, hi=1)
+    finite("optim.warmup_epochs", o.warmup_epochs, 0)
+    finite("optim.clip_grad", o.clip_grad, 0)
+    need(all(e >= 1 for e in o.milestones) and o.milestones == sorted(set(o.milestones)), "optim.milestones",
+         o.milestones, "must be increasing epochs >= 1")
+    finite("model.dropout", m.dropout, 0, hi=0.999)
+    finite("model.distill_weight", m.distill_weight, 0)
+    need(m.width >= 1, "model.width", m.width, "must be >= 1")
+    need(bool(m.frames) and m.frames[0] >= 1 and all(a < b for a, b in zip(m.frames, m.frames[1:])),
+         "model.frames", m.frames, "must be frame counts >= 1 in increasing order")
+    need(t.epochs >= 1, "train.epochs (--epochs)", t.epochs, "must be >= 1")
+    need(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0 (0 = whole epoch)")
+    need(t.val_crops in (1, 3), "train.val_crops", t.val_crops, "must be 1 or 3")
+    need(d.size >= 1, "data.size", d.size, "must be >= 1 pixel")
+    need(d.scale_size == 0 or d.scale_size >= d.size, "data.scale_size", d.scale_size,
+         f"must be 0 (automatic) or >= data.size ({d.size})")
+    need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
+    need(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    need(d.start_index >= 0, "data.start_index", d.start_index, "must be >= 0")
+    need(d.num_classes >= 0, "data.num_classes", d.num_classes, "must be >= 2 (0 = unset)")
+    if d.kind == "frames":
+        try:
+            names = {d.template.format(i) for i in (d.start_index, d.start_index + 1)}
+        except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
+            raise UserError(f"config data.template: {d.template!r} is not a format string of the frame "
+                            f"number such as 'img_{{:05d}}.jpg' ({type(e).__name__}: {e})") from None
+        need(len(names) == 2, "data.template", d.template,
+             "must contain a field for the frame number, such as 'img_{:05d}.jpg'")
+    if d.kind == "synthetic":
+        s = d.synthetic
+        need(s.train_videos >= 1, "data.synthetic.train_videos", s.train_videos, "must be >= 1")
+        need(s.val_videos >= 1, "data.synthetic.val_videos", s.val_videos, "must be >= 1")
+        need(s.num_classes >= 2, "data.synthetic.num_classes", s.num_classes, "must be >= 2")
+        need(s.num_frames >= 2, "data.synthetic.num_frames", s.num_frames, "must be >= 2")
+        need(s.frame_size >= 8, "data.synthetic.frame_size", s.frame_size, "must be >= 8")
+        need(s.movers >= 1, "data.synthetic.movers", s.movers, "must be >= 1")
+        finite("data.synthetic.travel", s.travel, 0, lo_open=True)
+        finite("data.synthetic.noise", s.noise, 0)
 
 
 def _merge(into: dict, new: dict) -> None:
@@ -170,12 +263,12 @@ def _merge(into: dict, new: dict) -> None:
 
 def _build(cls, tree: Any, prefix: str):
     if not isinstance(tree, dict):
-        raise ValueError(f"config {prefix.rstrip('.') or 'root'}: expected a table, got {tree!r}")
+        raise UserError(f"config {prefix.rstrip('.') or 'root'}: expected a table, got {tree!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(tree) - names
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"config {prefix.rstrip('.') or 'root'}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}"
         )
     kwargs = {}
@@ -195,7 +288,7 @@ def _coerce(kind, value, key: str):
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"config {key}: expected a list, got {value!r}")
+            raise UserError(f"config {key}: expected a list, got {value!r}")
         return [_coerce(item, v, f"{key}[]") for v in value]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -207,5 +300,5 @@ def _coerce(kind, value, key: str):
     if kind is str and value is None:
         return ""
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"config {key}: expected {kind.__name__}, got {value!r}")
+        raise UserError(f"config {key}: expected {kind.__name__}, got {value!r}")
     return value

@@ -40,13 +40,13 @@ EVAL_FRAMES = list(range(2, 21))
 
 
 def run_demo(out: Path, overrides: list[str] = ()) -> dict:
-    """Train both models into ``out/<name>``, evaluate them at :data:`EVAL_FRAMES` and write the
-    results, the plot and ``report.md`` into ``out``."""
+    """Train both models into ``out/<name>`` (replacing runs there), evaluate them at
+    :data:`EVAL_FRAMES` and write the results, the plot and ``report.md`` into ``out``."""
     start = time.perf_counter()
     results = {}
     for label, (name, extra) in MODELS.items():
         cfg = load_config(overrides=[*SETTINGS, *extra, f"train.out={out / name}", *overrides])
-        last = fit(cfg)
+        last = fit(cfg, overwrite=True)  # a demo run again starts over
         model, cfg = load_trained(last)
         with torch.no_grad():
             results[label] = accuracy_by_frames(model, cfg.data, EVAL_FRAMES, torch.device("cpu"))

@@ -18,8 +18,8 @@ class FrameFolderSource:
     """
 
     def __init__(self, list_file: str | Path, root: str | Path = "", template: str = "img_{:05d}.jpg",
-                 start_index: int = 1) -> None:
-        self.records = read_list_file(list_file, root)
+                 start_index: int = 1, num_classes: int = 0) -> None:
+        self.records = read_list_file(list_file, root, num_classes=num_classes)
         self.template, self.start_index = template, start_index
         template.format(start_index)  # fail here, not in a worker, on a malformed template
 

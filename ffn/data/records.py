@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import UserError
+
 
 class BadSampleError(RuntimeError):
     """A video or one of its frames is missing or cannot be decoded."""
@@ -19,15 +21,28 @@ class VideoRecord:
     label: int
 
 
-def read_list_file(list_file: str | Path, root: str | Path = "", frames_column: bool = True) -> list[VideoRecord]:
+def read_list_file(list_file: str | Path, root: str | Path = "", frames_column: bool = True,
+                   num_classes: int = 0) -> list[VideoRecord]:
     """Parse ``path num_frames label`` lines (``path label`` where ``frames_column`` is False).
 
     ``path`` is taken relative to ``root``. Paths may contain spaces: the numbers are read from the
-    end of the line. Malformed lines raise ``ValueError`` naming the file and line.
+    end of the line. A UTF-8 BOM is ignored. A missing or non-text file, malformed lines and labels
+    outside ``[0, num_classes)`` (where ``num_classes`` is given) raise :class:`~ffn.config.UserError`
+    (a ``ValueError``) naming the file and line.
     """
     fields = 3 if frames_column else 2
+    try:
+        text = Path(list_file).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(f"list file {list_file} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"list file {list_file} is a directory") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"list file {list_file}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise UserError(f"list file {list_file}: {e.strerror or e}") from None
     records = []
-    for lineno, line in enumerate(Path(list_file).read_text().splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = line.rsplit(maxsplit=fields - 1)
@@ -37,13 +52,16 @@ def read_list_file(list_file: str | Path, root: str | Path = "", frames_column: 
             numbers = [int(p) for p in parts[1:]]
         except ValueError:
             want = "path num_frames label" if frames_column else "path label"
-            raise ValueError(f"{list_file}:{lineno}: expected '{want}', got {line!r}") from None
+            raise UserError(f"{list_file}:{lineno}: expected '{want}', got {line!r}") from None
         num_frames, label = numbers if frames_column else (0, numbers[0])
         if frames_column and num_frames < 1:
-            raise ValueError(f"{list_file}:{lineno}: num_frames must be >= 1, got {num_frames}")
+            raise UserError(f"{list_file}:{lineno}: num_frames must be >= 1, got {num_frames}")
         if label < 0:
-            raise ValueError(f"{list_file}:{lineno}: label must be >= 0, got {label}")
+            raise UserError(f"{list_file}:{lineno}: label must be >= 0, got {label}")
+        if num_classes and label >= num_classes:
+            raise UserError(f"{list_file}:{lineno}: label {label} is out of range for "
+                            f"data.num_classes={num_classes} (labels are 0..{num_classes - 1})")
         records.append(VideoRecord(str(Path(root) / parts[0]), num_frames, label))
     if not records:
-        raise ValueError(f"{list_file}: no videos listed")
+        raise UserError(f"{list_file}: no videos listed")
     return records

@@ -17,8 +17,9 @@ class VideoFileSource:
     Frames are decoded in order from the start, which suits the short clips of action datasets.
     """
 
-    def __init__(self, list_file: str | Path, root: str | Path = "", frames_column: bool = False) -> None:
-        self.records = read_list_file(list_file, root, frames_column=frames_column)
+    def __init__(self, list_file: str | Path, root: str | Path = "", frames_column: bool = False,
+                 num_classes: int = 0) -> None:
+        self.records = read_list_file(list_file, root, frames_column=frames_column, num_classes=num_classes)
         self._counts: dict[int, int] = {}
 
     def __len__(self) -> int:

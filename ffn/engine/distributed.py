@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config import UserError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -32,6 +34,9 @@ def setup(device: str = "auto") -> tuple[Dist, torch.device]:
     GPUs, gloo on CPUs. ``device`` is auto, cpu or cuda."""
     d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
              int(os.environ.get("LOCAL_RANK", 0)))
+    if device == "cuda" and not torch.cuda.is_available():
+        why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise UserError(f"config train.device: 'cuda' but {why}; use train.device=auto or cpu")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch.cuda.set_device(d.local_rank)

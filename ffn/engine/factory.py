@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import Config, ModelConfig, load_config
+from ..config import Config, ModelConfig, UserError, load_config
 from ..convert import load_official, load_torchvision
 from ..data import num_classes
+from ..data.build import num_classes_key
 from ..eager import EagerFFNResNet
 from ..models import DEPTHS, FFNResNet
 from . import checkpoint
@@ -15,7 +16,7 @@ from . import checkpoint
 def depth_of(arch: str) -> int:
     depth = arch.lower().removeprefix("resnet")
     if not depth.isdigit() or int(depth) not in DEPTHS:
-        raise ValueError(f"model.arch must be one of {[f'resnet{d}' for d in DEPTHS]}, got {arch!r}")
+        raise UserError(f"config model.arch must be one of {[f'resnet{d}' for d in DEPTHS]}, got {arch!r}")
     return int(depth)
 
 
@@ -26,17 +27,47 @@ def build_model(cfg: ModelConfig, classes: int, pretrained: bool = True) -> FFNR
                 weight_alteration=cfg.weight_alteration, width=cfg.width)
     if pretrained and cfg.pretrained:
         load = load_torchvision if cfg.pretrained_format == "torchvision" else load_official
-        load(model, cfg.pretrained)
+        if not Path(cfg.pretrained).is_file():
+            raise UserError(f"config model.pretrained: {cfg.pretrained} does not exist")
+        try:
+            load(model, cfg.pretrained)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise UserError(f"config model.pretrained: {cfg.pretrained} ({cfg.pretrained_format} format) does "
+                            f"not fit model.arch={cfg.arch}: {str(e).splitlines()[0]}") from None
     return model
+
+
+# What the saved weights are: overrides of these that differ from the checkpoint are refused
+MODEL_KEYS = ("arch", "width", "frames", "weight_alteration")
 
 
 def load_trained(path: str | Path, overrides: list[str] = ()) -> tuple[FFNResNet, Config]:
     """The model saved by ``ffn train`` at ``path`` and its config (``overrides`` applied, e.g. to
-    point at other validation data)."""
+    point at other validation data). An override that contradicts the saved model (``model.frames``,
+    ``model.arch``, ``model.width``, ``model.weight_alteration``, the number of classes) raises
+    :class:`~ffn.config.UserError` naming the key and both values: the weights are those of the
+    saved model, and e.g. other frame counts would map its branches to the wrong ones."""
     state = checkpoint.load(path)
     if "model" not in state or "config" not in state:
-        raise ValueError(f"{path} is not a checkpoint written by `ffn train` (no model/config)")
+        raise UserError(f"checkpoint {path} is not a checkpoint written by `ffn train` (no model/config)")
+    try:
+        saved = load_config(base=state["config"])
+    except UserError as e:
+        raise UserError(f"checkpoint {path}: its config is not valid here: {e}") from None
     cfg = load_config(overrides=overrides, base=state["config"])
-    model = build_model(cfg.model, num_classes(cfg.data), pretrained=False)
-    model.load_state_dict(state["model"])
+    for key in MODEL_KEYS:
+        old, new = getattr(saved.model, key), getattr(cfg.model, key)
+        if old != new:
+            raise UserError(f"model.{key}={new} contradicts checkpoint {path}, which holds a model with "
+                            f"model.{key}={old}; drop the override (the weights are that model's)")
+    old, new = num_classes(saved.data), num_classes(cfg.data)
+    if old != new:
+        raise UserError(f"{num_classes_key(cfg.data)}={new} contradicts checkpoint {path}, whose classifier "
+                        f"has {old} classes")
+    model = build_model(cfg.model, new, pretrained=False)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path}: its weights do not fit the model its config describes: "
+                        f"{str(e).splitlines()[1 if len(str(e).splitlines()) > 1 else 0].strip()}") from None
     return model, cfg

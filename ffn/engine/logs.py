@@ -3,35 +3,59 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 from pathlib import Path
 
 
 class RunLog:
     """``log.csv`` and ``log.jsonl`` in ``out``. A run resumed after ``completed`` epochs drops rows of
-    later epochs (written before a crash that came before their checkpoint)."""
+    later epochs (written before a kill that came before their checkpoint).
+
+    Both files are rewritten whole on every row (a temporary file, then a rename; ``log.jsonl``
+    first, it is the one read back), so a kill never leaves a partial row or an empty log behind.
+    """
 
     def __init__(self, out: str | Path, completed: int = 0) -> None:
         self.csv, self.jsonl = Path(out) / "log.csv", Path(out) / "log.jsonl"
-        rows = self.rows()
-        for path in (self.csv, self.jsonl):
-            path.unlink(missing_ok=True)
-        for row in rows:
-            if row["epoch"] <= completed:
-                self.write(row)
+        self._rows = [row for row in self.rows() if row.get("epoch", 0) <= completed]
+        self._save()
 
     def rows(self) -> list[dict]:
+        """The rows in ``log.jsonl`` (lines that do not parse, such as a torn last line of a log
+        written by an older version, are left out)."""
         if not self.jsonl.is_file():
             return []
-        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line]
+        rows = []
+        for line in self.jsonl.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
 
     def write(self, row: dict) -> None:
+        self._rows.append(row)
+        self._save()
+
+    def _save(self) -> None:
         self.csv.parent.mkdir(parents=True, exist_ok=True)
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        new = not self.csv.is_file()
-        with self.csv.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        _write_atomic(self.jsonl, "".join(json.dumps(row) + "\n" for row in self._rows))
+        text = io.StringIO()
+        if self._rows:
+            writer = csv.DictWriter(text, fieldnames=list(self._rows[0]))
+            writer.writeheader()
+            writer.writerows(self._rows)
+        _write_atomic(self.csv, text.getvalue())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,8 +12,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..config import Config
-from ..data import collate, num_classes, train_dataset
+from ..config import Config, UserError
+from ..data import build_source, collate, num_classes, train_dataset
 from ..losses import temporal_distillation_loss
 from ..sync_bn import convert_sync_freq_batchnorm
 from . import checkpoint, distributed
@@ -25,13 +26,70 @@ from .optim import build_optimizer, build_scheduler
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def fit(cfg: Config, resume: Optional[str | Path] = None) -> Path:
-    """Train as ``cfg`` says (resuming from checkpoint ``resume``); return the last checkpoint's path."""
+# Files of a run in train.out; a new run (no --resume) into a folder holding one needs overwrite=True
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "log.csv")
+
+# Config keys a resumed run may change (applied and printed); any other change is refused, since the
+# restored model, optimizer, schedule and generators would not follow it
+RESUME_MAY_CHANGE = frozenset({
+    "train.epochs", "train.out", "train.device", "train.progress", "train.val_twice", "train.val_crops",
+    "data.root", "data.train_list", "data.val_list", "data.workers", "data.skip_bad",
+    "model.impl", "model.pretrained", "model.pretrained_format",
+})
+
+
+def fit(cfg: Config, resume: Optional[str | Path] = None, overwrite: bool = False) -> Path:
+    """Train as ``cfg`` says (resuming from checkpoint ``resume``); return the last checkpoint's path.
+
+    Without ``resume``, a ``train.out`` that already holds a run raises :class:`~ffn.config.UserError`
+    unless ``overwrite`` is set (then the old run's checkpoints and log are removed first)."""
+    out = Path(cfg.train.out)
+    if resume is None:
+        found = existing_run(out)
+        if found and not overwrite:
+            raise UserError(f"train.out {out} already holds a run ({', '.join(found)}): continue it with "
+                            f"--resume, or start over with --overwrite")
+        if found and int(os.environ.get("RANK", 0)) == 0:  # before any rank can write (setup waits for all)
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
     d, device = distributed.setup(cfg.train.device)
     try:
         return Trainer(cfg, d, device).run(resume)
     finally:
         distributed.teardown()
+
+
+def existing_run(out: Path) -> list[str]:
+    """The files of an earlier run in ``out`` (an empty log does not count)."""
+    return [name for name in RUN_FILES
+            if (out / name).is_file() and (name.endswith(".pt") or (out / name).stat().st_size > 0)]
+
+
+def resume_changes(saved: dict, cfg: Config, path) -> list[str]:
+    """``key: old -> new`` for every config value ``cfg`` changes from the checkpoint's config
+    ``saved``; raises :class:`~ffn.config.UserError` on a change outside :data:`RESUME_MAY_CHANGE`."""
+    old, new = _flatten(saved), _flatten(cfg.to_dict())
+    changes, refused = [], []
+    for key, value in new.items():
+        if key not in old or old[key] == value:
+            continue
+        (changes if key in RESUME_MAY_CHANGE else refused).append(f"{key}: {old[key]!r} -> {value!r}")
+    if refused:
+        raise UserError(
+            f"--resume {path}: {'; '.join(refused)} would not be honoured (the checkpoint's model, optimizer, "
+            f"schedule and data order are restored as trained); drop the override, or start a new run "
+            f"with --overwrite")
+    return changes
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return flat
 
 
 class Trainer:
@@ -41,11 +99,13 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model, num_classes(cfg.data)).to(device)
         if cfg.train.sync_bn and cfg.model.impl != "fused":
-            raise ValueError("train.sync_bn needs model.impl=fused")
+            raise UserError("config train.sync_bn=true needs model.impl=fused")
         if cfg.train.sync_bn and d.enabled:
             convert_sync_freq_batchnorm(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
+        # both lists are read (and every line checked) before the first step
         self.dataset = train_dataset(cfg.data, cfg.model.frames, cfg.train.seed)
+        self.val_source = build_source(cfg.data, "val")
         # one sampler for any world size: every run draws the same permutation per epoch
         self.sampler = DistributedSampler(self.dataset, d.world, d.rank, shuffle=True,
                                           seed=cfg.train.seed, drop_last=True)
@@ -54,27 +114,39 @@ class Trainer:
                                  pin_memory=device.type == "cuda")
         self.steps = min(len(self.loader), cfg.train.max_steps or len(self.loader))
         if self.steps == 0:
-            raise ValueError(f"{len(self.dataset)} training videos make no batch of "
-                             f"{cfg.data.batch_size} clips on each of {d.world} processes")
+            raise UserError(f"{len(self.dataset)} training videos make no batch of data.batch_size="
+                            f"{cfg.data.batch_size} clips on each of {d.world} processes")
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.epochs, self.steps)
         self.amp_dtype = AMP_DTYPES[cfg.optim.amp]
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype is torch.float16)
         self.completed, self.best = 0, float("-inf")
 
     def run(self, resume: Optional[str | Path]) -> Path:
+        """Train the remaining epochs. Each epoch ends, on the main process, with its log row, then
+        ``best.pt`` (where it improved), then ``last.pt``, each written whole or not at all: a kill at
+        any moment leaves the checkpoints and log of the last completed epoch, plus at most a log row
+        and a ``best.pt`` of the epoch being saved, which a resume drops or rewrites as it redoes it."""
+        out = self.out
         if resume:
-            self.restore(checkpoint.load(resume))
+            self.restore(checkpoint.load(resume), resume)
+        if self.d.main:
+            for name in RUN_FILES:  # temporary files of a killed save
+                (out / (name + ".tmp")).unlink(missing_ok=True)
+        if self.completed == self.cfg.train.epochs and self.d.main:
+            print(f"{resume} has completed all {self.completed} epochs (train.epochs): nothing to do; "
+                  f"raise --epochs to train longer", file=sys.stderr)
         net = self.model
         if self.d.enabled:
             net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        log = RunLog(self.out, self.completed) if self.d.main else None
+        log = RunLog(out, self.completed) if self.d.main else None
         for epoch in range(self.completed, self.cfg.train.epochs):
             self.dataset.set_epoch(epoch)
             self.sampler.set_epoch(epoch)
             row = {"epoch": epoch + 1, **self.train_epoch(net, epoch)}
             distributed.broadcast_buffers(self.model, self.d)
             val = accuracy_by_frames(self.model, self.cfg.data, self.cfg.model.frames, self.device, self.d,
-                                     self.cfg.train.val_twice, self.cfg.train.val_crops, self.amp_dtype)
+                                     self.cfg.train.val_twice, self.cfg.train.val_crops, self.amp_dtype,
+                                     self.val_source)
             for n, acc in val.items():
                 row[f"val_top1@{n}"], row[f"val_top5@{n}"] = acc["top1"], acc["top5"]
             row["val_skipped"] = max(acc["skipped"] for acc in val.values())
@@ -85,13 +157,15 @@ class Trainer:
             rng = distributed.gather(checkpoint.rng_state(self.device), self.d)
             if self.d.main:
                 state = self.state(rng)
-                checkpoint.save_atomic(state, self.out / "last.pt")
-                if improved:
-                    checkpoint.save_atomic(state, self.out / "best.pt")
+                point = f"epoch{epoch + 1}"
                 log.write(row)
+                checkpoint.kill_point(f"{point}:log.jsonl")
+                if improved:  # before last.pt: a last.pt never records a best that best.pt lacks
+                    checkpoint.save_atomic(state, out / "best.pt", point)
+                checkpoint.save_atomic(state, out / "last.pt", point)
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                       flush=True)
-        return self.out / "last.pt"
+        return out / "last.pt"
 
     def train_epoch(self, net: torch.nn.Module, epoch: int) -> dict:
         from tqdm import tqdm
@@ -125,6 +199,9 @@ class Trainer:
         bar.close()
         elapsed = time.perf_counter() - start
         *values, clips, skipped = distributed.all_sum([*sums.values(), clips, skipped], d, self.device)
+        if clips == 0:  # every video unreadable and skipped: refuse to save an untrained model
+            raise UserError(f"epoch {epoch + 1}: no readable training video in {self.steps} batches "
+                            f"({int(skipped)} skipped with --skip-bad); nothing to train on")
         stats = {k: v / max(clips, 1) * (100 if k.startswith("train_top1") else 1) for k, v in zip(sums, values)}
         return {"lr": self.optimizer.param_groups[0]["lr"], **stats, "clips_per_s": clips / elapsed,
                 "epoch_s": elapsed, "skipped": int(skipped)}
@@ -153,7 +230,18 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng,
         }
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: dict, path) -> None:
+        """Load a checkpoint of this run: its config must match ``self.cfg`` except for the keys of
+        :data:`RESUME_MAY_CHANGE` (those are printed)."""
+        missing = sorted({"epoch", "best", "config", "model", "optimizer", "scheduler", "scaler", "rng"} - set(state))
+        if missing:
+            raise UserError(f"--resume {path}: not a training checkpoint of `ffn train` (no {', '.join(missing)})")
+        changes = resume_changes(state["config"], self.cfg, path)
+        if state["epoch"] > self.cfg.train.epochs:
+            raise UserError(f"train.epochs (--epochs) is {self.cfg.train.epochs} but {path} has already "
+                            f"completed {state['epoch']} epochs")
+        if changes and self.d.main:
+            print(f"resuming {path} with {'; '.join(changes)}", flush=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
