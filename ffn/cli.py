@@ -28,6 +28,12 @@ def parse_frames(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; ``argv=None`` means this process is the command line, which then gets the
+    job allocator first (:mod:`ffn.allocator`: the process re-executes itself with mimalloc)."""
+    if argv is None:
+        from .allocator import use_mimalloc
+
+        use_mimalloc()
     parser = argparse.ArgumentParser(prog="ffn", description="Frame Flexible Network: train, evaluate, demo")
     sub = parser.add_subparsers(dest="command", required=True)
 
