@@ -1,6 +1,8 @@
-"""Benchmark section: TSM-ResNet-50 FFN, packed fused model vs its eager twin (the official
-branch-by-branch structure) vs ``torch.compile`` of the twin: one three-branch training step
-(forward, distillation loss, backward) and selected-branch inference."""
+"""Benchmark section: TSM-ResNet FFN, the packed fused model vs its eager twin (the official
+branch-by-branch structure), each in NCHW and channels_last, vs ``torch.compile`` of the twin: one
+three-branch training step (forward, distillation loss, backward), selected-branch inference and
+the folded single branch (``export_branch``) as the inference floor. Every ratio is taken against
+the best eager configuration measured in this run; rows carry min/median/max."""
 
 from __future__ import annotations
 
@@ -9,35 +11,34 @@ import time
 import torch
 
 from ffn import EagerFFNResNet, FFNResNet
+from ffn.export import export_branch
 from ffn.losses import temporal_distillation_loss
 from timing import measure, peak_memory, saved_tensor_bytes
 
 FRAMES = (4, 8, 16)
 EVAL_FRAMES = 8
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-def _models(args, device):
+def _models(args, device) -> dict:
     torch.manual_seed(0)
-    fused = FFNResNet(depth=args.depth, frames=FRAMES, num_classes=args.classes).to(device)
-    eager = EagerFFNResNet.twin(fused)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    return {"fused": fused.to(memory_format=fmt), "eager": eager.to(memory_format=fmt)}
+    base = FFNResNet(depth=args.depth, frames=FRAMES, num_classes=args.classes).to(device)
+    models = {}
+    for name, fmt in FORMATS.items():
+        fused = FFNResNet(depth=args.depth, frames=FRAMES, num_classes=args.classes).to(device)
+        fused.load_state_dict(base.state_dict())
+        models[f"fused {name}"] = fused.to(memory_format=fmt)
+        models[f"eager {name}"] = EagerFFNResNet.twin(base).to(memory_format=fmt)
+    return models
 
 
-def model_section(args, report) -> None:
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    size = 64 if args.quick else args.size
-    clips = [torch.randn(args.clips, t, 3, size, size, device=device) for t in FRAMES]
-    target = torch.randint(args.classes, (args.clips,), device=device)
-    test_clip = torch.randn(args.clips, EVAL_FRAMES, 3, size, size, device=device)
-    models = _models(args, device)
-    if args.compile_model:
-        twin = EagerFFNResNet.twin(models["fused"])
-        models["compile"] = torch.compile(twin)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
+def train_steps(args, device, clips, target, models: dict, report, task: str,
+                memory: bool = True) -> None:
+    """Time (and measure the memory of) one training step of every model; add the rows."""
+    autocast = torch.autocast(device.type, dtype=getattr(torch, args.dtype),
+                              enabled=args.dtype != "float32")
     for name, model in models.items():
-        module = getattr(model, "_orig_mod", model)
+        module = getattr(model, "_orig_mod", model).train()
 
         def step(model=model, module=module):
             module.zero_grad(set_to_none=True)
@@ -45,41 +46,101 @@ def model_section(args, report) -> None:
                 loss = temporal_distillation_loss(model(clips), target).total
             loss.backward()
 
+        compile_s = None
+        if name.startswith("compile"):  # compile once, untimed, and report how long it took
+            t0 = time.perf_counter()
+            step()
+            compile_s = time.perf_counter() - t0
+        t = measure(step, device, args.repeats)
+        row = {"task": task, "impl": name, "ms": t.ms, "min_ms": t.min_ms, "max_ms": t.max_ms,
+               "clips_per_s": args.clips / t.median_s, "compile_s": compile_s}
+        if memory:
+            row["peak_MB"] = peak_memory(step, device) / 2**20
+            with autocast:
+                row["saved_MB"] = saved_tensor_bytes(lambda: model(clips))[0] / 2**20
+        report.add("model", row)
+
+
+def inference(args, device, test_clip, models: dict, report) -> None:
+    autocast = torch.autocast(device.type, dtype=getattr(torch, args.dtype),
+                              enabled=args.dtype != "float32")
+    task = f"inference {EVAL_FRAMES} frames"
+    row = models["fused nchw"].branch_for(EVAL_FRAMES)
+    runs = dict(models)
+    for name, fmt in FORMATS.items():  # the folded branch: plain convs, the floor for a branch
+        runs[f"folded {name}"] = export_branch(models["fused nchw"], row).to(memory_format=fmt)
+    for name, model in runs.items():
+        getattr(model, "_orig_mod", model).eval()
+
         def infer(model=model):
             with torch.no_grad(), autocast:
                 model(test_clip)
 
-        compile_s = None
-        if name == "compile":  # compile once, untimed, and report how long it took
-            t0 = time.perf_counter()
-            module.train()
-            step()
-            module.eval()
+        if name.startswith("compile"):
             infer()
-            compile_s = time.perf_counter() - t0
-        module.train()
-        train = measure(step, device, args.repeats)
-        peak = peak_memory(step, device)
-        with autocast:
-            saved, _ = saved_tensor_bytes(lambda: model(clips))
-        module.eval()
-        test = measure(infer, device, args.repeats)
-        n_clips = args.clips
-        report.add("model", {"task": "train step 4+8+16", "impl": name, "ms": train.ms,
-                             "clips_per_s": n_clips / train.median_s, "peak_MB": peak / 2**20,
-                             "saved_MB": saved / 2**20, "compile_s": compile_s})
-        report.add("model", {"task": f"inference {EVAL_FRAMES} frames", "impl": name,
-                             "ms": test.ms, "clips_per_s": n_clips / test.median_s})
-    rows = report.sections["model"]
-    base = {(r["task"]): r for r in rows if r["impl"] == "fused"}
+        t = measure(infer, device, args.repeats)
+        report.add("model", {"task": task, "impl": name, "ms": t.ms, "min_ms": t.min_ms,
+                             "max_ms": t.max_ms, "clips_per_s": args.clips / t.median_s})
+
+
+def _best(rows, task: str, prefix: str):
+    cands = [r for r in rows if r["task"] == task and r["impl"].startswith(prefix)]
+    return min(cands, key=lambda r: r["ms"]) if cands else None
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """``best_eager/ms`` (> 1: faster than the best eager configuration of the same task),
+    ``peak/best_eager`` and, for inference, ``ms/folded`` (the best folded branch)."""
     for r in rows:
-        ref = base[r["task"]]
-        r["time/fused"] = r["ms"] / ref["ms"]
-        if "peak_MB" in r:
-            r["peak/fused"] = r["peak_MB"] / ref["peak_MB"]
+        eager = _best(rows, r["task"], "eager")
+        if eager is not None:
+            r["best_eager/ms"] = eager["ms"] / r["ms"]
+            if r.get("peak_MB") and eager.get("peak_MB"):
+                r["peak/best_eager"] = r["peak_MB"] / eager["peak_MB"]
+        folded = _best(rows, r["task"], "folded")
+        if folded is not None:
+            r["ms/folded"] = r["ms"] / folded["ms"]
+
+
+def inputs(args, device):
+    size = 64 if args.quick else args.size
+    g = torch.Generator().manual_seed(0)
+    clips = [torch.randn(args.clips, t, 3, size, size, generator=g).to(device) for t in FRAMES]
+    target = torch.randint(args.classes, (args.clips,), generator=g).to(device)
+    test_clip = torch.randn(args.clips, EVAL_FRAMES, 3, size, size, generator=g).to(device)
+    return size, clips, target, test_clip
+
+
+def model_section(args, report) -> None:
+    from allocator_compare import system_allocator_rows
+    from profile_table import profile_training_step
+
+    device = torch.device(args.device)
+    size, clips, target, test_clip = inputs(args, device)
+    models = _models(args, device)
+    task = f"train step {'+'.join(map(str, FRAMES))}"
+    train_steps(args, device, clips, target, models, report, task, memory=not args.train_only)
+    if args.train_only:  # the allocator comparison's child process
+        return
+    if args.compile_model:
+        # the twin compiled in the format a user would pick: the faster eager one
+        fmt = FORMATS[_best(report.sections["model"], task, "eager")["impl"].split(" ", 1)[1]]
+        twin = EagerFFNResNet.twin(models["fused nchw"]).to(memory_format=fmt)
+        compiled = {"compile eager": torch.compile(twin)}
+        train_steps(args, device, clips, target, compiled, report, task)
+        models.update(compiled)
+    inference(args, device, test_clip, models, report)
+    if device.type == "cpu":
+        report.sections["model"] += system_allocator_rows(args, task, report.key())
+    rows = report.sections["model"]
+    add_ratios(rows)
     report.print_section(
         "model",
-        f"TSM-ResNet-{args.depth} FFN, {args.clips} clips x {FRAMES} frames, {size}x{size}: "
-        "time/fused > 1 means fused is faster; peak/fused > 1 means fused uses less memory",
-        ["task", "impl", "ms", "clips_per_s", "time/fused", "peak_MB", "peak/fused", "saved_MB",
-         "compile_s"])
+        f"TSM-ResNet-{args.depth} FFN, {args.clips} clips x {FRAMES} frames, {size}x{size}, "
+        f"allocator {report.meta['allocator']}: median, min, max of {args.repeats} runs; "
+        "best_eager/ms > 1 means faster than the best eager configuration of the same task",
+        ["task", "impl", "ms", "min_ms", "max_ms", "clips_per_s", "best_eager/ms", "ms/folded",
+         "peak_MB", "peak/best_eager", "saved_MB", "compile_s"])
+    best = _best(rows, task, "fused")["impl"]
+    profile_training_step(args, device, models[best], clips, target, report,
+                          f"{best} training step")

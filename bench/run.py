@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ffn_kernels  # noqa: E402
+from ffn import allocator  # noqa: E402
 from op_cases import OPS, STAGES, make_case  # noqa: E402
 from report import Report  # noqa: E402
 from timing import measure  # noqa: E402
@@ -51,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time torch.compile(eager twin) (default: on for CUDA; on CPU the "
                         "ResNet-50 compile alone takes minutes)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
+    p.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)  # allocator child
     args = p.parse_args(argv)
     if not (args.ops or args.model or args.traffic or args.overhead):
         args.ops = args.model = args.traffic = args.overhead = True
@@ -130,6 +132,7 @@ def main(argv=None) -> None:
         "torch": torch.__version__, "ffn_kernels": ffn_kernels.__version__,
         "backend": ffn_kernels.backend_name(device), "dtype": args.dtype,
         "channels_last": args.channels_last, "clips": args.clips, "repeats": args.repeats,
+        "allocator": allocator.active(),
     })
     report.print_header()
     if args.overhead:
@@ -147,4 +150,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    allocator.use_mimalloc()  # the same process setting for every implementation measured
     main()

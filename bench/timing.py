@@ -13,12 +13,23 @@ import torch
 
 @dataclass
 class Timing:
-    median_s: float
-    runs: int
+    samples: list[float]  # seconds per run
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.samples)
 
     @property
     def ms(self) -> float:
         return self.median_s * 1e3
+
+    @property
+    def min_ms(self) -> float:
+        return min(self.samples) * 1e3
+
+    @property
+    def max_ms(self) -> float:
+        return max(self.samples) * 1e3
 
 
 def _sync(device: torch.device) -> None:
@@ -49,7 +60,7 @@ def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup
         if i >= warmup:
             samples.append(elapsed)
         del state
-    return Timing(statistics.median(samples), len(samples))
+    return Timing(samples)
 
 
 def saved_tensor_bytes(fn: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
