@@ -75,10 +75,14 @@ class Report:
             writer.writeheader()
             writer.writerows(rows)
         self._plot()
-        print(f"\nwrote {self.out / 'results.json'}, results.csv, results.png")
+        print(f"\nwrote {self.out / 'results.json'}, results.csv and the chart")
 
     def _plot(self) -> None:
-        import matplotlib
+        try:
+            import matplotlib
+        except ImportError:  # e.g. a bare GPU image: the tables, JSON and CSV are the results
+            print("matplotlib is not installed: no results.png")
+            return
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
