@@ -1,6 +1,6 @@
 """Per-call cost of the ops at a tiny shape, where the host-side path (dispatch, checks, autograd)
 and not the kernel sets the time: each fused op against the eager composition it replaces, on one
-thread. Target (DESIGN.md §6): fused fwd+bwd <= 0.7x eager."""
+thread. Target (docs/design.md §6): fused fwd+bwd <= 0.7x eager."""
 
 from __future__ import annotations
 

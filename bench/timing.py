@@ -1,4 +1,4 @@
-"""Side-by-side timing and memory measurement for the benchmark (DESIGN.md §6)."""
+"""Side-by-side timing and memory measurement for the benchmark (docs/design.md §6)."""
 
 from __future__ import annotations
 

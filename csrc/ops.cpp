@@ -1,4 +1,4 @@
-// The schemas of the extension's two libraries (DESIGN.md §4):
+// The schemas of the extension's two libraries (docs/design.md §4.1):
 //   ffn_kernels::<op>, <op>_backward — the public, differentiable ops; their CPU/CUDA/Meta and
 //     Autograd implementations are in csrc/ops/<op>.cpp, their Python wrappers in ffn_kernels/ops.py;
 //   ffn_kernels_C::<raw> — the raw kernels of the compiled backends (meaning: ffn_kernels/reference.py),

@@ -1,4 +1,4 @@
-"""The process's memory allocator for long CPU jobs (DESIGN.md §6).
+"""The process's memory allocator for long CPU jobs (docs/design.md §7).
 
 A video model's activations are tens to hundreds of MB each. glibc serves such buffers with fresh
 ``mmap`` calls and returns them on free (and torch's 64-byte-aligned requests fragment its heap when

@@ -1,4 +1,4 @@
-"""FFN's temporal distillation loss (DESIGN.md §1)."""
+"""FFN's temporal distillation loss (docs/design.md §1)."""
 
 from __future__ import annotations
 

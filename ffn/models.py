@@ -1,4 +1,4 @@
-"""TSM-ResNet FFN on the packed multi-branch layout (DESIGN.md §2, §5).
+"""TSM-ResNet FFN on the packed multi-branch layout (docs/design.md §2, §5).
 
 All branches of a step live in one tensor ``[N*(T_0+T_1+...), C, H, W]``: every shared convolution
 runs once on it, and the per-branch work (BatchNorm, Weight Alteration, temporal shift) runs in the

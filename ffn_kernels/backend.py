@@ -1,4 +1,4 @@
-"""Which kernels run an op (DESIGN.md §4).
+"""Which kernels run an op (docs/design.md §4).
 
 Every backend is a module-like object with the raw API of :mod:`ffn_kernels.reference`
 (``shift_alter_fwd``, ``bn_fwd``, ...). The public ops dispatch in C++ (``csrc/ops/``): for each

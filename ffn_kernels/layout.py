@@ -1,4 +1,4 @@
-"""The packed multi-branch frame layout (DESIGN.md §2).
+"""The packed multi-branch frame layout (docs/design.md §2).
 
 Every branch of a batch lives in one tensor ``[N*(T_0+...+T_{S-1}), C, H, W]``: segment ``s`` holds
 the ``N`` clips of branch ``s`` (clip-major, frame-minor) and uses row ``rows[s]`` of every

@@ -1,4 +1,4 @@
-"""The fused ops (DESIGN.md §3), Python side.
+"""The fused ops (docs/design.md §3), Python side.
 
 Public functions (take a :class:`~ffn_kernels.FrameLayout`):
 

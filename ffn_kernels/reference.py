@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the fused ops, written for clarity (DESIGN.md §3).
+"""Pure-PyTorch reference of the fused ops, written for clarity (docs/design.md §3).
 
 This module is the oracle of every test and the "eager" side of the op benchmarks. It has two
 parts:

@@ -1,6 +1,6 @@
 """Conventions shared by the Python side of the ops and the reference: memory format, accumulation
 dtype and per-segment momenta. The ops' argument checks (errors naming the argument, nothing
-silently broadcast or truncated, DESIGN.md §3) are in C++, ``csrc/ops/dispatch.cpp``."""
+silently broadcast or truncated, docs/design.md §3.5) are in C++, ``csrc/ops/dispatch.cpp``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md §3 raises a clear TypeError/ValueError naming the argument."""
+"""Every bad input of docs/design.md §3.5 raises a clear TypeError/ValueError naming the argument."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-// CPU kernels of freq_batch_norm and bn_add_relu_shift_alter (DESIGN.md §3.2-3.3): per-segment
+// CPU kernels of freq_batch_norm and bn_add_relu_shift_alter (docs/design.md §3.2-3.3): per-segment
 // BatchNorm with parameter row p_s, optional residual and ReLU, and at the residual-block boundary
 // the shift_alter of the block output written in the same pass.
 #include <torch/library.h>

@@ -1,4 +1,4 @@
-// CPU kernels of shift_alter (DESIGN.md §3.1): y[f, c] = (1 + alter[p_s, c]) * x[src(f, c)].
+// CPU kernels of shift_alter (docs/design.md §3.1): y[f, c] = (1 + alter[p_s, c]) * x[src(f, c)].
 #include <torch/library.h>
 
 #include "cpu/common.h"

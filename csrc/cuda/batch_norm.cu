@@ -1,4 +1,4 @@
-// bn_fwd / bn_bwd (frequency-indexed BatchNorm, DESIGN.md §3.2) and bnrs_fwd / bnrs_bwd (the
+// bn_fwd / bn_bwd (frequency-indexed BatchNorm, docs/design.md §3.2) and bnrs_fwd / bnrs_bwd (the
 // residual-block boundary BN + add + ReLU + shift_alter, §3.3). The BN op is the bnrs op without
 // the shift, so both share one elementwise template and one reduction visitor (kShift).
 #include "ops.cuh"

@@ -25,7 +25,7 @@ namespace cuda {
 constexpr int kMaxSegments = 64;
 constexpr int kThreads = 256;  // every kernel here runs 256-thread blocks
 
-// The packed layout (DESIGN.md §2) as kernel arguments: a few hundred bytes, passed by value.
+// The packed layout (docs/design.md §2) as kernel arguments: a few hundred bytes, passed by value.
 struct SegTable {
   int n;                                // number of segments S
   int frames_per_chunk;                 // reduction chunk size in frames (split reductions)

@@ -1,4 +1,4 @@
-// shift_alter_fwd / shift_alter_bwd: temporal shift + Weight Alteration (DESIGN.md §3.1).
+// shift_alter_fwd / shift_alter_bwd: temporal shift + Weight Alteration (docs/design.md §3.1).
 #include "ops.cuh"
 
 namespace ffn_kernels {

@@ -1,4 +1,4 @@
-// bn_add_relu_shift_alter (DESIGN.md §3): the residual-block boundary, out = relu(BN(z) + identity)
+// bn_add_relu_shift_alter (docs/design.md §3.3): the residual-block boundary, out = relu(BN(z) + identity)
 // and next_in = shift_alter(out) in one pass. The public op and its backward for CPU, CUDA and
 // Meta tensors, and its autograd formula. Functional in the running statistics, like
 // freq_batch_norm.

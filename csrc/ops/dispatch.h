@@ -1,4 +1,4 @@
-// The dispatch-facing layer of the public ops (DESIGN.md §4): argument checks whose errors name the
+// The dispatch-facing layer of the public ops (docs/design.md §4.1): argument checks whose errors name the
 // argument, memory-format/dtype normalisation, and the route from a public op to the raw kernels of
 // the chosen backend.
 //

@@ -1,4 +1,4 @@
-// freq_batch_norm (DESIGN.md §3): frequency-indexed BatchNorm (+ residual, + ReLU). The public op
+// freq_batch_norm (docs/design.md §3.2): frequency-indexed BatchNorm (+ residual, + ReLU). The public op
 // and its backward for CPU, CUDA and Meta tensors, and its autograd formula. The op is functional:
 // it returns updated copies of the running statistics, which the Python wrapper writes back.
 #include <torch/autograd.h>

@@ -1,4 +1,4 @@
-// shift_alter (DESIGN.md §3): temporal shift + Weight Alteration. The public op and its backward
+// shift_alter (docs/design.md §3.1): temporal shift + Weight Alteration. The public op and its backward
 // for CPU, CUDA and Meta tensors, and its autograd formula.
 #include <torch/autograd.h>
 #include <torch/library.h>

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused ops (DESIGN.md §2-4).
+"""Triton kernels of the fused ops (docs/design.md §2, §3, §4.6).
 
 Every pass runs on the grid ``(chunk, channel block)``. A *chunk* is a run of consecutive frames
 inside one segment (see :func:`ffn_kernels.triton.api._meta`), so a program knows its segment,

@@ -1,4 +1,4 @@
-"""Memory traffic of the Triton kernels, counted from their own loads and stores (DESIGN.md §6).
+"""Memory traffic of the Triton kernels, counted from their own loads and stores (docs/design.md §6).
 
 Under ``TRITON_INTERPRET=1`` every ``tl.load``/``tl.store`` goes through the interpreter's
 builder; :func:`meter` wraps its masked load/store (plain ones route through them) and adds
