@@ -67,6 +67,21 @@ def test_list_file_parses_and_names_bad_lines(tmp_path):
     assert read_list_file(f, frames_column=False)[0].label == 2
 
 
+def test_list_file_checks_labels_encoding_and_existence(tmp_path):
+    f = tmp_path / "l.txt"
+    f.write_text("a 10 3\nb 10 4\n")
+    assert len(read_list_file(f, num_classes=5)) == 2
+    with pytest.raises(ValueError, match=r"l.txt:2: label 4 is out of range for data.num_classes=4"):
+        read_list_file(f, num_classes=4)
+    f.write_bytes("\ufeffa b 10 1\n".encode())  # a BOM was part of the first path
+    assert read_list_file(f, root="/r")[0].path == "/r/a b"
+    f.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(ValueError, match=r"l.txt: not a UTF-8 text file"):
+        read_list_file(f)
+    with pytest.raises(ValueError, match=r"list file .*none.txt does not exist"):
+        read_list_file(tmp_path / "none.txt")
+
+
 # --- frame folders -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("template,start", [("img_{:05d}.jpg", 1), ("{:05d}.jpg", 1), ("{:06d}.jpg", 0)])

@@ -59,6 +59,9 @@ def test_config_files_and_overrides(tmp_path):
     with pytest.raises(ValueError, match="optim.amp"):
         load_config(overrides=["optim.amp=fp8"])
     assert parse_frames("2..5,8") == [2, 3, 4, 5, 8]
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError, match="1..1024"):  # built 10^8 counts before
+        parse_frames("1..100000000")
 
 
 def test_parameter_groups_follow_the_tsm_policy():
@@ -186,6 +189,89 @@ def test_resume_after_a_kill_continues_exactly(tmp_path):
     assert rows[0] == rows[1] and len(rows[0]) == 2
 
 
+# --- kills while an epoch's outputs are saved, resume, run folders ----------------------------------
+
+# width 8 on 8x8 crops, one step per epoch, 2 epochs: a run takes a few seconds
+SMALL = [
+    "data.synthetic.train_videos=4", "data.synthetic.val_videos=2", "data.synthetic.num_frames=4",
+    "data.synthetic.frame_size=16", "data.size=8", "data.scale_size=8", "data.batch_size=2",
+    "data.workers=0", "model.frames=[1,2]", "model.width=8", "model.dropout=0.5", "train.epochs=2",
+    "train.max_steps=1", "train.progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 2-epoch run of SMALL."""
+    out = tmp_path_factory.mktemp("straight")
+    assert main(["train", *SMALL, "--out", str(out)]) == 0
+    return out
+
+
+def same_run(a, b) -> None:
+    """Runs ``a`` and ``b`` hold the same checkpoints and log rows (timings aside)."""
+    for name in ("last.pt", "best.pt"):
+        sa, sb = checkpoint.load(Path(a) / name), checkpoint.load(Path(b) / name)
+        assert (sa["epoch"], sa["best"]) == (sb["epoch"], sb["best"]), name
+        for key, value in sa["model"].items():
+            assert torch.equal(value, sb["model"][key]), (name, key)
+    drop = {"clips_per_s", "epoch_s"}
+    rows = [[{k: v for k, v in r.items() if k not in drop} for r in read_log(run)] for run in (a, b)]
+    assert rows[0] == rows[1]
+
+
+# Points of an epoch's save (ffn.engine.checkpoint.kill_point): best.pt.tmp = the temporary file
+# open and empty (the kill of the issue), best.pt = best.pt in place but last.pt not yet, log.jsonl =
+# the log row written but no checkpoint of its epoch
+@pytest.mark.parametrize("point,rows,last,best", [
+    ("epoch1:best.pt.tmp", [1], None, None), ("epoch1:best.pt", [1], None, 1), ("epoch2:log.jsonl", [1, 2], 1, 1),
+])
+def test_a_kill_while_an_epoch_is_saved_resumes_to_the_same_run(tmp_path, straight, point, rows, last, best):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "ffn", "train", *SMALL, "--out", str(out)],
+                          env=child_env(FFN_TEST_KILL_AT=point),  # same threads: same sums
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    # what the kill left: whole checkpoints of completed epochs, whole log rows (at most one more)
+    for name, epoch in (("last.pt", last), ("best.pt", best)):
+        assert (checkpoint.load(out / name)["epoch"] if (out / name).exists() else None) == epoch, name
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == rows
+
+    assert main(["train", *SMALL, "--out", str(out), "--resume"]) == 0
+    same_run(straight, out)
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "log.csv", "log.jsonl"]
+
+
+def test_resume_takes_the_checkpoints_config_and_says_what_it_changes(tmp_path, straight, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "train.epochs=3"]) == 0  # no config given again
+    printed = capsys.readouterr().out
+    assert "train.epochs: 2 -> 3" in printed and "train.out" in printed
+    state = checkpoint.load(out / "last.pt")
+    assert state["epoch"] == 3 and state["config"]["train"]["epochs"] == 3
+    assert state["config"]["model"]["width"] == 8 and [r["epoch"] for r in read_log(out)] == ["1", "2", "3"]
+    # a change the restored state would not follow is refused, naming the key and both values
+    with pytest.raises(ValueError, match=r"optim.lr: 0.01 -> 0.5"):
+        fit(load_config(overrides=[*SMALL, f"train.out={out}", "train.epochs=4", "optim.lr=0.5"]), out / "last.pt")
+    assert checkpoint.load(out / "last.pt")["epoch"] == 3
+
+
+def test_a_new_run_into_a_folder_holding_one_is_refused_unless_overwrite(tmp_path, straight):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    with pytest.raises(ValueError, match="--resume.*--overwrite"):
+        fit(load_config(overrides=[*SMALL, f"train.out={out}"]))
+    assert checkpoint.load(out / "last.pt")["epoch"] == 2 and len(read_log(out)) == 2
+    assert main(["train", *SMALL, "--out", str(out), "train.epochs=1", "--overwrite"]) == 0
+    assert checkpoint.load(out / "last.pt")["epoch"] == 1 and len(read_log(out)) == 1
+
+
 def test_ddp_gloo_two_processes_match_one_process_with_sync_bn(tmp_path):
     """2 ranks x 2 clips with all-reduced per-branch BN statistics take the same steps as 1 process x 4
     clips: same permutation, same augmentation, same global statistics, averaged gradients."""
@@ -213,7 +299,7 @@ def test_ddp_gloo_two_processes_match_one_process_with_sync_bn(tmp_path):
 
 # --- bad videos ----------------------------------------------------------------------------------
 
-def test_training_on_frame_folders_raises_on_a_missing_frame_or_skips_it(tmp_path):
+def test_training_on_frame_folders_raises_on_a_missing_frame_or_skips_it(tmp_path, capsys):
     from PIL import Image
     import numpy as np
 
@@ -235,3 +321,9 @@ def test_training_on_frame_folders_raises_on_a_missing_frame_or_skips_it(tmp_pat
     assert main(["train", *tiny(tmp_path / "lenient", *data), "--skip-bad"]) == 0
     (row,) = read_log(tmp_path / "lenient")
     assert int(row["skipped"]) == 1 and int(row["val_skipped"]) == 1
+    # eval --skip-bad says what it skipped, once per video (it printed nothing before)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "lenient" / "last.pt"), "--skip-bad", "--frames", "2..4",
+                 "--out", str(tmp_path / "eval")]) == 0
+    skipped = [line for line in capsys.readouterr().err.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 1 and "v3" in skipped[0], skipped
