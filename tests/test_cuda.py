@@ -180,8 +180,8 @@ def test_bnrs(case, dtype, channels_last, training, with_alter):
 @requires_gpu
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_repeated_rows(channels_last):
-    """A row used by two segments (eval, or no running statistics): parameter gradients come from
-    the last such segment, as in the reference and the CPU kernels."""
+    """A row used by two segments (eval, or no running statistics): parameter gradients are the
+    sum over those segments, as in the reference (and autograd) and the CPU kernels."""
     layout = FrameLayout(clips=2, frames=(2, 3), rows=(1, 1))
     p = _params(3, 16, torch.float32)
     x = make_input(layout, 16, (3, 3), torch.float32, channels_last)

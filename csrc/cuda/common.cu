@@ -221,10 +221,11 @@ __global__ void row_grads_kernel(const acc_t* __restrict__ sums, const acc_t* __
     for (int i = 0; i < kMaxRowGrads; ++i) {  // unrolled: a.out[i] is not copied to the stack
       if (i >= a.n) break;
       acc_t v = 0;
-      for (int s = 0; s < seg.n; ++s) {  // segments in order: a repeated row ends with the last
+      for (int s = 0; s < seg.n; ++s) {  // segments in order: a repeated row sums them
         if (seg.row[s] != p) continue;
-        v = sums[(static_cast<int64_t>(a.field[i]) * seg.n + s) * C + c];
-        if (a.times_invstd[i]) v *= invstd[static_cast<int64_t>(s) * C + c];
+        acc_t t = sums[(static_cast<int64_t>(a.field[i]) * seg.n + s) * C + c];
+        if (a.times_invstd[i]) t *= invstd[static_cast<int64_t>(s) * C + c];
+        v += t;
       }
       a.out[i][idx] = v;
     }

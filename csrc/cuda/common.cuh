@@ -387,9 +387,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(
 // chunk added in a fixed order (deterministic, no atomics).
 at::Tensor combine_sums(const at::Tensor& partials, const SegTable& seg, const Geom& g);
 
-// A parameter gradient [P, C]: out[p] = seg_sums[field][s] (times invstd[s] when `times_invstd`)
-// of the segment s with row p; a row used by several segments (eval, or no running statistics)
-// takes the last one, as the reference and the CPU kernels do; rows not in the layout get 0.
+// A parameter gradient [P, C]: out[p] = sum of seg_sums[field][s] (times invstd[s] when
+// `times_invstd`) over the segments s with row p, added in segment order (deterministic); a row
+// used by several segments (eval, or no running statistics) gets the sum of their gradients, as
+// autograd, the reference and the CPU kernels do; rows not in the layout get 0.
 struct RowGrad {
   int field;
   bool times_invstd;
