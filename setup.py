@@ -63,6 +63,8 @@ def extension():
     kwargs = dict(
         name="ffn_kernels._C",
         include_dirs=[str(ROOT / "csrc")],
+        # reported by `python -m ffn_kernels.info` (stringified in csrc/ops.cpp)
+        define_macros=[("FFN_TORCH_VERSION", torch.__version__)],
         extra_link_args=["-fopenmp"],
     )
     if build_cuda():
@@ -72,8 +74,7 @@ def extension():
             nvcc.append("-Xptxas=-v")
         return CUDAExtension(
             sources=sources,
-            define_macros=[("FFN_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx + ["-DFFN_WITH_CUDA"], "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             **kwargs,
         )
     return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)

@@ -44,7 +44,24 @@ TORCH_LIBRARY(ffn_kernels, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+#define FFN_STR2(x) #x
+#define FFN_STR(x) FFN_STR2(x)
+
+namespace {
+// What this binary was built with (a mismatch with the running torch is a common install error).
+std::string build_info() {
+  std::string info = "torch " FFN_STR(FFN_TORCH_VERSION) ", C++ " FFN_STR(__cplusplus);
+#if defined(__clang__)
+  info += ", clang " __clang_version__;
+#elif defined(__GNUC__)
+  info += ", gcc " __VERSION__;
+#endif
+  return info;
+}
+}  // namespace
+
 TORCH_LIBRARY(ffn_kernels_C, m) {
+  m.def("build_info() -> str", &build_info);
   // which route the public ops take per device type (called by ffn_kernels.backend.set_backend)
   m.def("set_python_route(bool cpu, bool cuda) -> ()", &ffn_kernels::ops::set_python_route);
   m.def(

@@ -8,8 +8,9 @@ reference, or an error naming the problem). :func:`set_backend` sets that route.
 from ``FFN_KERNELS_BACKEND`` (``auto|cuda|triton|cpu|reference``, read at import) or
 :func:`set_backend`:
 
-* ``auto``: CUDA tensors use the CUDA extension if it was built, else Triton; CPU tensors use the
-  C++ CPU kernels if the extension was built, else the reference.
+* ``auto``: CUDA tensors use the CUDA extension if it was built with CUDA kernels, else Triton;
+  CPU tensors use the C++ CPU kernels. (Without the extension the public ops do not exist; the raw
+  API of :func:`kernels_for` then falls back to the reference for CPU tensors.)
 * ``cpu`` / ``cuda``: the compiled extension (an error if it is missing).
 * ``triton``: the Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 * ``reference``: the pure-PyTorch reference everywhere.
@@ -64,7 +65,10 @@ def _check_choice(name: str) -> str:
     return name
 
 
-_choice = _check_choice(os.environ.get("FFN_KERNELS_BACKEND", "auto").strip().lower() or "auto")
+_env_choice = os.environ.get("FFN_KERNELS_BACKEND", "auto").strip().lower() or "auto"
+# an invalid FFN_KERNELS_BACKEND must not break `import ffn_kernels` (nor `python -m
+# ffn_kernels.info`, which reports it): it fails at first use, naming the variable
+_choice: str | None = _env_choice if _env_choice in CHOICES else None
 
 
 def set_backend(name: str) -> None:
@@ -75,14 +79,20 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
+    if _choice is None:
+        raise ValueError(
+            f"FFN_KERNELS_BACKEND must be one of {CHOICES}, got {_env_choice!r}; fix the variable "
+            "or call ffn_kernels.set_backend(...)"
+        )
     return _choice
 
 
 def backend_name(device: torch.device | str) -> str:
     """Name of the backend that runs ops on ``device`` under the current choice."""
     device_type = torch.device(device).type
-    if _choice != "auto":
-        return _choice
+    choice = get_backend()
+    if choice != "auto":
+        return choice
     if device_type == "cuda":
         return "cuda" if extension_has_cuda() else "triton"
     if device_type == "cpu":
@@ -134,10 +144,14 @@ def _define_python_routes() -> torch.library.Library:
 
 
 def _set_routes() -> None:
-    if extension_loaded():
-        torch.ops.ffn_kernels_C.set_python_route(
-            backend_name("cpu") != "cpu", backend_name("cuda") != "cuda" or not extension_has_cuda()
-        )
+    if not extension_loaded():
+        return
+    if _choice is None:  # the Python route raises the variable's error at the first op call
+        torch.ops.ffn_kernels_C.set_python_route(True, True)
+        return
+    torch.ops.ffn_kernels_C.set_python_route(
+        backend_name("cpu") != "cpu", backend_name("cuda") != "cuda" or not extension_has_cuda()
+    )
 
 
 if _extension_error is None:

@@ -1,14 +1,21 @@
-"""What this installation can run: ``python -m ffn_kernels.info``.
+"""What this installation can run: ``python -m ffn_kernels.info`` (paste it into bug reports).
 
-Prints the torch / CUDA / Triton versions, whether the compiled extension loaded, whether it
-carries CPU and CUDA kernels (a dispatcher query: no GPU needed) and which backend CPU and CUDA
-tensors would use under the current ``FFN_KERNELS_BACKEND`` choice.
+Prints, as ``torch.utils.collect_env`` users expect: Python, the OS, the CPU's vector ISA and
+torch's thread count; the torch / CUDA / Triton versions; whether the compiled extension loaded and
+what it was built with (torch version, compiler); whether it carries CPU and CUDA kernels (a
+dispatcher query: no GPU needed); whether each backend can run here; and which backend CPU and
+CUDA tensors use under the current ``FFN_KERNELS_BACKEND`` choice.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
+import importlib.util
 import os
+import platform
+import sys
+from typing import Sequence
 
 import torch
 
@@ -38,26 +45,65 @@ def _triton_version() -> str:
         return "not installed"
 
 
+def _build_info() -> str:
+    if not backend.extension_loaded():
+        return "-"
+    return torch.ops.ffn_kernels_C.build_info()
+
+
+def _usable() -> str:
+    """Each backend and whether it can run ops here (and on which tensors)."""
+    cuda = torch.cuda.is_available()
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    has_triton = importlib.util.find_spec("triton") is not None
+    rows = {
+        "cpu": backend.extension_loaded() and all(_has_kernels("CPU").values()),
+        "cuda": cuda and backend.extension_has_cuda(),
+        "triton": has_triton and (cuda or interpret),
+        "reference": True,
+    }
+    notes = {"triton": "" if cuda or not has_triton else " (CPU tensors need TRITON_INTERPRET=1)"}
+    return ", ".join(f"{name} {'yes' if ok else 'no'}{notes.get(name, '') if not ok else ''}"
+                     for name, ok in rows.items())
+
+
+def _choice(device: str) -> str:
+    try:
+        return backend.backend_name(device)
+    except ValueError as exc:  # an invalid FFN_KERNELS_BACKEND
+        return f"error: {exc}"
+
+
 def report() -> list[tuple[str, str]]:
     """The facts printed by ``python -m ffn_kernels.info``, as (label, value) pairs."""
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return [
         ("ffn_kernels", __version__),
+        ("Python", sys.version.split()[0] + f" ({sys.executable})"),
+        ("OS", platform.platform()),
+        ("CPU", f"{platform.machine()}, ISA {torch.backends.cpu.get_cpu_capability()}, "
+                f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}"),
         ("torch", torch.__version__),
         ("torch CUDA build", torch.version.cuda or "none (CPU-only torch)"),
         ("CUDA devices", str(cuda_devices) + (f" ({torch.cuda.get_device_name(0)})" if cuda_devices else "")),
         ("triton", _triton_version()),
         ("extension ffn_kernels._C", "loaded" if backend.extension_loaded()
          else f"not loaded ({backend._extension_error})"),
+        ("extension built with", _build_info()),
         ("CPU kernels", _kernels_line("CPU")),
         ("CUDA kernels", _kernels_line("CUDA")),
-        ("FFN_KERNELS_BACKEND", os.environ.get("FFN_KERNELS_BACKEND", "auto") + f" (current choice: {backend.get_backend()})"),
-        ("backend for cpu tensors", backend.backend_name("cpu")),
-        ("backend for cuda tensors", backend.backend_name("cuda")),
+        ("backends usable here", _usable()),
+        ("FFN_KERNELS_BACKEND", os.environ.get("FFN_KERNELS_BACKEND", "auto")),
+        ("backend for cpu tensors", _choice("cpu")),
+        ("backend for cuda tensors", _choice("cuda")),
     ]
 
 
-def main() -> None:
+def main(argv: Sequence[str] = ()) -> None:
+    argparse.ArgumentParser(
+        prog="python -m ffn_kernels.info", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    ).parse_args(argv)
     rows = report()
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
@@ -65,4 +111,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

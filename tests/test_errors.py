@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import ffn_kernels
 from ffn_kernels import FrameLayout, ShiftAlter, ops
 from conftest import make_input, make_params
 
@@ -94,3 +95,34 @@ def test_raw_cpu_kernels_refuse_empty_planes_instead_of_crashing():
     x = torch.randn(10, 0, 4, 4)
     with pytest.raises(ValueError, match="at least one channel"):
         torch.ops.ffn_kernels_C.shift_alter_bwd(x, x, 2, [2, 3], [0, 1], None, 8, False)
+
+
+def test_bad_backend_variable_fails_at_first_use_not_at_import():
+    import subprocess
+    import sys
+    code = ("import torch, ffn_kernels\n"
+            "from ffn_kernels import ops, FrameLayout\n"
+            "try:\n"
+            "    ops.shift_alter(torch.randn(2, 8, 2, 2), FrameLayout.single(1, 2))\n"
+            "except ValueError as e:\n"
+            "    print('ERR', e)\n")
+    env = dict(__import__("os").environ, FFN_KERNELS_BACKEND="bogus")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "ERR FFN_KERNELS_BACKEND must be one of" in out.stdout and "'bogus'" in out.stdout
+    info = subprocess.run([sys.executable, "-m", "ffn_kernels.info"], env=env, capture_output=True,
+                          text=True)
+    assert info.returncode == 0 and "FFN_KERNELS_BACKEND" in info.stdout and "bogus" in info.stdout
+
+
+def test_info_has_help_and_reports_the_environment(capsys):
+    from ffn_kernels import info
+    with pytest.raises(SystemExit) as exit_:
+        info.main(["--help"])
+    assert exit_.value.code == 0 and "bug reports" in capsys.readouterr().out
+    info.main([])
+    out = capsys.readouterr().out
+    for label in ("Python", "OS", "CPU", "ISA", "extension built with", "backends usable here"):
+        assert label in out
+    if ffn_kernels.backend.extension_loaded():
+        assert f"torch {torch.__version__}" in out  # what the extension was built against
