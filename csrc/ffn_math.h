@@ -33,12 +33,6 @@ FFN_HOST_DEVICE inline int shift_source_delta(int c, int fold, int t, int T, boo
   return (src < 0 || src >= T) ? kNoSource : d;
 }
 
-// Source frame index of channel c at local frame t (-1 outside the clip).
-FFN_HOST_DEVICE inline int shift_source_frame(int c, int fold, int t, int T, bool reverse = false) {
-  const int d = shift_source_delta(c, fold, t, T, reverse);
-  return d == kNoSource ? -1 : t + d;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Statistics. Partials are (count, mean, M2 = sum of squared deviations); Chan's pairwise merge
 // combines them without the cancellation of E[x^2] - E[x]^2.

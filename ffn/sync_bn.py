@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ffn_kernels import FrameLayout, FreqBatchNorm2d, ops
+from ffn_kernels.validation import memory_format_of, momenta
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -60,19 +61,20 @@ class SyncFreqBatchNorm2d(FreqBatchNorm2d):
                    activation: Optional[str]) -> Tensor:
         layout.check(x.shape[0], self.num_branches)
         weight, bias, running_mean, running_var, _, momentum = self._args(x, layout)
-        rows = list(layout.rows)
+        rows = layout.rows
         segments = [s.float() for s in layout.split(x)]
         sums = torch.stack([s.sum((0, 2, 3)) for s in segments])  # [S, C]
-        counts = torch.tensor([float(s.numel() // s.shape[1]) for s in segments], device=x.device)
+        # filled on the device (a tensor built from a host list would be a copy per call)
+        counts = torch.stack([sums.new_full((), float(s.numel() // s.shape[1])) for s in segments])
         totals = _AllReduceSum.apply(torch.cat([sums, counts[:, None]], 1), self.process_group)
         count = totals[:, -1:].detach()  # [S, 1]
         mean = totals[:, :-1] / count
         centred = [s - m.view(1, -1, 1, 1) for s, m in zip(segments, mean)]
         squares = torch.stack([(c * c).sum((0, 2, 3)) for c in centred])
         var = _AllReduceSum.apply(squares, self.process_group) / count
-        scale = weight[rows].float() * torch.rsqrt(var + self.eps)
-        y = torch.cat([c * k.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
-                       for c, k, b in zip(centred, scale, bias[rows].float())])
+        scale = torch.stack([weight[r] for r in rows]).float() * torch.rsqrt(var + self.eps)
+        y = torch.cat([c * k.view(1, -1, 1, 1) + bias[r].float().view(1, -1, 1, 1)
+                       for c, k, r in zip(centred, scale, rows)])
         if residual is not None:
             y = y + residual.float()
         if activation == "relu":
@@ -81,16 +83,11 @@ class SyncFreqBatchNorm2d(FreqBatchNorm2d):
             raise ValueError(f"activation must be None or 'relu', got {activation!r}")
         if running_mean is not None:
             with torch.no_grad():
-                m = torch.as_tensor(momentum, dtype=torch.float32, device=x.device).reshape(-1, 1)
                 unbiased = var * count / (count - 1).clamp(min=1)
-                running_mean[rows] = (1 - m) * running_mean[rows] + m * mean
-                running_var[rows] = (1 - m) * running_var[rows] + m * unbiased
-        return y.to(x.dtype).contiguous(memory_format=_format_of(x))
-
-
-def _format_of(x: Tensor) -> torch.memory_format:
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
+                for s, (r, m) in enumerate(zip(rows, momenta(momentum, layout))):
+                    running_mean[r].lerp_(mean[s].to(running_mean.dtype), m)
+                    running_var[r].lerp_(unbiased[s].to(running_var.dtype), m)
+        return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
 
 def convert_sync_freq_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
