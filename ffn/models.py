@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ffn_kernels import FrameLayout, FreqBatchNorm2d, ShiftAlter
+from ffn_kernels import FrameLayout, FreqBatchNorm2d, ShiftAlter, ops
 
 Clips = Union[Tensor, Sequence[Tensor]]
 
@@ -59,13 +59,46 @@ class Block(nn.Module):
         ``next_alter`` is None, i.e. no block follows)."""
         *inner, (conv, bn) = self.pairs()
         h = x_in
-        for c, b in inner:
-            h = b(c(h), layout, activation="relu")
+        for i, (c, b) in enumerate(inner):
+            if i == 0 and torch.is_grad_enabled() and c.bias is None:
+                h = ConvOfShifted.apply(x_in, x, c.weight, self.alter.weight, layout,
+                                        self.alter.fold_div, c)
+            else:
+                h = c(h)
+            h = b(h, layout, activation="relu")
         h = conv(h)
         identity = x if self.downsample is None else self.downsample(x, layout)
         if next_alter is None:
             return bn(h, layout, residual=identity, activation="relu"), None
         return bn.add_relu_shift_alter(h, identity, layout, next_alter.weight, next_alter.fold_div)
+
+
+class ConvOfShifted(torch.autograd.Function):
+    """``conv(x_in)`` for a block's first conv, whose input ``x_in = shift_alter(x)`` is the block
+    input shifted and altered. It keeps ``x`` for backward instead of ``x_in`` (``x`` is kept
+    anyway, by the op that produced it) and recomputes ``x_in`` there: one cheap elementwise pass
+    per block instead of an activation held from forward to backward (docs/design.md §5)."""
+
+    @staticmethod
+    def forward(ctx, x_in, x, weight, alter, layout, fold_div, conv):
+        ctx.save_for_backward(x, weight, alter)
+        ctx.layout, ctx.fold_div, ctx.conv = layout, fold_div, conv
+        ctx.dtype = x_in.dtype
+        return conv(x_in)  # the module itself, so its hooks see the call
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, alter = ctx.saved_tensors
+        conv = ctx.conv
+        with torch.no_grad():
+            x_in = ops.shift_alter(x, ctx.layout, alter, ctx.fold_div)
+        # the forward ran in dy's dtype (autocast casts the conv's operands)
+        dx_in, dw, _ = torch.ops.aten.convolution_backward(
+            dy, x_in.to(dy.dtype), weight.to(dy.dtype), None, conv.stride, conv.padding,
+            conv.dilation, False, (0, 0), conv.groups,
+            (ctx.needs_input_grad[0], ctx.needs_input_grad[2], False))
+        return (None if dx_in is None else dx_in.to(ctx.dtype), None,
+                None if dw is None else dw.to(weight.dtype), None, None, None, None)
 
 
 class BasicBlock(Block):
