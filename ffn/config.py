@@ -109,22 +109,29 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def read_user_text(path: str | Path, what: str) -> str:
+    """A user's UTF-8 text file (a BOM is dropped: it is not part of the first line); a file that
+    is missing, a folder, not UTF-8 or unreadable raises :class:`UserError` naming ``what`` and
+    the path."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a directory") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise UserError(f"{what} {path}: {e.strerror or e}") from None
+
+
 def read_config_file(path: str | Path) -> dict:
     """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) file as a dict; a file that is missing,
     unreadable, malformed or not a table at its top level raises :class:`UserError` naming it."""
     path = Path(path)
     if path.suffix not in (".toml", ".yaml", ".yml"):
         raise UserError(f"config file {path}: use .toml, .yaml or .yml")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a BOM is not part of the first key
-    except FileNotFoundError:
-        raise UserError(f"config file {path} does not exist") from None
-    except IsADirectoryError:
-        raise UserError(f"config file {path} is a directory") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"config file {path}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise UserError(f"config file {path}: {e.strerror or e}") from None
+    text = read_user_text(path, "config file")
     if path.suffix == ".toml":
         if sys.version_info >= (3, 11):
             import tomllib

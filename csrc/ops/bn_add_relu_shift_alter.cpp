@@ -91,9 +91,7 @@ BwdOutputs backward_meta(const Tensor& dout, const Tensor& dnext, const Tensor& 
 }
 
 const c10::TypedOperatorHandle<BwdSig>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("ffn_kernels::bn_add_relu_shift_alter_backward", "")
-                             .typed<BwdSig>();
+  static const auto op = op_handle<BwdSig>("ffn_kernels::bn_add_relu_shift_alter_backward");
   return op;
 }
 
@@ -104,9 +102,7 @@ struct BnAddReluShiftAlter : torch::autograd::Function<BnAddReluShiftAlter> {
                                const OptTensor& running_mean, const OptTensor& running_var,
                                bool training, at::ArrayRef<double> momentum, double eps,
                                const OptTensor& alter_next, int64_t fold_div) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("ffn_kernels::bn_add_relu_shift_alter", "")
-                               .typed<FwdSig>();
+    static const auto op = op_handle<FwdSig>("ffn_kernels::bn_add_relu_shift_alter");
     Outputs outputs;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -171,25 +167,7 @@ Outputs forward_autograd(const Tensor& z, const Tensor& identity, int64_t clips,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ffn_kernels, CPU, m) {
-  m.impl("bn_add_relu_shift_alter", &forward);
-  m.impl("bn_add_relu_shift_alter_backward", &backward);
-}
-
-TORCH_LIBRARY_IMPL(ffn_kernels, CUDA, m) {
-  m.impl("bn_add_relu_shift_alter", &forward);
-  m.impl("bn_add_relu_shift_alter_backward", &backward);
-}
-
-TORCH_LIBRARY_IMPL(ffn_kernels, Meta, m) {
-  m.impl("bn_add_relu_shift_alter", &forward_meta);
-  m.impl("bn_add_relu_shift_alter_backward", &backward_meta);
-}
-
-TORCH_LIBRARY_IMPL(ffn_kernels, Autograd, m) {
-  m.impl("bn_add_relu_shift_alter", &forward_autograd);
-  m.impl("bn_add_relu_shift_alter_backward", &backward_autograd);
-}
+FFN_REGISTER_OP(bn_add_relu_shift_alter)
 
 }  // namespace ops
 }  // namespace ffn_kernels

@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
 
 #include <mutex>
 #include <optional>
@@ -26,6 +27,12 @@ using OptTensor = std::optional<Tensor>;
 bool python_route(const at::Device& device);
 void set_python_route(bool cpu, bool cuda);
 
+// The dispatcher handle of op `name` ("namespace::op"), to be kept in a function-local static.
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Sig>();
+}
+
 // A raw op of both routes, looked up once (the Python one on first use: it is defined after the
 // extension loads).
 template <typename Sig>
@@ -37,7 +44,7 @@ class RawOp {
     const int py = python_route(device) ? 1 : 0;
     std::call_once(once_[py], [&] {
       const std::string full = std::string(py ? "ffn_kernels_py::" : "ffn_kernels_C::") + name_;
-      handle_[py] = c10::Dispatcher::singleton().findSchemaOrThrow(full.c_str(), "").typed<Sig>();
+      handle_[py] = op_handle<Sig>(full.c_str());
     });
     return *handle_[py];
   }
@@ -80,6 +87,28 @@ inline Tensor grad_as(const Tensor& g, const Tensor& p) {
 // The backward ops are not differentiable: a graph through them (create_graph=True, double
 // backward) must fail, not give silent zeros.
 void refuse_double_backward(const char* op, at::ArrayRef<Tensor> inputs);
+
+// Registers an op's implementations, written in its file's anonymous namespace as `forward` /
+// `backward` (CPU and CUDA: checks, formats, route to the backend), `forward_meta` /
+// `backward_meta` (checks and output shapes, for FakeTensor and torch.compile) and
+// `forward_autograd` / `backward_autograd` (the autograd formula; the backward op refuses a graph).
+#define FFN_REGISTER_OP(op)                               \
+  TORCH_LIBRARY_IMPL(ffn_kernels, CPU, m) {               \
+    m.impl(#op, &forward);                                \
+    m.impl(#op "_backward", &backward);                   \
+  }                                                       \
+  TORCH_LIBRARY_IMPL(ffn_kernels, CUDA, m) {              \
+    m.impl(#op, &forward);                                \
+    m.impl(#op "_backward", &backward);                   \
+  }                                                       \
+  TORCH_LIBRARY_IMPL(ffn_kernels, Meta, m) {              \
+    m.impl(#op, &forward_meta);                           \
+    m.impl(#op "_backward", &backward_meta);              \
+  }                                                       \
+  TORCH_LIBRARY_IMPL(ffn_kernels, Autograd, m) {          \
+    m.impl(#op, &forward_autograd);                       \
+    m.impl(#op "_backward", &backward_autograd);          \
+  }
 
 // ---- argument checks (ValueError / TypeError naming the argument) ----------------------------
 

@@ -81,9 +81,7 @@ BwdOutputs backward_meta(const Tensor& dy, const Tensor& x, const Tensor& y, int
 }
 
 const c10::TypedOperatorHandle<BwdSig>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("ffn_kernels::freq_batch_norm_backward", "")
-                             .typed<BwdSig>();
+  static const auto op = op_handle<BwdSig>("ffn_kernels::freq_batch_norm_backward");
   return op;
 }
 
@@ -94,9 +92,7 @@ struct FreqBatchNorm : torch::autograd::Function<FreqBatchNorm> {
                                const OptTensor& running_var, bool training,
                                at::ArrayRef<double> momentum, double eps, bool relu,
                                const OptTensor& residual) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("ffn_kernels::freq_batch_norm", "")
-                               .typed<FwdSig>();
+    static const auto op = op_handle<FwdSig>("ffn_kernels::freq_batch_norm");
     Outputs out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -157,25 +153,7 @@ Outputs forward_autograd(const Tensor& x, int64_t clips, IntArrayRef frames, Int
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ffn_kernels, CPU, m) {
-  m.impl("freq_batch_norm", &forward);
-  m.impl("freq_batch_norm_backward", &backward);
-}
-
-TORCH_LIBRARY_IMPL(ffn_kernels, CUDA, m) {
-  m.impl("freq_batch_norm", &forward);
-  m.impl("freq_batch_norm_backward", &backward);
-}
-
-TORCH_LIBRARY_IMPL(ffn_kernels, Meta, m) {
-  m.impl("freq_batch_norm", &forward_meta);
-  m.impl("freq_batch_norm_backward", &backward_meta);
-}
-
-TORCH_LIBRARY_IMPL(ffn_kernels, Autograd, m) {
-  m.impl("freq_batch_norm", &forward_autograd);
-  m.impl("freq_batch_norm_backward", &backward_autograd);
-}
+FFN_REGISTER_OP(freq_batch_norm)
 
 }  // namespace ops
 }  // namespace ffn_kernels

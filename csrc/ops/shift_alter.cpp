@@ -57,18 +57,14 @@ std::tuple<Tensor, Tensor> backward_meta(const Tensor& dy, const Tensor& x, int6
 }
 
 const c10::TypedOperatorHandle<BwdSig>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("ffn_kernels::shift_alter_backward", "")
-                             .typed<BwdSig>();
+  static const auto op = op_handle<BwdSig>("ffn_kernels::shift_alter_backward");
   return op;
 }
 
 struct ShiftAlter : torch::autograd::Function<ShiftAlter> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, int64_t clips, IntArrayRef frames,
                         IntArrayRef rows, const OptTensor& alter, int64_t fold_div) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("ffn_kernels::shift_alter", "")
-                               .typed<FwdSig>();
+    static const auto op = op_handle<FwdSig>("ffn_kernels::shift_alter");
     const bool alter_grad = alter && alter->requires_grad();
     ctx->saved_data["clips"] = clips;
     ctx->saved_data["frames"] = frames;
@@ -112,25 +108,7 @@ Tensor forward_autograd(const Tensor& x, int64_t clips, IntArrayRef frames, IntA
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ffn_kernels, CPU, m) {
-  m.impl("shift_alter", &forward);
-  m.impl("shift_alter_backward", &backward);
-}
-
-TORCH_LIBRARY_IMPL(ffn_kernels, CUDA, m) {
-  m.impl("shift_alter", &forward);
-  m.impl("shift_alter_backward", &backward);
-}
-
-TORCH_LIBRARY_IMPL(ffn_kernels, Meta, m) {
-  m.impl("shift_alter", &forward_meta);
-  m.impl("shift_alter_backward", &backward_meta);
-}
-
-TORCH_LIBRARY_IMPL(ffn_kernels, Autograd, m) {
-  m.impl("shift_alter", &forward_autograd);
-  m.impl("shift_alter_backward", &backward_autograd);
-}
+FFN_REGISTER_OP(shift_alter)
 
 }  // namespace ops
 }  // namespace ffn_kernels

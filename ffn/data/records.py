@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import UserError
+from ..config import UserError, read_user_text
 
 
 class BadSampleError(RuntimeError):
@@ -31,16 +31,7 @@ def read_list_file(list_file: str | Path, root: str | Path = "", frames_column: 
     (a ``ValueError``) naming the file and line.
     """
     fields = 3 if frames_column else 2
-    try:
-        text = Path(list_file).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UserError(f"list file {list_file} does not exist") from None
-    except IsADirectoryError:
-        raise UserError(f"list file {list_file} is a directory") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"list file {list_file}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
-    except OSError as e:
-        raise UserError(f"list file {list_file}: {e.strerror or e}") from None
+    text = read_user_text(list_file, "list file")
     records = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
