@@ -124,9 +124,17 @@ class Report:
         ax.legend(fontsize=7)
 
     def _plot_model(self, ax) -> None:
-        rows = self.sections["model"]
+        """Speed of every configuration relative to the best eager one of its task (median bar,
+        min..max whisker from the spread of both)."""
+        rows = [r for r in self.sections["model"] if r.get("best_eager/ms")]
         labels = [f"{r['task']}\n{r['impl']}" for r in rows]
-        ax.bar(range(len(rows)), [r["clips_per_s"] for r in rows])
-        ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
-        ax.set_ylabel("clips/s")
-        ax.set_title("TSM-ResNet-50 FFN")
+        ratios = [r["best_eager/ms"] for r in rows]
+        best = [r["ms"] * r["best_eager/ms"] for r in rows]  # the best eager median of the task
+        lo = [ratio - b / r["max_ms"] for ratio, b, r in zip(ratios, best, rows)]
+        hi = [b / r["min_ms"] - ratio for ratio, b, r in zip(ratios, best, rows)]
+        colors = ["tab:blue" if r["impl"].startswith("fused") else "tab:gray" for r in rows]
+        ax.bar(range(len(rows)), ratios, yerr=[lo, hi], color=colors, capsize=2)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=6)
+        ax.set_ylabel("speed vs the best eager configuration")
+        ax.set_title(f"FFN model (allocator: {self.meta.get('allocator', '?')})")
