@@ -77,9 +77,15 @@ class FreqBatchNorm2d(nn.Module):
             self._counts = self.num_batches_tracked.tolist()
         return self._counts
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         self._counts = None
-        super()._load_from_state_dict(*args, **kwargs)
+        # an nn.BatchNorm2d state_dict ([C] tensors, a scalar counter) initialises every branch row,
+        # as an ImageNet checkpoint initialises every branch of an FFN model
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            value, own = state_dict.get(prefix + name), getattr(self, name)
+            if isinstance(value, Tensor) and own is not None and value.shape == own.shape[1:]:
+                state_dict[prefix + name] = value.expand_as(own)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()

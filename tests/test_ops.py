@@ -436,3 +436,23 @@ def test_double_backward_and_forward_mode_raise_naming_the_op(backend, op):
     assert g.abs().sum() > 0
     with pytest.raises(RuntimeError):
         torch.func.jvp(lambda t: cases[op]() * t, (x.detach(),), (torch.ones_like(x),))
+
+
+def test_module_loads_a_batchnorm2d_state_dict_into_every_row():
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        for t in (bn.weight, bn.bias, bn.running_mean):
+            t.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    bn.num_batches_tracked.fill_(9)
+    fbn = FreqBatchNorm2d(4, num_branches=3)
+    fbn.load_state_dict(bn.state_dict())
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(getattr(fbn, name), getattr(bn, name).expand(3, 4)), name
+    assert fbn.num_batches_tracked.tolist() == [9, 9, 9]
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        fbn.load_state_dict(nn.BatchNorm2d(5).state_dict())
+    layout = FrameLayout(clips=2, frames=(2, 3), rows=(2, 0))
+    x = make_input(layout, 4)
+    fbn.eval(), bn.eval()
+    torch.testing.assert_close(fbn(x, layout), bn(x).detach())
