@@ -143,7 +143,11 @@ DEPTHS = {
 
 def nearest_branch(frames: Sequence[int], n: int) -> int:
     """Row of the branch whose frame count is nearest to ``n``; ties go to more frames."""
-    return min(range(len(frames)), key=lambda r: (abs(frames[r] - n), -frames[r]))
+    best = 0  # a plain loop, which torch.compile traces (min() with a key function it does not)
+    for r in range(1, len(frames)):
+        if (abs(frames[r] - n), -frames[r]) < (abs(frames[best] - n), -frames[best]):
+            best = r
+    return best
 
 
 def pack_clips(clips: Sequence[Tensor], rows: Sequence[int]) -> tuple[Tensor, FrameLayout]:

@@ -215,3 +215,13 @@ def test_compiled_training_step_matches_eager():
     torch.testing.assert_close(losses[0], losses[1])
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_compiled_eval_answers_other_frame_counts_and_batch_sizes():
+    """torch.compile(fullgraph=True) of eval: nearest_branch must trace (min() with a key did not)."""
+    model = FFNResNet(depth=18, width=8, frames=(4, 8, 16), num_classes=10).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for clips, frames in ((2, 6), (2, 7), (3, 12)):
+            x = torch.randn(clips, frames, 3, 32, 32)
+            torch.testing.assert_close(compiled(x), model(x))
