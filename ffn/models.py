@@ -57,15 +57,15 @@ class Block(nn.Module):
                 next_alter: Optional[ShiftAlter]) -> tuple[Tensor, Optional[Tensor]]:
         """``(out, next_in)``: the block output and the next block's conv1 input (``None`` when
         ``next_alter`` is None, i.e. no block follows)."""
-        *inner, (conv, bn) = self.pairs()
-        h = x_in
-        for i, (c, b) in enumerate(inner):
-            if i == 0 and torch.is_grad_enabled() and c.bias is None:
-                h = ConvOfShifted.apply(x_in, x, c.weight, self.alter.weight, layout,
-                                        self.alter.fold_div, c)
-            else:
-                h = c(h)
-            h = b(h, layout, activation="relu")
+        (conv1, bn1), *inner, (conv, bn) = self.pairs()
+        if torch.is_grad_enabled() and conv1.bias is None:
+            h = ConvOfShifted.apply(x_in, x, conv1.weight, self.alter.weight, layout,
+                                    self.alter.fold_div, conv1)
+        else:
+            h = conv1(x_in)
+        h = bn1(h, layout, activation="relu")
+        for c, b in inner:
+            h = b(c(h), layout, activation="relu")
         h = conv(h)
         identity = x if self.downsample is None else self.downsample(x, layout)
         if next_alter is None:

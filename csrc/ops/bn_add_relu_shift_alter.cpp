@@ -58,14 +58,9 @@ Outputs forward_meta(const Tensor& z, const Tensor& identity, int64_t clips, Int
                      int64_t fold_div) {
   check(z, identity, clips, frames, rows, weight, bias, running_mean, running_var, training,
         momentum, eps, alter_next, fold_div);
-  const auto fmt = format_of(z);
-  const auto acc = z.options().dtype(acc_type(z));
-  const Tensor stats = at::empty({static_cast<int64_t>(frames.size()), z.size(1)}, acc);
-  auto running = [&](const OptTensor& r) {
-    return r ? at::empty(r->sizes(), acc) : at::empty({0}, acc);
-  };
-  return {at::empty_like(z, z.options(), fmt), at::empty_like(z, z.options(), fmt), stats,
-          at::empty_like(stats), running(running_mean), running(running_var)};
+  auto [mean, invstd, new_rm, new_rv] =
+      norm_stats_meta(z, frames.size(), running_mean, running_var);
+  return {activation_like(z), activation_like(z), mean, invstd, new_rm, new_rv};
 }
 
 BwdOutputs backward(const Tensor& dout, const Tensor& dnext, const Tensor& z, const Tensor& out,
@@ -83,11 +78,8 @@ BwdOutputs backward_meta(const Tensor& dout, const Tensor& dnext, const Tensor& 
                          const Tensor& out, int64_t clips, IntArrayRef frames, IntArrayRef rows,
                          const Tensor& weight, const Tensor& mean, const Tensor& invstd,
                          bool training, const OptTensor& alter_next, int64_t fold_div) {
-  const auto fmt = format_of(z);
-  const auto acc = z.options().dtype(acc_type(z));
-  return {at::empty_like(z, z.options(), fmt), at::empty_like(z, z.options(), fmt),
-          at::empty(weight.sizes(), acc), at::empty(weight.sizes(), acc),
-          alter_next ? at::empty(alter_next->sizes(), acc) : at::empty({0}, acc)};
+  return {activation_like(z), activation_like(z), acc_like(z, weight), acc_like(z, weight),
+          acc_like(z, alter_next)};
 }
 
 const c10::TypedOperatorHandle<BwdSig>& backward_op() {

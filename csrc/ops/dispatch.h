@@ -79,6 +79,31 @@ inline OptTensor param(const OptTensor& p, const Tensor& x) {
   return p ? OptTensor(param(*p, x)) : std::nullopt;
 }
 
+// ---- Meta (fake) outputs: what the raw kernels return, as shapes only -------------------------
+
+// A per-row [P, C] tensor in x's acc dtype shaped like `like`, or the empty tensor the kernels
+// return in its place when there is none.
+inline Tensor acc_like(const Tensor& x, const OptTensor& like) {
+  const auto acc = x.options().dtype(acc_type(x));
+  return like ? at::empty(like->sizes(), acc) : at::empty({0}, acc);
+}
+
+// An activation-sized output in x's memory format.
+inline Tensor activation_like(const Tensor& x) {
+  return at::empty_like(x, x.options(), format_of(x));
+}
+
+// The statistics outputs of a BatchNorm op: mean and invstd [S, C] and the updated running
+// statistics (empty without them).
+inline std::tuple<Tensor, Tensor, Tensor, Tensor> norm_stats_meta(const Tensor& x,
+                                                                  size_t segments,
+                                                                  const OptTensor& running_mean,
+                                                                  const OptTensor& running_var) {
+  const Tensor mean = at::empty({static_cast<int64_t>(segments), x.size(1)},
+                                x.options().dtype(acc_type(x)));
+  return {mean, at::empty_like(mean), acc_like(x, running_mean), acc_like(x, running_var)};
+}
+
 // A parameter gradient (computed in the acc dtype) in the parameter's own dtype.
 inline Tensor grad_as(const Tensor& g, const Tensor& p) {
   return g.scalar_type() == p.scalar_type() ? g : g.to(p.scalar_type());

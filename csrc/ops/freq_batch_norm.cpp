@@ -51,13 +51,9 @@ Outputs forward_meta(const Tensor& x, int64_t clips, IntArrayRef frames, IntArra
                      double eps, bool relu, const OptTensor& residual) {
   check(x, clips, frames, rows, weight, bias, running_mean, running_var, training, momentum, eps,
         residual);
-  const auto acc = x.options().dtype(acc_type(x));
-  const Tensor stats = at::empty({static_cast<int64_t>(frames.size()), x.size(1)}, acc);
-  auto running = [&](const OptTensor& r) {
-    return r ? at::empty(r->sizes(), acc) : at::empty({0}, acc);
-  };
-  return {at::empty_like(x, x.options(), format_of(x)), stats, at::empty_like(stats),
-          running(running_mean), running(running_var)};
+  auto [mean, invstd, new_rm, new_rv] =
+      norm_stats_meta(x, frames.size(), running_mean, running_var);
+  return {activation_like(x), mean, invstd, new_rm, new_rv};
 }
 
 BwdOutputs backward(const Tensor& dy, const Tensor& x, const Tensor& y, int64_t clips,
@@ -73,11 +69,8 @@ BwdOutputs backward_meta(const Tensor& dy, const Tensor& x, const Tensor& y, int
                          IntArrayRef frames, IntArrayRef rows, const Tensor& weight,
                          const Tensor& mean, const Tensor& invstd, bool training, bool relu,
                          bool has_residual) {
-  const auto fmt = format_of(x);
-  const auto acc = x.options().dtype(acc_type(x));
-  return {at::empty_like(x, x.options(), fmt), at::empty(weight.sizes(), acc),
-          at::empty(weight.sizes(), acc),
-          has_residual ? at::empty_like(x, x.options(), fmt) : at::empty({0}, x.options())};
+  return {activation_like(x), acc_like(x, weight), acc_like(x, weight),
+          has_residual ? activation_like(x) : at::empty({0}, x.options())};
 }
 
 const c10::TypedOperatorHandle<BwdSig>& backward_op() {

@@ -35,7 +35,7 @@ Tensor forward(const Tensor& x, int64_t clips, IntArrayRef frames, IntArrayRef r
 Tensor forward_meta(const Tensor& x, int64_t clips, IntArrayRef frames, IntArrayRef rows,
                     const OptTensor& alter, int64_t fold_div) {
   check(x, clips, frames, rows, alter, fold_div);
-  return at::empty_like(x, x.options(), format_of(x));
+  return activation_like(x);
 }
 
 std::tuple<Tensor, Tensor> backward(const Tensor& dy, const Tensor& x, int64_t clips,
@@ -51,9 +51,7 @@ std::tuple<Tensor, Tensor> backward_meta(const Tensor& dy, const Tensor& x, int6
                                          IntArrayRef frames, IntArrayRef rows,
                                          const OptTensor& alter, int64_t fold_div,
                                          bool alter_grad) {
-  const auto acc = x.options().dtype(acc_type(x));
-  return {at::empty_like(x, x.options(), format_of(x)),
-          alter_grad ? at::empty(alter->sizes(), acc) : at::empty({0}, acc)};
+  return {activation_like(x), acc_like(x, alter_grad ? alter : std::nullopt)};
 }
 
 const c10::TypedOperatorHandle<BwdSig>& backward_op() {
