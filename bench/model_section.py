@@ -32,20 +32,30 @@ def _models(args, device) -> dict:
     return models
 
 
+def autocast(args, device):
+    """The run's mixed-precision context (a no-op in float32)."""
+    return torch.autocast(device.type, dtype=getattr(torch, args.dtype),
+                          enabled=args.dtype != "float32")
+
+
+def training_step(args, device, model, clips, target):
+    """One three-branch step of ``model`` (forward, distillation loss, backward) as a callable."""
+    module = getattr(model, "_orig_mod", model).train()
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        with autocast(args, device):
+            loss = temporal_distillation_loss(model(clips), target).total
+        loss.backward()
+
+    return step
+
+
 def train_steps(args, device, clips, target, models: dict, report, task: str,
                 memory: bool = True) -> None:
     """Time (and measure the memory of) one training step of every model; add the rows."""
-    autocast = torch.autocast(device.type, dtype=getattr(torch, args.dtype),
-                              enabled=args.dtype != "float32")
     for name, model in models.items():
-        module = getattr(model, "_orig_mod", model).train()
-
-        def step(model=model, module=module):
-            module.zero_grad(set_to_none=True)
-            with autocast:
-                loss = temporal_distillation_loss(model(clips), target).total
-            loss.backward()
-
+        step = training_step(args, device, model, clips, target)
         compile_s = None
         if name.startswith("compile"):  # compile once, untimed, and report how long it took
             t0 = time.perf_counter()
@@ -56,14 +66,12 @@ def train_steps(args, device, clips, target, models: dict, report, task: str,
                "clips_per_s": args.clips / t.median_s, "compile_s": compile_s}
         if memory:
             row["peak_MB"] = peak_memory(step, device) / 2**20
-            with autocast:
+            with autocast(args, device):
                 row["saved_MB"] = saved_tensor_bytes(lambda: model(clips))[0] / 2**20
         report.add("model", row)
 
 
 def inference(args, device, test_clip, models: dict, report) -> None:
-    autocast = torch.autocast(device.type, dtype=getattr(torch, args.dtype),
-                              enabled=args.dtype != "float32")
     task = f"inference {EVAL_FRAMES} frames"
     row = models["fused nchw"].branch_for(EVAL_FRAMES)
     runs = dict(models)
@@ -73,7 +81,7 @@ def inference(args, device, test_clip, models: dict, report) -> None:
         getattr(model, "_orig_mod", model).eval()
 
         def infer(model=model):
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), autocast(args, device):
                 model(test_clip)
 
         if name.startswith("compile"):
@@ -142,5 +150,5 @@ def model_section(args, report) -> None:
         ["task", "impl", "ms", "min_ms", "max_ms", "clips_per_s", "best_eager/ms", "ms/folded",
          "peak_MB", "peak/best_eager", "saved_MB", "compile_s"])
     best = _best(rows, task, "fused")["impl"]
-    profile_training_step(args, device, models[best], clips, target, report,
-                          f"{best} training step")
+    profile_training_step(device, training_step(args, device, models[best], clips, target),
+                          report, f"{best} training step")
