@@ -1,4 +1,4 @@
-"""The ``ffn`` command: ``ffn train``, ``ffn eval``, ``ffn demo``."""
+"""The ``ffn`` command: ``ffn train``, ``ffn eval``, ``ffn diagnose``, ``ffn demo``."""
 
 from __future__ import annotations
 
@@ -59,6 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--crops", type=int, choices=(1, 3), default=1, help="spatial views")
     ev.add_argument("--skip-bad", action="store_true", help="skip and count unreadable videos")
 
+    diag = sub.add_parser(
+        "diagnose", help="BatchNorm statistics shift vs frame count, with accuracy: table and plots",
+        description="For each checkpoint and frame count, the shift of every BatchNorm layer's input "
+                    "statistics on the validation data from the running statistics of the branch that "
+                    "serves that count (docs/training.md, 'Normalization shift'); writes shift.csv, "
+                    "diagnose.md and diagnose.png into --out.")
+    diag.add_argument("items", nargs="+", metavar="CKPT|KEY=VALUE",
+                      help="checkpoints of `ffn train`, and config overrides (e.g. data.val_list=...)")
+    diag.add_argument("--labels", nargs="+", help="one name per checkpoint (default: its folder's name)")
+    diag.add_argument("--frames", type=parse_frames, default=parse_frames("2..20"), help="default 2..20")
+    diag.add_argument("--out", default="runs/diagnose",
+                      help="folder for shift.csv, diagnose.md and diagnose.png")
+    diag.add_argument("--skip-bad", action="store_true", help="skip and count unreadable videos")
+
     demo = sub.add_parser(
         "demo", help="Temporal Frequency Deviation and FFN at small scale on CPU",
         description="Train a TSM on 16 frames and an FFN on 4/8/16 frames (narrow ResNet-18, synthetic "
@@ -73,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
-        getattr(args, "items" if args.command == "eval" else "overrides").extend(extra)
+        getattr(args, "items" if args.command in ("eval", "diagnose") else "overrides").extend(extra)
     if args.command == "train" and args.resume and args.overwrite:
         train.error("--resume and --overwrite exclude each other")
     from .config import UserError
     from .data.records import BadSampleError
 
     try:
-        return {"train": _train, "eval": _eval, "demo": _demo}[args.command](args)
+        return {"train": _train, "eval": _eval, "diagnose": _diagnose, "demo": _demo}[args.command](args)
     except (UserError, BadSampleError) as e:
         # the user's input is wrong: one line naming it, no traceback (tracebacks are for bugs)
         print(f"ffn {args.command}: error: {_one_line(e)}", file=sys.stderr)
@@ -133,16 +147,9 @@ def _train(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
-    import torch
-
+def _checkpoints(args) -> tuple[list[str], list[str], list[str]]:
+    """``(labels, checkpoints, overrides)`` of ``ffn eval`` / ``ffn diagnose``."""
     from .config import UserError
-    from .data import num_classes
-    from .engine import distributed
-    from .engine.evaluate import accuracy_by_frames
-    from .engine.factory import load_trained
-    from .engine.trainer import AMP_DTYPES
-    from .report import markdown_table, write_results
 
     overrides = [i for i in args.items if "=" in i] + (["data.skip_bad=true"] if args.skip_bad else [])
     checkpoints = [i for i in args.items if "=" not in i]
@@ -153,6 +160,20 @@ def _eval(args) -> int:
         raise UserError(f"{len(checkpoints)} checkpoints but {len(labels)} --labels")
     if len(set(labels)) != len(labels):
         raise UserError(f"--labels: two checkpoints would share a label in {labels}; give --labels")
+    return labels, checkpoints, overrides
+
+
+def _eval(args) -> int:
+    import torch
+
+    from .data import num_classes
+    from .engine import distributed
+    from .engine.evaluate import accuracy_by_frames
+    from .engine.factory import load_trained
+    from .engine.trainer import AMP_DTYPES
+    from .report import markdown_table, write_results
+
+    labels, checkpoints, overrides = _checkpoints(args)
     results = {}
     d, device = distributed.setup()
     try:
@@ -168,6 +189,30 @@ def _eval(args) -> int:
         paths = write_results(results, args.out, chance=100 / num_classes(cfg.data))
         print(markdown_table(results))
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _diagnose(args) -> int:
+    import torch
+
+    from .config import UserError
+    from .data import num_classes
+    from .diagnose import diagnose, write_diagnosis
+    from .engine.factory import load_trained
+    from .engine.trainer import AMP_DTYPES
+
+    labels, checkpoints, overrides = _checkpoints(args)
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # found before the work, not after
+        raise UserError(f"--out {args.out} is a file, not a folder")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as `ffn eval` picks it
+    results = {}
+    for label, path in zip(labels, checkpoints):
+        model, cfg = load_trained(path, overrides)
+        results[label] = diagnose(model.to(device), cfg.data, args.frames, device, AMP_DTYPES[cfg.optim.amp],
+                                  cfg.train.progress, desc=label)
+    paths = write_diagnosis(results, args.out, chance=100 / num_classes(cfg.data))
+    print(paths["md"].read_text())
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 
 

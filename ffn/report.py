@@ -9,12 +9,12 @@ from pathlib import Path
 Results = dict[str, dict[int, dict]]  # model label -> frame count -> {"top1", "top5", ...}
 
 
-def markdown_table(results: Results, metric: str = "top1") -> str:
+def markdown_table(results: Results, metric: str = "top1", fmt: str = "{:.1f}") -> str:
     labels = list(results)
     frames = sorted({n for r in results.values() for n in r})
     lines = ["| frames | " + " | ".join(labels) + " |", "|---:|" + "---:|" * len(labels)]
     for n in frames:
-        cells = [f"{results[m][n][metric]:.1f}" if n in results[m] else "" for m in labels]
+        cells = [fmt.format(results[m][n][metric]) if n in results[m] else "" for m in labels]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -45,9 +45,19 @@ def plot(results: Results, path: str | Path, title: str, chance: float | None = 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6.4, 4))
+    plot_accuracy(ax, results, chance)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy(ax, results: Results, chance: float | None = None) -> None:
+    """Top-1 vs frames on the matplotlib axes ``ax``, one line per model."""
+    from matplotlib.ticker import MaxNLocator
+
     for label, r in results.items():
         frames = sorted(r)
         ax.plot(frames, [r[n]["top1"] for n in frames], marker="o", markersize=3, label=label)
@@ -56,9 +66,5 @@ def plot(results: Results, path: str | Path, title: str, chance: float | None = 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("frames at inference")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
