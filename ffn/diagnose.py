@@ -18,9 +18,10 @@ those of the clips. The statistics are pooled rather than per batch, so the numb
 layer sees at ``n`` frames on this data, not how noisy one batch is; they are summed on the fly
 (per-batch moments merged with Chan's formula, in float64), never storing activations.
 
-Each BN's input is taken from the output of the convolution that feeds it (the stem conv, a block's
-convs, a downsample conv): the block-boundary BNs run inside the fused ``bn_add_relu_shift_alter``
-op, where a hook on the BN would not see their input.
+In an :class:`~ffn.models.FFNResNet`, each BN's input is taken from the output of the convolution
+that feeds it (the stem conv, a block's convs, a downsample conv): the block-boundary BNs run inside
+the fused ``bn_add_relu_shift_alter`` op, which no hook on the BN sees. In other models (e.g. those
+of :func:`ffn.ffnify`) a BN called as a module shows its input to a hook on itself.
 """
 
 from __future__ import annotations
@@ -72,17 +73,21 @@ class Moments:
         return self.m2 / self.count
 
 
-def norm_layers(model: FFNResNet) -> dict[str, tuple[nn.Conv2d, FreqBatchNorm2d]]:
-    """Every BN of ``model`` by name, in depth order, with the conv whose output it normalises."""
+def norm_layers(model: nn.Module) -> dict[str, tuple[nn.Module, FreqBatchNorm2d]]:
+    """Every BN of ``model`` by name, in depth order, with the module whose hook sees its input: for
+    an :class:`~ffn.models.FFNResNet`, whose block-boundary BNs normalise inside the fused op, the
+    conv that feeds it (its output); for other models, the BN itself (its input)."""
+    names = {m: name for name, m in model.named_modules()}
+    if not isinstance(model, FFNResNet):
+        return {name: (m, m) for m, name in names.items() if isinstance(m, FreqBatchNorm2d)}
     pairs = [(model.conv1, model.bn1)]
     for block in model.blocks():
         pairs += block.pairs()
         if block.downsample is not None:
             pairs.append((block.downsample.conv, block.downsample.bn))
-    names = {m: name for name, m in model.named_modules()}
     layers = {names[bn]: (conv, bn) for conv, bn in pairs}
-    missed = [n for n, m in model.named_modules() if isinstance(m, FreqBatchNorm2d) and n not in layers]
-    if missed:  # a model whose structure this module does not know: refuse rather than omit layers
+    missed = [n for m, n in names.items() if isinstance(m, FreqBatchNorm2d) and n not in layers]
+    if missed:  # FFNResNet grew layers this function does not know: refuse rather than omit them
         raise ValueError(f"no input found for BatchNorm layers {missed}")
     return layers
 
@@ -111,11 +116,13 @@ class Diagnosis:
 
 
 @torch.no_grad()
-def diagnose(model: FFNResNet, cfg: DataConfig, frames: Iterable[int], device: torch.device,
+def diagnose(model: nn.Module, cfg: DataConfig, frames: Iterable[int], device: torch.device,
              amp_dtype: Optional[torch.dtype] = None, progress: bool = True,
              desc: str = "diagnose") -> Diagnosis:
     """Accuracy and the shift of every BN layer at every count in ``frames`` on the validation split
-    of ``cfg``; one eval pass per count yields both (the statistics come from hooks on the convs)."""
+    of ``cfg``, for an FFN ``model`` (``frames``, ``branch_for`` and the forward of
+    :class:`~ffn.models.FFNResNet`); one eval pass per count yields both (the statistics come from
+    hooks, :func:`norm_layers`)."""
     from tqdm import tqdm
 
     frames = list(frames)
@@ -125,13 +132,14 @@ def diagnose(model: FFNResNet, cfg: DataConfig, frames: Iterable[int], device: t
     bar = tqdm(total=len(frames) * math.ceil(len(source) / cfg.batch_size), desc=desc, unit="batch",
                disable=not progress, dynamic_ncols=True, leave=False)
 
-    def record(name):
-        return lambda conv, args, out: moments[name].add(out)
+    def record(name):  # the BN's own input (a pre-hook), or the output of the conv feeding it
+        return lambda m, args, out=None: moments[name].add(args[0] if out is None else out)
 
     def step(*_):  # a forward hook's non-None return value would replace the output
         bar.update()
 
-    hooks = [conv.register_forward_hook(record(name)) for name, (conv, _) in layers.items()]
+    hooks = [m.register_forward_pre_hook(record(name)) if m is bn else m.register_forward_hook(record(name))
+             for name, (m, bn) in layers.items()]
     hooks.append(model.register_forward_hook(step))
     result, reported = Diagnosis(), set()
     try:
@@ -139,6 +147,9 @@ def diagnose(model: FFNResNet, cfg: DataConfig, frames: Iterable[int], device: t
             moments.update({name: Moments() for name in layers})
             result.accuracy[n] = accuracy(model, eval_dataset(cfg, n, source=source), cfg.batch_size,
                                           cfg.workers, device, amp_dtype=amp_dtype, reported=reported)
+            unseen = [name for name, m in moments.items() if m.mean is None]
+            if unseen:  # e.g. a BN that normalises inside a fused op, called other than as a module
+                raise ValueError(f"the inputs of BatchNorm layers {unseen} were not seen")
             row = model.branch_for(n)
             result.branch[n] = model.frames[row]
             for name, (_, bn) in layers.items():

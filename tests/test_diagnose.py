@@ -13,7 +13,7 @@ from ffn.data import eval_dataset
 from ffn.diagnose import Moments, diagnose, norm_layers
 from ffn.engine.factory import build_model
 from ffn.engine.trainer import fit
-from ffn_kernels import FreqBatchNorm2d
+from ffn_kernels import FrameLayout, FreqBatchNorm2d
 
 # ResNet-18 of width 8 on 8x8 crops; 6 validation videos in batches of 4, so the last batch is short
 TINY = [
@@ -37,10 +37,11 @@ def tiny():
     return model, cfg
 
 
-def inputs_of(model, bn, cfg, frames):
-    """Every input ``bn`` gets on the validation clips of ``frames`` frames, seen by the BN itself."""
+def inputs_of(model, bn, cfg, frames, fused=False):
+    """Every input ``bn`` gets on the validation clips of ``frames`` frames, seen by the BN itself
+    (``fused``: a block boundary, where the fused op, not the module call, gets it)."""
     seen = []
-    if bn is model.layer1[0].bn2:  # a block boundary: the fused op, not the module call, gets the input
+    if fused:
         fused = bn.add_relu_shift_alter
         bn.add_relu_shift_alter = lambda z, *a, **k: (seen.append(z), fused(z, *a, **k))[1]
         undo = lambda: delattr(bn, "add_relu_shift_alter")  # noqa: E731
@@ -62,7 +63,7 @@ def test_statistics_match_a_direct_computation(tiny, layer):
     model, cfg = tiny
     result = diagnose(model, cfg.data, [3], CPU, progress=True)
     bn = model.get_submodule(layer)
-    x = inputs_of(model, bn, cfg, 3)
+    x = inputs_of(model, bn, cfg, 3, fused=layer == "layer1.0.bn2")
     assert x.shape[0] == 6 * 3  # every video, every frame
     row = model.branch_for(3)  # 3 frames: a tie between 2 and 4, served by 4
     assert model.frames[row] == 4 and result.branch[3] == 4
@@ -117,6 +118,42 @@ def test_every_bn_layer_is_measured(tiny):
     model, _ = tiny
     names = [n for n, m in model.named_modules() if isinstance(m, FreqBatchNorm2d)]
     assert sorted(norm_layers(model)) == sorted(names) and len(names) == 20  # ResNet-18
+
+
+class Plain(torch.nn.Module):
+    """An FFN model other than FFNResNet: its BNs are called as modules, one of them maybe not."""
+
+    def __init__(self, fused: bool = False):
+        super().__init__()
+        self.frames, self.fused = (2, 4), fused
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.bn = FreqBatchNorm2d(8, 2)
+        self.bn2 = FreqBatchNorm2d(8, 2)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def branch_for(self, n):
+        return 0 if n < 3 else 1
+
+    def forward(self, clips):
+        n, t = clips.shape[:2]
+        layout = FrameLayout.single(n, t, self.branch_for(t))
+        h = self.bn(self.conv(clips.flatten(0, 1)), layout, activation="relu")
+        h = self.bn2.add_relu_shift_alter(h, h, layout)[0] if self.fused else self.bn2(h, layout)
+        return self.fc(h.mean((2, 3)).view(n, t, -1).mean(1))
+
+
+def test_other_models_show_bn_inputs_to_hooks_on_the_bns(tiny):
+    _, cfg = tiny
+    torch.manual_seed(0)
+    model = Plain().eval()
+    result = diagnose(model, cfg.data, [4], CPU, progress=False)
+    x = inputs_of(model, model.bn2, cfg, 4)
+    var, mean = torch.var_mean(x, (0, 2, 3), correction=0)  # running statistics are 0 and 1
+    assert result.layers["bn2"][4]["mean_shift"] == pytest.approx(
+        (mean.abs() / (1 + model.bn2.eps) ** 0.5).mean().item(), rel=1e-5)
+    assert list(result.layers) == ["bn", "bn2"]
+    with pytest.raises(ValueError, match=r"BatchNorm layers \['bn2'\] were not seen"):
+        diagnose(Plain(fused=True).eval(), cfg.data, [4], CPU, progress=False)
 
 
 def run(*args):
