@@ -58,14 +58,18 @@ class DataConfig:
         return self.scale_size or round(self.size * 256 / 224)
 
 
+# model.arch "torchvision:NAME": torchvision.models.get_model(NAME) made frame-flexible by ffn.ffnify
+TORCHVISION_ARCH = "torchvision:"
+
+
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"
-    width: int = 64  # first-stage channels (64 = standard ResNet; smaller for quick CPU runs)
+    arch: str = "resnet18"  # resnet18/34/50/101 (FFNResNet) | torchvision:NAME (a ResNet or mobilenet_v2)
+    width: int = 64  # first-stage channels (64 = standard ResNet; smaller for quick CPU runs); resnetN only
     impl: str = "fused"  # fused: FFNResNet on the ffn_kernels ops | eager: EagerFFNResNet (same weights)
     frames: list[int] = field(default_factory=lambda: [4, 8, 16])  # one entry = single-frame-count model
     weight_alteration: bool = True  # False with one frame count = a plain TSM baseline
-    dropout: float = 0.5
+    dropout: float = 0.5  # before the classifier (torchvision:NAME: the dropout before its last Linear)
     pretrained: str = ""  # initial weights, loaded via ffn.convert
     pretrained_format: str = "torchvision"  # torchvision (ImageNet ResNet) | official (FFN-pytorch)
     distill_weight: float = 1.0  # lambda of the temporal distillation loss
@@ -107,6 +111,11 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def torchvision_arch(arch: str) -> str | None:
+    """``NAME`` of a ``model.arch`` of ``torchvision:NAME``, else None."""
+    return arch[len(TORCHVISION_ARCH):] if arch.startswith(TORCHVISION_ARCH) else None
 
 
 def read_user_text(path: str | Path, what: str) -> str:
@@ -228,6 +237,20 @@ def check_ranges(config: Config) -> None:
     finite("model.dropout", m.dropout, 0, hi=0.999)
     finite("model.distill_weight", m.distill_weight, 0)
     need(m.width >= 1, "model.width", m.width, "must be >= 1")
+    tv = torchvision_arch(m.arch)
+    if tv is not None:  # ffn.ffnify of a torchvision model: what only FFNResNet has is refused
+        need(tv.isidentifier(), "model.arch", m.arch, "must name a torchvision model after "
+             "'torchvision:', such as torchvision:mobilenet_v2 or torchvision:resnet50")
+        need(m.impl == "fused", "model.impl", m.impl, f"must be 'fused' with model.arch={m.arch} "
+             "(the eager twin is FFNResNet's)")
+        need(m.width == 64, "model.width", m.width, f"must stay 64 with model.arch={m.arch}: it sets "
+             "the resnetN archs' width; a torchvision model has its own")
+        need(not m.pretrained, "model.pretrained", m.pretrained, f"is not supported with model.arch="
+             f"{m.arch} yet: load the ImageNet weights into the torchvision model, then call "
+             "ffn.ffnify in Python")
+        need(not t.sync_bn, "train.sync_bn", t.sync_bn, f"must be false with model.arch={m.arch}: "
+             "SyncFreqBatchNorm2d takes the layout as an argument, which a torchvision model's "
+             "forward does not pass")
     need(bool(m.frames) and m.frames[0] >= 1 and all(a < b for a, b in zip(m.frames, m.frames[1:])),
          "model.frames", m.frames, "must be frame counts >= 1 in increasing order")
     need(t.epochs >= 1, "train.epochs (--epochs)", t.epochs, "must be >= 1")

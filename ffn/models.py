@@ -163,13 +163,10 @@ def pack_clips(clips: Sequence[Tensor], rows: Sequence[int]) -> tuple[Tensor, Fr
     return torch.cat([c.flatten(0, 1) for c in clips]), layout
 
 
-class FFNResNet(nn.Module):
-    """Frame Flexible TSM-ResNet-{18,34,50,101}: shared convs and classifier, per-branch BN and WA.
-
-    ``frames`` are the training frame counts of the branches (strictly increasing; parameter row
-    ``b`` belongs to branch ``b``). ``width`` is the first stage's channel count (64 in ResNet and
-    the official checkpoints; smaller widths make quick CPU experiments such as ``ffn demo``).
-    ``forward`` takes
+class FrameFlexible(nn.Module):
+    """The forward contract of an FFN model (docs/design.md §5.3), for :class:`FFNResNet` and the
+    models of :func:`ffn.ffnify`: ``frames`` are the branches' training frame counts (strictly
+    increasing; parameter row ``b`` belongs to branch ``b``), and ``forward`` takes
 
     * a list/tuple of clip batches ``[N, T, 3, H, W]``, each ``T`` one of ``frames`` (the training
       step, all given branches packed into one tensor) -> a tuple of logits ``[N, classes]``;
@@ -177,54 +174,20 @@ class FFNResNet(nn.Module):
       nearest to ``n`` (:func:`nearest_branch`), shifting over ``n`` frames;
     * a packed ``[F, 3, H, W]`` tensor and its :class:`~ffn_kernels.FrameLayout` -> a tuple of
       logits per segment.
+
+    Subclasses compute :meth:`branch_logits` of packed frames.
     """
 
-    def __init__(self, depth: int = 50, frames: Sequence[int] = (4, 8, 16),
-                 num_classes: int = 400, fold_div: int = 8, dropout: float = 0.5,
-                 weight_alteration: bool = True, width: int = 64) -> None:
+    def __init__(self, frames: Sequence[int]) -> None:
         super().__init__()
-        if depth not in DEPTHS:
-            raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
         frames = tuple(int(t) for t in frames)
         if not frames or frames[0] < 1 or any(a >= b for a, b in zip(frames, frames[1:])):
             raise ValueError(f"frames must be positive and strictly increasing, got {frames}")
-        if width < 8 or width % 8:
-            raise ValueError(f"width must be a positive multiple of 8, got {width}")
-        self.config = dict(depth=depth, frames=frames, num_classes=num_classes, fold_div=fold_div,
-                           dropout=dropout, weight_alteration=weight_alteration, width=width)
-        self.frames, self.fold_div = frames, fold_div
-        branches = len(frames)
-        block, counts = DEPTHS[depth]
-        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
-        self.bn1 = FreqBatchNorm2d(width, branches)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        inplanes = width
-        for i, count in enumerate(counts):
-            planes = width << i
-            blocks = []
-            for j in range(count):
-                stride = 2 if i > 0 and j == 0 else 1
-                blocks.append(block(inplanes, planes, stride, branches, fold_div, weight_alteration))
-                inplanes = planes * block.expansion
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(inplanes, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # as the official FFN: He init for convs, a small normal for the new classifier
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.normal_(self.fc.weight, 0, 1e-3)
-        nn.init.zeros_(self.fc.bias)
+        self.frames = frames
 
     @property
     def num_branches(self) -> int:
         return len(self.frames)
-
-    def blocks(self) -> list[Block]:
-        return [b for i in range(1, 5) for b in getattr(self, f"layer{i}")]
 
     def branch_for(self, n: int) -> int:
         return nearest_branch(self.frames, n)
@@ -255,6 +218,60 @@ class FFNResNet(nn.Module):
             f"[F, 3, H, W] tensor with its layout; got shape {tuple(x.shape)}, layout={layout}"
         )
 
+    def branch_logits(self, x: Tensor, layout: FrameLayout) -> tuple[Tensor, ...]:
+        """Logits ``[clips, classes]`` per segment of packed frames ``x``."""
+        raise NotImplementedError
+
+
+class FFNResNet(FrameFlexible):
+    """Frame Flexible TSM-ResNet-{18,34,50,101}: shared convs and classifier, per-branch BN and WA.
+
+    ``frames`` and ``forward`` are those of :class:`FrameFlexible`. ``width`` is the first stage's
+    channel count (64 in ResNet and the official checkpoints; smaller widths make quick CPU
+    experiments such as ``ffn demo``).
+    """
+
+    def __init__(self, depth: int = 50, frames: Sequence[int] = (4, 8, 16),
+                 num_classes: int = 400, fold_div: int = 8, dropout: float = 0.5,
+                 weight_alteration: bool = True, width: int = 64) -> None:
+        if depth not in DEPTHS:
+            raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
+        super().__init__(frames)
+        if width < 8 or width % 8:
+            raise ValueError(f"width must be a positive multiple of 8, got {width}")
+        self.config = dict(depth=depth, frames=self.frames, num_classes=num_classes,
+                           fold_div=fold_div, dropout=dropout, weight_alteration=weight_alteration,
+                           width=width)
+        self.fold_div = fold_div
+        branches = self.num_branches
+        block, counts = DEPTHS[depth]
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = FreqBatchNorm2d(width, branches)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        inplanes = width
+        for i, count in enumerate(counts):
+            planes = width << i
+            blocks = []
+            for j in range(count):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(block(inplanes, planes, stride, branches, fold_div, weight_alteration))
+                inplanes = planes * block.expansion
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(inplanes, num_classes)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # as the official FFN: He init for convs, a small normal for the new classifier
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.normal_(self.fc.weight, 0, 1e-3)
+        nn.init.zeros_(self.fc.bias)
+
+    def blocks(self) -> list[Block]:
+        return [b for i in range(1, 5) for b in getattr(self, f"layer{i}")]
+
     def features(self, x: Tensor, layout: FrameLayout) -> Tensor:
         """The last block's output for packed frames ``x`` (one conv call per layer per step)."""
         x = self.maxpool(self.bn1(self.conv1(x), layout, activation="relu"))
@@ -265,12 +282,16 @@ class FFNResNet(nn.Module):
         return x
 
     def branch_logits(self, x: Tensor, layout: FrameLayout) -> tuple[Tensor, ...]:
-        feats = self.features(x, layout).mean((2, 3))
-        pooled = torch.cat([clip_average(f, layout.clips, seg.frames)
-                            for f, seg in zip(layout.split(feats), layout.segments())])
+        pooled = torch.cat(clip_means(self.features(x, layout).mean((2, 3)), layout))
         return self.fc(self.dropout(pooled)).split(layout.clips)
 
 
 def clip_average(feats: Tensor, clips: int, frames: int) -> Tensor:
     """``[clips*frames, D]`` frame features -> ``[clips, D]`` clip features (TSN's average)."""
     return feats.view(clips, frames, -1).mean(1)
+
+
+def clip_means(feats: Tensor, layout: FrameLayout) -> list[Tensor]:
+    """``[F, D]`` per-frame features or logits in ``layout`` -> ``[clips, D]`` per segment."""
+    return [clip_average(f, layout.clips, seg.frames)
+            for f, seg in zip(layout.split(feats), layout.segments())]

@@ -8,6 +8,7 @@ derive their offsets without touching the device.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -117,3 +118,67 @@ def _int_tuple(name: str, value: Sequence[int]) -> tuple[int, ...]:
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"FrameLayout: {name} must hold ints, got {v!r} in {items}")
     return items
+
+
+# --- the layout of the current call, by context (docs/design.md §5.7) -------------------------------
+#
+# Modules called without a layout (a torchvision block calls ``bn(x)``) read it from the innermost
+# active ``frame_layout`` block of this thread. It is a ``threading.local`` and not a
+# ``contextvars.ContextVar`` because torch.compile reads an attribute of a threading.local and
+# guards on its value (a new layout recompiles, another thread sees its own), while it cannot trace
+# ``ContextVar.get`` (graph break: ``fullgraph=True`` fails).
+_current = threading.local()
+
+
+def current_layout() -> FrameLayout | None:
+    """The layout of the innermost active :func:`frame_layout` block in this thread, or None."""
+    return getattr(_current, "layout", None)
+
+
+def resolve_layout(layout: FrameLayout | None, who: str) -> FrameLayout:
+    """``layout`` if given, else the context's (:func:`frame_layout`); with neither, a ``TypeError``
+    that names ``who`` (the module being called) and both ways to provide one."""
+    if layout is not None:
+        return layout
+    layout = current_layout()
+    if layout is None:
+        raise TypeError(
+            f"{who} needs a FrameLayout: pass it as an argument, e.g. module(x, layout), or call the "
+            f"module inside `with ffn_kernels.frame_layout(layout):`"
+        )
+    return layout
+
+
+class frame_layout:  # noqa: N801 - used like a function, as torch.no_grad
+    """Context manager: modules called without a layout inside the block use ``layout``.
+
+    >>> layout = FrameLayout(clips=2, frames=(4, 8))
+    >>> with frame_layout(layout):
+    ...     current_layout() is layout
+    True
+
+    Blocks nest (the inner layout wins until it exits) and each thread has its own. They must exit
+    in the reverse order they entered, which a block held open across an ``await`` or a ``yield``
+    can break: that raises ``RuntimeError`` at the exit.
+    """
+
+    def __init__(self, layout: FrameLayout) -> None:
+        if type(layout) is not FrameLayout:
+            raise TypeError(
+                f"frame_layout: layout must be a ffn_kernels.FrameLayout, got {type(layout).__name__}"
+            )
+        self.layout = layout
+        self._outer: list[FrameLayout | None] = []  # one entry per active entry of this object
+
+    def __enter__(self) -> FrameLayout:
+        self._outer.append(current_layout())
+        _current.layout = self.layout
+        return self.layout
+
+    def __exit__(self, *exc) -> None:
+        if current_layout() is not self.layout:
+            raise RuntimeError(
+                "frame_layout blocks exited out of order (one was held open across an await or a "
+                "yield?): the layout in effect is not the one this block set"
+            )
+        _current.layout = self._outer.pop()

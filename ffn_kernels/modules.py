@@ -2,6 +2,8 @@
 
 They follow ``nn.BatchNorm2d`` conventions (parameter/buffer names, ``train()``/``eval()``,
 ``reset_running_stats``, ``momentum=None`` for a cumulative average) with one row per branch.
+Their ``layout`` argument may be left out inside a ``with ffn_kernels.frame_layout(layout):``
+block, so that a 2D network that calls ``bn(x)`` runs them unchanged (``ffn.ffnify``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from .layout import FrameLayout
+from .layout import FrameLayout, resolve_layout
 
 
 class FreqBatchNorm2d(nn.Module):
@@ -61,6 +63,21 @@ class FreqBatchNorm2d(nn.Module):
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 self.register_buffer(name, None)
         self.reset_parameters()
+
+    @classmethod
+    def from_batch_norm(cls, bn: nn.BatchNorm2d, num_branches: int) -> "FreqBatchNorm2d":
+        """A ``FreqBatchNorm2d`` whose every branch row starts from ``bn`` (its settings, parameters,
+        running statistics, counter, ``requires_grad`` and train/eval mode), as an ImageNet BN
+        initialises every branch of an FFN model."""
+        like = bn.weight if bn.affine else bn.running_mean
+        kw = {} if like is None else dict(device=like.device, dtype=like.dtype)
+        new = cls(bn.num_features, num_branches, bn.eps, bn.momentum, bn.affine,
+                  bn.track_running_stats, **kw)
+        new.load_state_dict(bn.state_dict())
+        if bn.affine:
+            new.weight.requires_grad_(bn.weight.requires_grad)
+            new.bias.requires_grad_(bn.bias.requires_grad)
+        return new.train(bn.training)
 
     def reset_running_stats(self) -> None:
         self._counts = None
@@ -126,11 +143,13 @@ class FreqBatchNorm2d(nn.Module):
     def forward(
         self,
         x: Tensor,
-        layout: FrameLayout,
+        layout: Optional[FrameLayout] = None,
         residual: Optional[Tensor] = None,
         activation: Optional[str] = None,
     ) -> Tensor:
-        """``act(BN(x) + residual)`` per segment; ``activation`` is None or ``"relu"``."""
+        """``act(BN(x) + residual)`` per segment; ``activation`` is None or ``"relu"``; ``layout``
+        defaults to the context's (``ffn_kernels.frame_layout``)."""
+        layout = resolve_layout(layout, type(self).__name__)
         w, b, rm, rv, training, momentum = self._args(x, layout)
         return ops.freq_batch_norm(
             x, layout, w, b, rm, rv, training, momentum, self.eps, activation, residual
@@ -140,11 +159,12 @@ class FreqBatchNorm2d(nn.Module):
         self,
         z: Tensor,
         identity: Tensor,
-        layout: FrameLayout,
+        layout: Optional[FrameLayout] = None,
         alter_next: Optional[Tensor] = None,
         fold_div: int = 8,
     ) -> tuple[Tensor, Tensor]:
         """The residual-block boundary with this BN: ``(relu(BN(z) + identity), shift_alter(...))``."""
+        layout = resolve_layout(layout, type(self).__name__)
         w, b, rm, rv, training, momentum = self._args(z, layout)
         return ops.bn_add_relu_shift_alter(
             z, identity, layout, w, b, rm, rv, training, momentum, self.eps, alter_next, fold_div
@@ -154,8 +174,9 @@ class FreqBatchNorm2d(nn.Module):
 class ShiftAlter(nn.Module):
     """Temporal shift followed by per-branch Weight Alteration ``y = (1 + weight[p]) * shift(x)``.
 
-    ``alter=False`` gives a pure temporal shift with no parameters. The WA weights start from
-    N(0, ``init_std``) as in FFN.
+    ``alter=False`` gives a pure temporal shift with no parameters; ``shift=False`` gives Weight
+    Alteration alone (an FFN on TSN), computed in plain PyTorch (no fused op has it); with both
+    False the module is the identity. The WA weights start from N(0, ``init_std``) as in FFN.
     """
 
     def __init__(
@@ -167,6 +188,7 @@ class ShiftAlter(nn.Module):
         init_std: float = 1e-3,
         device=None,
         dtype=None,
+        shift: bool = True,
     ) -> None:
         super().__init__()
         if num_channels < 1 or num_branches < 1:
@@ -176,7 +198,7 @@ class ShiftAlter(nn.Module):
         if fold_div < 2:
             raise ValueError(f"fold_div must be >= 2, got {fold_div}")
         self.num_channels, self.num_branches, self.fold_div = num_channels, num_branches, fold_div
-        self.init_std = init_std
+        self.init_std, self.shift = init_std, shift
         if alter:
             self.weight = nn.Parameter(
                 torch.empty((num_branches, num_channels), device=device, dtype=dtype)
@@ -192,8 +214,18 @@ class ShiftAlter(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_channels}, num_branches={self.num_branches}, fold_div={self.fold_div}, "
-            f"alter={self.weight is not None}"
+            f"alter={self.weight is not None}, shift={self.shift}"
         )
 
-    def forward(self, x: Tensor, layout: FrameLayout) -> Tensor:
-        return ops.shift_alter(x, layout, self.weight, self.fold_div)
+    def forward(self, x: Tensor, layout: Optional[FrameLayout] = None) -> Tensor:
+        """``layout`` defaults to the context's (``ffn_kernels.frame_layout``)."""
+        layout = resolve_layout(layout, type(self).__name__)
+        if self.shift:
+            return ops.shift_alter(x, layout, self.weight, self.fold_div)
+        if self.weight is None:
+            return x
+        layout.check(x.shape[0], self.num_branches)
+        # one [C] factor per frame; rounded to x's dtype before the multiply, as the fused op does
+        scale = torch.cat([(1 + self.weight[s.row]).expand(s.stop - s.start, -1)
+                           for s in layout.segments()])
+        return x * scale.to(x.dtype)[:, :, None, None]

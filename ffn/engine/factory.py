@@ -4,24 +4,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import Config, ModelConfig, UserError, load_config
+from torch import nn
+
+from ..config import Config, ModelConfig, UserError, load_config, torchvision_arch
 from ..convert import load_official, load_torchvision
 from ..data import num_classes
 from ..data.build import num_classes_key
 from ..eager import EagerFFNResNet
-from ..models import DEPTHS, FFNResNet
+from ..ffnify import FFNVideo, ffnify
+from ..models import DEPTHS, FFNResNet, FrameFlexible
 from . import checkpoint
 
 
 def depth_of(arch: str) -> int:
     depth = arch.lower().removeprefix("resnet")
     if not depth.isdigit() or int(depth) not in DEPTHS:
-        raise UserError(f"config model.arch must be one of {[f'resnet{d}' for d in DEPTHS]}, got {arch!r}")
+        raise UserError(f"config model.arch must be one of {[f'resnet{d}' for d in DEPTHS]} or "
+                        f"torchvision:NAME (a torchvision ResNet or mobilenet_v2), got {arch!r}")
     return int(depth)
 
 
-def build_model(cfg: ModelConfig, classes: int, pretrained: bool = True) -> FFNResNet:
+def build_model(cfg: ModelConfig, classes: int, pretrained: bool = True) -> FrameFlexible:
     """The FFN (several frame counts) or single-frame-count TSM described by ``cfg``."""
+    name = torchvision_arch(cfg.arch)
+    if name is not None:
+        return build_torchvision(name, cfg, classes)
     cls = FFNResNet if cfg.impl == "fused" else EagerFFNResNet
     model = cls(depth_of(cfg.arch), cfg.frames, classes, dropout=cfg.dropout,
                 weight_alteration=cfg.weight_alteration, width=cfg.width)
@@ -37,11 +44,49 @@ def build_model(cfg: ModelConfig, classes: int, pretrained: bool = True) -> FFNR
     return model
 
 
+def build_torchvision(name: str, cfg: ModelConfig, classes: int) -> FFNVideo:
+    """``torchvision.models.get_model(name)`` with ``classes`` outputs and TSM's head dropout,
+    through :func:`ffn.ffnify` (config checks: :func:`ffn.config.check_ranges`)."""
+    arch = f"model.arch={cfg.arch}"
+    try:
+        import torchvision
+    except Exception as e:  # noqa: BLE001 - not installed, or a build for another torch
+        raise UserError(f"config {arch} needs torchvision, built for this torch (pip install "
+                        f"'ffn-kernels[torchvision]'): {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    try:
+        model = torchvision.models.get_model(name, num_classes=classes)
+    except (ValueError, TypeError) as e:  # an unknown name, or a model without num_classes
+        raise UserError(f"config {arch}: torchvision cannot build {name!r}: {e}") from None
+    head_dropout(model, cfg.dropout)
+    try:
+        return ffnify(model, cfg.frames, weight_alteration=cfg.weight_alteration)
+    except ValueError as e:
+        raise UserError(f"config {arch}: {e}") from None
+
+
+def head_dropout(model: nn.Module, p: float) -> None:
+    """Dropout ``p`` right before the classifier (the last ``nn.Linear``), as TSM's head: the
+    ``nn.Dropout`` already there is set (MobileNetV2), or one is put in front (ResNet's ``fc``
+    becomes ``fc.0`` dropout, ``fc.1`` linear, whatever ``p``: the keys do not depend on it)."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"{type(model).__name__} has no nn.Linear classifier for model.dropout")
+    parent_name, _, leaf = linears[-1].rpartition(".")
+    parent = model.get_submodule(parent_name)
+    before = (parent[int(leaf) - 1] if isinstance(parent, nn.Sequential) and leaf.isdigit()
+              and int(leaf) > 0 else None)
+    if isinstance(before, nn.Dropout):
+        before.p = p
+    else:
+        setattr(parent, leaf, nn.Sequential(nn.Dropout(p), getattr(parent, leaf)))
+
+
 # What the saved weights are: overrides of these that differ from the checkpoint are refused
 MODEL_KEYS = ("arch", "width", "frames", "weight_alteration")
 
 
-def load_trained(path: str | Path, overrides: list[str] = ()) -> tuple[FFNResNet, Config]:
+def load_trained(path: str | Path, overrides: list[str] = ()) -> tuple[FrameFlexible, Config]:
     """The model saved by ``ffn train`` at ``path`` and its config (``overrides`` applied, e.g. to
     point at other validation data). An override that contradicts the saved model (``model.frames``,
     ``model.arch``, ``model.width``, ``model.weight_alteration``, the number of classes) raises
