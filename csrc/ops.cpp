@@ -71,20 +71,24 @@ TORCH_LIBRARY(ffn_kernels_C, m) {
       "shift_alter_bwd(Tensor dy, Tensor x, int clips, int[] frames, int[] rows, Tensor? alter, "
       "int fold_div, bool alter_grad) -> (Tensor, Tensor)");
   m.def(
-      "bn_fwd(Tensor x, int clips, int[] frames, int[] rows, Tensor weight, Tensor bias, "
+      "freq_batch_norm_fwd(Tensor x, int clips, int[] frames, int[] rows, Tensor weight, Tensor "
+      "bias, "
       "Tensor? running_mean, Tensor? running_var, bool training, float[] momentum, float eps, "
       "bool relu, Tensor? residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "bn_bwd(Tensor dy, Tensor x, Tensor y, int clips, int[] frames, int[] rows, Tensor weight, "
+      "freq_batch_norm_bwd(Tensor dy, Tensor x, Tensor y, int clips, int[] frames, int[] rows, "
+      "Tensor weight, "
       "Tensor mean, Tensor invstd, bool training, bool relu, bool has_residual) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "bnrs_fwd(Tensor z, Tensor identity, int clips, int[] frames, int[] rows, Tensor weight, "
+      "bn_add_relu_shift_alter_fwd(Tensor z, Tensor identity, int clips, int[] frames, int[] rows, "
+      "Tensor weight, "
       "Tensor bias, Tensor? running_mean, Tensor? running_var, bool training, float[] momentum, "
       "float eps, Tensor? alter_next, int fold_div) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "bnrs_bwd(Tensor dout, Tensor dnext, Tensor z, Tensor out, int clips, int[] frames, "
+      "bn_add_relu_shift_alter_bwd(Tensor dout, Tensor dnext, Tensor z, Tensor out, int clips, "
+      "int[] frames, "
       "int[] rows, Tensor weight, Tensor mean, Tensor invstd, bool training, Tensor? alter_next, "
       "int fold_div) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

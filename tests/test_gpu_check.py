@@ -74,7 +74,7 @@ def test_dry_run_prints_every_step_without_torch_or_a_gpu(tmp_path):
     assert "bench/run.py --device cuda" in cmds["bench_fp32"]
     assert cmds["bench_fp32"].endswith(f"--dtype float32 --out {res / 'bench-fp32'}")
     assert cmds["bench_bf16_cl"].endswith(
-        f"--dtype bfloat16 --channels-last --out {res / 'bench-bf16-cl'}")
+        f"--dtype bfloat16 --channels-last --out {res / 'bench-bf16-channels_last'}")
     assert "budget 480 s" in out
     assert not res.exists(), "a dry run writes nothing"
 

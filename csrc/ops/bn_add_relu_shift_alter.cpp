@@ -43,7 +43,7 @@ Outputs forward(const Tensor& z, const Tensor& identity, int64_t clips, IntArray
                 int64_t fold_div) {
   check(z, identity, clips, frames, rows, weight, bias, running_mean, running_var, training,
         momentum, eps, alter_next, fold_div);
-  static const RawOp<FwdSig> raw("bnrs_fwd");
+  static const RawOp<FwdSig> raw("bn_add_relu_shift_alter_fwd");
   const auto fmt = format_of(z);
   return raw(z.device()).call(like(z, fmt), like(identity, fmt), clips, frames, rows,
                               param(weight, z), param(bias, z), param(running_mean, z),
@@ -67,7 +67,7 @@ BwdOutputs backward(const Tensor& dout, const Tensor& dnext, const Tensor& z, co
                     int64_t clips, IntArrayRef frames, IntArrayRef rows, const Tensor& weight,
                     const Tensor& mean, const Tensor& invstd, bool training,
                     const OptTensor& alter_next, int64_t fold_div) {
-  static const RawOp<BwdSig> raw("bnrs_bwd");
+  static const RawOp<BwdSig> raw("bn_add_relu_shift_alter_bwd");
   const auto fmt = format_of(z);
   return raw(z.device()).call(like(dout, fmt), like(dnext, fmt), like(z, fmt), like(out, fmt),
                               clips, frames, rows, param(weight, z), mean, invstd, training,

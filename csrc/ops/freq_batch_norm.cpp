@@ -38,7 +38,7 @@ Outputs forward(const Tensor& x, int64_t clips, IntArrayRef frames, IntArrayRef 
                 double eps, bool relu, const OptTensor& residual) {
   check(x, clips, frames, rows, weight, bias, running_mean, running_var, training, momentum, eps,
         residual);
-  static const RawOp<FwdSig> raw("bn_fwd");
+  static const RawOp<FwdSig> raw("freq_batch_norm_fwd");
   const auto fmt = format_of(x);
   return raw(x.device()).call(like(x, fmt), clips, frames, rows, param(weight, x),
                               param(bias, x), param(running_mean, x), param(running_var, x),
@@ -59,7 +59,7 @@ Outputs forward_meta(const Tensor& x, int64_t clips, IntArrayRef frames, IntArra
 BwdOutputs backward(const Tensor& dy, const Tensor& x, const Tensor& y, int64_t clips,
                     IntArrayRef frames, IntArrayRef rows, const Tensor& weight, const Tensor& mean,
                     const Tensor& invstd, bool training, bool relu, bool has_residual) {
-  static const RawOp<BwdSig> raw("bn_bwd");
+  static const RawOp<BwdSig> raw("freq_batch_norm_bwd");
   const auto fmt = format_of(x);
   return raw(x.device()).call(like(dy, fmt), like(x, fmt), like(y, fmt), clips, frames, rows,
                               param(weight, x), mean, invstd, training, relu, has_residual);
