@@ -204,9 +204,9 @@ def test_children_run_on_cpu(restore_backend, capsys):
 # The ptxas gate of .ci/cuda_build.sh
 # ---------------------------------------------------------------------------------------------
 
-# frame_map_kernel<1, BnBwdOp<T, false>>(BnBwdOp<T, false>, SegTable, Geom), T = float / double
-ENTRY = ("_ZN11ffn_kernels4cuda16frame_map_kernelILi1ENS0_46_GLOBAL__N__cc4c9847_13_batch_norm_cu_"
-         "009d23ab7BnBwdOpI{}Lb0EEEEEvT0_NS0_8SegTableENS0_4GeomE")
+# frame_map_kernel<1, BnBwdOp<T, false>>(BnBwdOp<T, false>, FrameLayout, Geom), T = float / double
+ENTRY = ("_ZN11ffn_kernels4cuda16frame_map_kernelILi1ENS0_7BnBwdOpI{}Lb0EEEEEvT0_"
+         "NS0_11FrameLayoutENS0_4GeomE")
 
 
 def ptxas_log(kernels):
