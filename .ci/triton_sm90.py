@@ -141,19 +141,23 @@ def run_ops(api, C, hw, dtype, channels_last, rec, label):
         mode = "train" if training else "eval"
         for relu in (False, True):
             for res in (None, other):
-                tag = f"bn {mode}" + (" relu" if relu else "") + (" res" if res is not None else "")
+                tag = (f"freq_batch_norm {mode}" + (" relu" if relu else "")
+                       + (" res" if res is not None else ""))
                 rec.case = (label, tag + " fwd")
-                api.bn_fwd(x, *layout, w, b, rm, rv, training, mom, 1e-5, relu, res)
+                api.freq_batch_norm_fwd(x, *layout, w, b, rm, rv, training, mom, 1e-5, relu, res)
                 rec.case = (label, tag + " bwd")
-                api.bn_bwd(dy, x, y, *layout, w, mean, invstd, training, relu, res is not None)
-        rec.case = (label, f"bn {mode} no-running-stats fwd")
-        api.bn_fwd(x, *layout, w, b, None, None, training, mom, 1e-5, False, None)
+                api.freq_batch_norm_bwd(dy, x, y, *layout, w, mean, invstd, training, relu,
+                                        res is not None)
+        rec.case = (label, f"freq_batch_norm {mode} no-running-stats fwd")
+        api.freq_batch_norm_fwd(x, *layout, w, b, None, None, training, mom, 1e-5, False, None)
         for a in (None, alter):
-            tag = f"bnrs {mode}" + (" alter" if a is not None else "")
+            tag = f"bn_add_relu_shift_alter {mode}" + (" alter" if a is not None else "")
             rec.case = (label, tag + " fwd")
-            api.bnrs_fwd(x, other, *layout, w, b, rm, rv, training, mom, 1e-5, a, FOLD_DIV)
+            api.bn_add_relu_shift_alter_fwd(x, other, *layout, w, b, rm, rv, training, mom, 1e-5, a,
+                                            FOLD_DIV)
             rec.case = (label, tag + " bwd")
-            api.bnrs_bwd(dy, other, x, y, *layout, w, mean, invstd, training, a, FOLD_DIV)
+            api.bn_add_relu_shift_alter_bwd(dy, other, x, y, *layout, w, mean, invstd, training, a,
+                                            FOLD_DIV)
 
 
 def main(argv=None):
@@ -163,14 +167,14 @@ def main(argv=None):
                         help="float32 only, first and last stage (a smoke run)")
     parser.add_argument("--shape", action="append", help="only these stages, e.g. 2048/7")
     parser.add_argument("--dtype", action="append", choices=["float16", "float32"])
-    parser.add_argument("--format", action="append", choices=["nchw", "cl"])
+    parser.add_argument("--format", action="append", choices=["nchw", "channels_last"])
     args = parser.parse_args(argv)
     if not os.path.exists(CUOBJDUMP):
         sys.exit(f"cuobjdump not found at {CUOBJDUMP} (it ships with the Triton wheel)")
 
     driver.set_active(FakeDriver())
     assert not knobs.runtime.interpret
-    from ffn_kernels.triton import api
+    import ffn_kernels.triton as api
 
     shapes = SHAPES[::len(SHAPES) - 1] if args.quick else SHAPES
     if args.shape:
@@ -178,20 +182,20 @@ def main(argv=None):
     dtypes = [torch.float32] if args.quick else [torch.float16, torch.float32]
     if args.dtype:
         dtypes = [getattr(torch, d) for d in args.dtype]
-    formats = [f == "cl" for f in (args.format or ["nchw", "cl"])]
+    formats = [f == "channels_last" for f in (args.format or ["nchw", "channels_last"])]
     t0 = time.perf_counter()
     rows = {}  # (kernel, shape, dtype, format) -> set of kernel ids
     labels = []
     with Recorder() as rec:
         for C, hw in shapes:
             for dtype in dtypes:
-                for cl in formats:
+                for channels_last in formats:
                     label = (f"{C}/{hw}x{hw}", str(dtype).removeprefix("torch."),
-                             "cl" if cl else "nchw")
+                             "channels_last" if channels_last else "nchw")
                     labels.append(label)
                     t = time.perf_counter()
                     before = len(rec.kernels)
-                    run_ops(api, C, hw, dtype, cl, rec, label)
+                    run_ops(api, C, hw, dtype, channels_last, rec, label)
                     print(f"  {' '.join(label):<24} {len(rec.kernels) - before:3d} new variants "
                           f"{time.perf_counter() - t:6.1f} s", flush=True)
     t_compile = time.perf_counter() - t0

@@ -31,7 +31,7 @@ threads); the benchmarks run last, one at a time, alone on the GPU. A global bud
 default 480 s) caps the whole run: a step that would start past it is skipped, one that would run
 past it is cut short. Results go to --out: summary.md / summary.json (the table printed at the
 end), env.json, logs/<step>.log (full output of every step), ptxas.txt (the build's register
-report), bench-fp32/ and bench-bf16-cl/ (bench/run.py's results.json, results.csv, results.png).
+report), bench-fp32/ and bench-bf16-channels_last/ (bench/run.py's results.json, results.csv, results.png).
 The exit status is 1 if any step failed or timed out.
 """
 
@@ -187,8 +187,8 @@ def plan(ctx: Context) -> list[Step]:
              bench + ["--dtype", "float32", "--out", str(out / "bench-fp32")], 240, "bench",
              unset=("TRITON_INTERPRET",), judge=bench_judge("bench-fp32")),
         Step("bench_bf16_cl", "bench/run.py bf16, channels_last",
-             bench + ["--dtype", "bfloat16", "--channels-last", "--out", str(out / "bench-bf16-cl")],
-             240, "bench", unset=("TRITON_INTERPRET",), judge=bench_judge("bench-bf16-cl")),
+             bench + ["--dtype", "bfloat16", "--channels-last", "--out", str(out / "bench-bf16-channels_last")],
+             240, "bench", unset=("TRITON_INTERPRET",), judge=bench_judge("bench-bf16-channels_last")),
     ]
     return steps
 

@@ -1,4 +1,10 @@
-"""Deployment: one branch of an FFN model folded into plain convolutions.
+"""Deployment: the whole model as ``torch.export`` programs, or one branch folded into plain
+convolutions.
+
+:func:`export_model` keeps the fused ops (``torch.ops.ffn_kernels.*``): its programs run where
+``ffn_kernels`` is imported (Python, or an AOTInductor package loaded by a process that imported
+it), one program per branch, dynamic in the batch and in the frame counts that branch serves.
+:func:`export_branch` needs no custom op at all (plain aten: ONNX, onnxruntime, any runtime):
 
 In eval mode a branch's BatchNorm is an affine map per output channel, so it folds into the conv
 before it (``w' = w·γ/σ``, ``b' = β - μ·γ/σ``). Weight Alteration scales the *input* channels of
@@ -19,7 +25,7 @@ from torch import Tensor, nn
 from ffn_kernels import FreqBatchNorm2d
 from ffn_kernels.reference import temporal_shift
 
-from .models import Block, FFNResNet, clip_average
+from .models import Block, FFNResNet, clip_average, frames_served
 
 
 class FoldedBlock(nn.Module):
@@ -90,3 +96,31 @@ def export_branch(model: FFNResNet, row: int) -> FoldedTSM:
         raise ValueError(f"row must be in [0, {model.num_branches}), got {row}")
     return FoldedTSM(fold_conv_bn(model.conv1, model.bn1, row),
                      [_fold_block(b, row) for b in model.blocks()], copy.deepcopy(model.fc)).eval()
+
+
+def export_model(model: FFNResNet, size: int | tuple[int, int], *, max_clips: int = 64,
+                 max_frames: int = 64, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> dict[int, torch.export.ExportedProgram]:
+    """``torch.export`` of ``model`` in eval on ``[N, T, 3, H, W]`` clips of ``size`` pixels: one
+    program per branch row, dynamic in ``N`` (1..``max_clips``) and in ``T`` over the frame counts
+    (from 2 up to ``max_frames``) that :func:`~ffn.models.nearest_branch` sends to that branch.
+
+    One program per branch because the branch is chosen by ``T`` in Python: a single program would
+    have to hold every branch's weights behind a data-dependent switch. Pick the program with
+    ``model.branch_for(T)``. The programs call the fused ops, so the process that runs them must
+    ``import ffn_kernels``."""
+    if model.training:
+        raise ValueError("export_model exports eval mode: call model.eval() first")
+    h, w = (size, size) if isinstance(size, int) else size
+    clips = torch.export.Dim("N", min=1, max=max_clips)
+    programs = {}
+    for row in range(model.num_branches):
+        served = frames_served(model.frames, row, max_frames)
+        lo, hi = max(served.start, 2), served.stop - 1
+        if hi < lo:
+            continue  # a branch that serves no count in 2..max_frames
+        example = torch.zeros(2, lo, 3, h, w, dtype=dtype, device=device)
+        frames = torch.export.Dim(f"T{row}", min=lo, max=hi) if hi > lo else None
+        programs[row] = torch.export.export(
+            model, (example,), dynamic_shapes=({0: clips, 1: frames} if frames else {0: clips},))
+    return programs

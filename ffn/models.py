@@ -142,12 +142,25 @@ DEPTHS = {
 
 
 def nearest_branch(frames: Sequence[int], n: int) -> int:
-    """Row of the branch whose frame count is nearest to ``n``; ties go to more frames."""
-    best = 0  # a plain loop, which torch.compile traces (min() with a key function it does not)
-    for r in range(1, len(frames)):
-        if (abs(frames[r] - n), -frames[r]) < (abs(frames[best] - n), -frames[best]):
-            best = r
-    return best
+    """Row of the branch whose frame count is nearest to ``n``; ties go to more frames (and among
+    branches with the same count, to the first).
+
+    ``n`` may be a ``torch.SymInt`` (a traced frame count): it is only compared with constants
+    (``2n < a + b`` for neighbouring counts ``a < b``), so under torch.compile / torch.export each
+    branch's frame counts form one range that a guard or a ``Dim`` bound decides."""
+    by_count = sorted((t, r) for r, t in enumerate(frames))  # (count, row): first row of a count
+    by_count = [tr for i, tr in enumerate(by_count) if i == 0 or tr[0] != by_count[i - 1][0]]
+    for (t, r), (t_next, _) in zip(by_count, by_count[1:]):
+        if 2 * n < t + t_next:
+            return r
+    return by_count[-1][1]
+
+
+def frames_served(frames: Sequence[int], row: int, limit: int) -> range:
+    """The frame counts in ``1..limit`` that :func:`nearest_branch` sends to ``row`` (one range:
+    the counts are split at the midpoints between neighbouring branches)."""
+    served = [n for n in range(1, limit + 1) if nearest_branch(frames, n) == row]
+    return range(served[0], served[-1] + 1) if served else range(1, 1)
 
 
 def pack_clips(clips: Sequence[Tensor], rows: Sequence[int]) -> tuple[Tensor, FrameLayout]:
@@ -283,7 +296,9 @@ class FFNResNet(FrameFlexible):
 
     def branch_logits(self, x: Tensor, layout: FrameLayout) -> tuple[Tensor, ...]:
         pooled = torch.cat(clip_means(self.features(x, layout).mean((2, 3)), layout))
-        return self.fc(self.dropout(pooled)).split(layout.clips)
+        logits = self.fc(self.dropout(pooled))
+        # one segment needs no split (and a traced, unbacked batch size could not be split on)
+        return (logits,) if layout.num_segments == 1 else logits.split(layout.clips)
 
 
 def clip_average(feats: Tensor, clips: int, frames: int) -> Tensor:

@@ -1,12 +1,12 @@
 """Which kernels run an op (docs/design.md §4).
 
 Every backend is a module-like object with the raw API of :mod:`ffn_kernels.reference`
-(``shift_alter_fwd``, ``bn_fwd``, ...). The public ops dispatch in C++ (``csrc/ops/``): for each
-device type they call either the compiled raw ops ``torch.ops.ffn_kernels_C.*`` or their Python
-twins ``torch.ops.ffn_kernels_py.*`` defined here, which run :func:`kernels_for` (Triton, the
-reference, or an error naming the problem). :func:`set_backend` sets that route. The choice comes
-from ``FFN_KERNELS_BACKEND`` (``auto|cuda|triton|cpu|reference``, read at import) or
-:func:`set_backend`:
+(``shift_alter_fwd``, ``freq_batch_norm_fwd``, ...). The public ops dispatch in C++
+(``csrc/ops/``): for each device type they call either the compiled raw ops
+``torch.ops.ffn_kernels_C.*`` or their Python twins ``torch.ops.ffn_kernels_py.*`` defined here,
+which run :func:`kernels_for` (Triton, the reference, or an error naming the problem).
+:func:`set_backend` sets that route. The choice comes from ``FFN_KERNELS_BACKEND``
+(``auto|cuda|triton|cpu|reference``, read at import) or :func:`set_backend`:
 
 * ``auto``: CUDA tensors use the CUDA extension if it was built with CUDA kernels, else Triton;
   CPU tensors use the C++ CPU kernels. (Without the extension the public ops do not exist; the raw
@@ -26,7 +26,10 @@ from types import SimpleNamespace
 import torch
 
 CHOICES = ("auto", "cuda", "triton", "cpu", "reference")
-RAW_OPS = ("shift_alter_fwd", "shift_alter_bwd", "bn_fwd", "bn_bwd", "bnrs_fwd", "bnrs_bwd")
+RAW_OPS = (
+    "shift_alter_fwd", "shift_alter_bwd", "freq_batch_norm_fwd", "freq_batch_norm_bwd",
+    "bn_add_relu_shift_alter_fwd", "bn_add_relu_shift_alter_bwd",
+)
 
 _extension_error: str | None = None
 try:
@@ -42,7 +45,7 @@ def extension_loaded() -> bool:
 def extension_has_cuda() -> bool:
     """Whether the compiled extension carries CUDA kernels (a dispatcher query, no GPU needed)."""
     return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "ffn_kernels_C::bn_fwd", "CUDA"
+        "ffn_kernels_C::freq_batch_norm_fwd", "CUDA"
     )
 
 

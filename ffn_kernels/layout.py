@@ -3,14 +3,18 @@
 Every branch of a batch lives in one tensor ``[N*(T_0+...+T_{S-1}), C, H, W]``: segment ``s`` holds
 the ``N`` clips of branch ``s`` (clip-major, frame-minor) and uses row ``rows[s]`` of every
 per-branch parameter. A :class:`FrameLayout` describes that packing with plain Python ints, so ops
-derive their offsets without touching the device.
+derive their offsets without touching the device. Under ``torch.compile`` / ``torch.export`` with
+dynamic shapes, ``clips`` and ``frames`` may be ``torch.SymInt`` (taken from the input's shape);
+``rows`` are always ints.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -41,13 +45,16 @@ class FrameLayout:
     rows: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.clips, bool) or not isinstance(self.clips, int) or self.clips < 1:
+        if not _is_int(self.clips, symbolic=True):
             raise ValueError(f"FrameLayout: clips must be a positive int, got {self.clips!r}")
-        frames = _int_tuple("frames", self.frames)
+        _require(self.clips >= 1,
+                 lambda: f"FrameLayout: clips must be a positive int, got {self.clips!r}")
+        frames = _int_tuple("frames", self.frames, symbolic=True)
         if not frames:
             raise ValueError("FrameLayout: frames must name at least one segment")
-        if any(t < 1 for t in frames):
-            raise ValueError(f"FrameLayout: every frame count must be >= 1, got frames={frames}")
+        for t in frames:
+            _require(t >= 1,
+                     lambda: f"FrameLayout: every frame count must be >= 1, got frames={frames}")
         rows = tuple(range(len(frames))) if self.rows is None else _int_tuple("rows", self.rows)
         if len(rows) != len(frames):
             raise ValueError(
@@ -97,11 +104,9 @@ class FrameLayout:
     def check(self, num_frames: int, num_rows: int | None = None, name: str = "x") -> None:
         """Raise ``ValueError`` unless a tensor with ``num_frames`` leading frames and parameters
         with ``num_rows`` rows fit this layout."""
-        if num_frames != self.total_frames:
-            raise ValueError(
-                f"{name}.shape[0] is {num_frames} but the layout holds {self.total_frames} frames "
-                f"(clips={self.clips} x frames={self.frames})"
-            )
+        _require(num_frames == self.total_frames,
+                 lambda: f"{name}.shape[0] is {num_frames} but the layout holds "
+                         f"{self.total_frames} frames (clips={self.clips} x frames={self.frames})")
         if num_rows is not None and max(self.rows) >= num_rows:
             raise ValueError(
                 f"layout rows {self.rows} index parameter row {max(self.rows)}, but the parameters "
@@ -109,13 +114,29 @@ class FrameLayout:
             )
 
 
-def _int_tuple(name: str, value: Sequence[int]) -> tuple[int, ...]:
+def _require(ok, message: Callable[[], str]) -> None:
+    """Raise ``ValueError(message())`` unless ``ok``. A traced condition (sizes under
+    torch.compile / torch.export) becomes a runtime assert instead: a guard would recompile per
+    size, and an unbacked size (``mark_unbacked``) cannot be guarded on at all."""
+    if isinstance(ok, torch.SymBool) or torch.compiler.is_compiling():
+        torch._check(ok)
+    elif not ok:
+        raise ValueError(message())
+
+
+def _is_int(value, symbolic: bool = False) -> bool:
+    """An int (not a bool), or with ``symbolic`` also a ``torch.SymInt`` (a size under tracing)."""
+    kinds = (int, torch.SymInt) if symbolic else int
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
+
+def _int_tuple(name: str, value: Sequence[int], symbolic: bool = False) -> tuple[int, ...]:
     try:
         items = tuple(value)
     except TypeError:
         raise TypeError(f"FrameLayout: {name} must be a sequence of ints, got {value!r}") from None
     for v in items:
-        if isinstance(v, bool) or not isinstance(v, int):
+        if not _is_int(v, symbolic):
             raise TypeError(f"FrameLayout: {name} must hold ints, got {v!r} in {items}")
     return items
 

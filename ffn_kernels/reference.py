@@ -16,21 +16,23 @@ empty tensor):
 
 ``shift_alter_fwd(x, clips, frames, rows, alter, fold_div) -> y``
 ``shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad) -> (dx, dalter[P,C])``
-``bn_fwd(x, clips, frames, rows, weight, bias, running_mean, running_var, training, momentum[S],
-         eps, relu, residual) -> (y, mean[S,C], invstd[S,C], new_running_mean[P,C], new_running_var[P,C])``
-``bn_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu, has_residual)
-         -> (dx, dweight[P,C], dbias[P,C], dresidual)``
-``bnrs_fwd(z, identity, clips, frames, rows, weight, bias, running_mean, running_var, training,
-           momentum[S], eps, alter_next, fold_div) -> (out, next_in, mean, invstd, new_rm, new_rv)``
-``bnrs_bwd(dout, dnext, z, out, clips, frames, rows, weight, mean, invstd, training, alter_next,
-           fold_div) -> (dz, didentity, dweight, dbias, dalter)``
+``freq_batch_norm_fwd(x, clips, frames, rows, weight, bias, running_mean, running_var, training,
+    momentum[S], eps, relu, residual)
+    -> (y, mean[S,C], invstd[S,C], new_running_mean[P,C], new_running_var[P,C])``
+``freq_batch_norm_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu,
+    has_residual) -> (dx, dweight[P,C], dbias[P,C], dresidual)``
+``bn_add_relu_shift_alter_fwd(z, identity, clips, frames, rows, weight, bias, running_mean,
+    running_var, training, momentum[S], eps, alter_next, fold_div)
+    -> (out, next_in, mean, invstd, new_rm, new_rv)``
+``bn_add_relu_shift_alter_bwd(dout, dnext, z, out, clips, frames, rows, weight, mean, invstd,
+    training, alter_next, fold_div) -> (dz, didentity, dweight, dbias, dalter)``
 
 ``mean``/``invstd`` are per segment: batch statistics in training (biased variance), the running
 statistics of the segment's row in eval. ``new_running_*`` are updated copies of the running
 statistics (the public op writes them back in place); rows not in the layout are unchanged.
 Parameter gradients of rows not in the layout are zero; a row used by several segments gets the
-sum of their gradients (as autograd through the op semantics gives). ``y`` in ``bn_bwd`` is only read when
-``relu`` is set (its sign is the ReLU mask).
+sum of their gradients (as autograd through the op semantics gives). ``y`` in
+``freq_batch_norm_bwd`` is only read when ``relu`` is set (its sign is the ReLU mask).
 """
 
 from __future__ import annotations
@@ -161,8 +163,8 @@ def shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad):
     return dx, dalter
 
 
-def bn_fwd(x, clips, frames, rows, weight, bias, running_mean, running_var, training, momentum,
-           eps, relu, residual):
+def freq_batch_norm_fwd(x, clips, frames, rows, weight, bias, running_mean, running_var, training,
+                        momentum, eps, relu, residual):
     layout = FrameLayout(clips, tuple(frames), tuple(rows))
     new_rm = running_mean.clone() if running_mean is not None else x.new_empty(0, dtype=_acc(x))
     new_rv = running_var.clone() if running_var is not None else x.new_empty(0, dtype=_acc(x))
@@ -175,7 +177,8 @@ def bn_fwd(x, clips, frames, rows, weight, bias, running_mean, running_var, trai
     return y, mean, invstd, new_rm, new_rv
 
 
-def bn_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu, has_residual):
+def freq_batch_norm_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu,
+                        has_residual):
     """BN backward from the saved statistics (the ``sum_dy`` / ``sum_dy_xmu`` formula)."""
     layout = FrameLayout(clips, tuple(frames), tuple(rows))
     acc = _acc(x)
@@ -203,9 +206,9 @@ def bn_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu, 
     return dx, dweight, dbias, dres
 
 
-def bnrs_fwd(z, identity, clips, frames, rows, weight, bias, running_mean, running_var, training,
-             momentum, eps, alter_next, fold_div):
-    out, mean, invstd, new_rm, new_rv = bn_fwd(
+def bn_add_relu_shift_alter_fwd(z, identity, clips, frames, rows, weight, bias, running_mean,
+                                running_var, training, momentum, eps, alter_next, fold_div):
+    out, mean, invstd, new_rm, new_rv = freq_batch_norm_fwd(
         z, clips, frames, rows, weight, bias, running_mean, running_var, training, momentum, eps,
         True, identity,
     )
@@ -213,13 +216,13 @@ def bnrs_fwd(z, identity, clips, frames, rows, weight, bias, running_mean, runni
     return out, next_in, mean, invstd, new_rm, new_rv
 
 
-def bnrs_bwd(dout, dnext, z, out, clips, frames, rows, weight, mean, invstd, training, alter_next,
-             fold_div):
+def bn_add_relu_shift_alter_bwd(dout, dnext, z, out, clips, frames, rows, weight, mean, invstd,
+                                training, alter_next, fold_div):
     dout_total, dalter = shift_alter_bwd(
         dnext, out, clips, frames, rows, alter_next, fold_div, alter_next is not None
     )
     dout_total = dout_total + dout
-    dz, dweight, dbias, didentity = bn_bwd(
+    dz, dweight, dbias, didentity = freq_batch_norm_bwd(
         dout_total, z, out, clips, frames, rows, weight, mean, invstd, training, True, True
     )
     return dz, didentity, dweight, dbias, dalter

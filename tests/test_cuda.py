@@ -141,16 +141,16 @@ def test_bn(case, dtype, channels_last, training, running, relu, residual):
     rm, rv = (p["running_mean"], p["running_var"]) if running else (None, None)
     momentum = [0.1 + 0.1 * s for s in range(layout.num_segments)]
     rm_before = rm.clone() if running else None
-    ref, got = _run("bn_fwd", x, *_flat(layout), p["weight"], p["bias"], rm, rv, training,
+    ref, got = _run("freq_batch_norm_fwd", x, *_flat(layout), p["weight"], p["bias"], rm, rv, training,
                     momentum, 1e-3, relu, res)
-    _check(ref, got, dtype, param_outputs=(1, 2, 3, 4), what="bn_fwd")
+    _check(ref, got, dtype, param_outputs=(1, 2, 3, 4), what="freq_batch_norm_fwd")
     if running:
-        assert torch.equal(rm, rm_before), "bn_fwd must not modify running_mean in place"
+        assert torch.equal(rm, rm_before), "freq_batch_norm_fwd must not modify running_mean in place"
     y, mean, invstd = ref[0], ref[1], ref[2]
     dy = make_input(layout, C, hw, dtype, channels_last, seed=4)
-    ref, got = _run("bn_bwd", dy, x, y, *_flat(layout), p["weight"], mean, invstd, training, relu,
+    ref, got = _run("freq_batch_norm_bwd", dy, x, y, *_flat(layout), p["weight"], mean, invstd, training, relu,
                     residual)
-    _check(ref, got, dtype, param_outputs=(1, 2), what="bn_bwd")
+    _check(ref, got, dtype, param_outputs=(1, 2), what="freq_batch_norm_bwd")
 
 
 @requires_gpu
@@ -166,15 +166,15 @@ def test_bnrs(case, dtype, channels_last, training, with_alter):
     z = make_input(layout, C, hw, dtype, channels_last)
     identity = make_input(layout, C, hw, dtype, channels_last, seed=9)
     momentum = [0.1] * layout.num_segments
-    ref, got = _run("bnrs_fwd", z, identity, *_flat(layout), p["weight"], p["bias"],
+    ref, got = _run("bn_add_relu_shift_alter_fwd", z, identity, *_flat(layout), p["weight"], p["bias"],
                     p["running_mean"], p["running_var"], training, momentum, 1e-5, alter, 8)
-    _check(ref, got, dtype, param_outputs=(2, 3, 4, 5), what="bnrs_fwd")
+    _check(ref, got, dtype, param_outputs=(2, 3, 4, 5), what="bn_add_relu_shift_alter_fwd")
     out, mean, invstd = ref[0], ref[2], ref[3]
     dout = make_input(layout, C, hw, dtype, channels_last, seed=5)
     dnext = make_input(layout, C, hw, dtype, channels_last, seed=6)
-    ref, got = _run("bnrs_bwd", dout, dnext, z, out, *_flat(layout), p["weight"], mean, invstd,
+    ref, got = _run("bn_add_relu_shift_alter_bwd", dout, dnext, z, out, *_flat(layout), p["weight"], mean, invstd,
                     training, alter, 8)
-    _check(ref, got, dtype, param_outputs=(2, 3, 4), what="bnrs_bwd")
+    _check(ref, got, dtype, param_outputs=(2, 3, 4), what="bn_add_relu_shift_alter_bwd")
 
 
 @requires_gpu
@@ -187,12 +187,12 @@ def test_repeated_rows(channels_last):
     x = make_input(layout, 16, (3, 3), torch.float32, channels_last)
     dy = make_input(layout, 16, (3, 3), torch.float32, channels_last, seed=2)
     for training, rm, rv in ((True, None, None), (False, p["running_mean"], p["running_var"])):
-        ref, got = _run("bn_fwd", x, *_flat(layout), p["weight"], p["bias"], rm, rv, training,
+        ref, got = _run("freq_batch_norm_fwd", x, *_flat(layout), p["weight"], p["bias"], rm, rv, training,
                         [0.1, 0.1], 1e-5, True, None)
-        _check(ref, got, torch.float32, param_outputs=(1, 2, 3, 4), what="bn_fwd")
-        ref, got = _run("bn_bwd", dy, x, ref[0], *_flat(layout), p["weight"], ref[1], ref[2],
+        _check(ref, got, torch.float32, param_outputs=(1, 2, 3, 4), what="freq_batch_norm_fwd")
+        ref, got = _run("freq_batch_norm_bwd", dy, x, ref[0], *_flat(layout), p["weight"], ref[1], ref[2],
                         training, True, False)
-        _check(ref, got, torch.float32, param_outputs=(1, 2), what="bn_bwd")
+        _check(ref, got, torch.float32, param_outputs=(1, 2), what="freq_batch_norm_bwd")
     ref, got = _run("shift_alter_bwd", dy, x, *_flat(layout), p["alter"], 8, True)
     _check(ref, got, torch.float32, param_outputs=(1,), what="shift_alter_bwd")
 
@@ -207,7 +207,7 @@ def test_backward_is_deterministic(channels_last):
     out = torch.relu(args[2])
     mean = torch.zeros(layout.num_segments, C, device="cuda")
     invstd = torch.ones_like(mean)
-    runs = [torch.ops.ffn_kernels_C.bnrs_bwd(args[0], args[1], args[2], out, *_flat(layout),
+    runs = [torch.ops.ffn_kernels_C.bn_add_relu_shift_alter_bwd(args[0], args[1], args[2], out, *_flat(layout),
                                              p["weight"].cuda(), mean, invstd, True,
                                              p["alter"].cuda(), 8) for _ in range(3)]
     for run in runs[1:]:

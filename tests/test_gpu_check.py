@@ -74,7 +74,7 @@ def test_dry_run_prints_every_step_without_torch_or_a_gpu(tmp_path):
     assert "bench/run.py --device cuda" in cmds["bench_fp32"]
     assert cmds["bench_fp32"].endswith(f"--dtype float32 --out {res / 'bench-fp32'}")
     assert cmds["bench_bf16_cl"].endswith(
-        f"--dtype bfloat16 --channels-last --out {res / 'bench-bf16-cl'}")
+        f"--dtype bfloat16 --channels-last --out {res / 'bench-bf16-channels_last'}")
     assert "budget 480 s" in out
     assert not res.exists(), "a dry run writes nothing"
 
@@ -204,9 +204,9 @@ def test_children_run_on_cpu(restore_backend, capsys):
 # The ptxas gate of .ci/cuda_build.sh
 # ---------------------------------------------------------------------------------------------
 
-# frame_map_kernel<1, BnBwdOp<T, false>>(BnBwdOp<T, false>, SegTable, Geom), T = float / double
-ENTRY = ("_ZN11ffn_kernels4cuda16frame_map_kernelILi1ENS0_46_GLOBAL__N__cc4c9847_13_batch_norm_cu_"
-         "009d23ab7BnBwdOpI{}Lb0EEEEEvT0_NS0_8SegTableENS0_4GeomE")
+# frame_map_kernel<1, BnBwdOp<T, false>>(BnBwdOp<T, false>, FrameLayout, Geom), T = float / double
+ENTRY = ("_ZN11ffn_kernels4cuda16frame_map_kernelILi1ENS0_7BnBwdOpI{}Lb0EEEEEvT0_"
+         "NS0_11FrameLayoutENS0_4GeomE")
 
 
 def ptxas_log(kernels):

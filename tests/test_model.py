@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from ffn import EagerFFNResNet, FFNResNet, nearest_branch
-from ffn.losses import temporal_distillation_loss
 from ffn_kernels import FrameLayout
 
 DEPTHS = (18, 34, 50, 101)
@@ -196,32 +195,3 @@ def test_parameter_counts(depth, plain, ffn):
     # BN affine pair and three WA rows per block input
     assert param_count(depth=depth, frames=(8,), num_classes=1000, weight_alteration=False) == plain
     assert param_count(depth=depth, num_classes=1000) == ffn
-
-
-def test_compiled_training_step_matches_eager():
-    """torch.compile(fullgraph=True) traces the packed training step, the ops and the block's
-    recomputed conv1 input (ConvOfShifted) included, and gives the same loss and gradients."""
-    torch.manual_seed(0)
-    model = FFNResNet(depth=18, frames=(2, 4), num_classes=10, dropout=0.0, width=8)
-    ref = FFNResNet(depth=18, frames=(2, 4), num_classes=10, dropout=0.0, width=8)
-    ref.load_state_dict(model.state_dict())
-    clips, target = [torch.randn(2, t, 3, 32, 32) for t in (2, 4)], torch.tensor([1, 7])
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    losses = []
-    for m in (compiled, ref):
-        loss = temporal_distillation_loss(m(clips), target).total
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[0], losses[1])
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
-
-
-def test_compiled_eval_answers_other_frame_counts_and_batch_sizes():
-    """torch.compile(fullgraph=True) of eval: nearest_branch must trace (min() with a key did not)."""
-    model = FFNResNet(depth=18, width=8, frames=(4, 8, 16), num_classes=10).eval()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        for clips, frames in ((2, 6), (2, 7), (3, 12)):
-            x = torch.randn(clips, frames, 3, 32, 32)
-            torch.testing.assert_close(compiled(x), model(x))

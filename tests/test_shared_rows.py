@@ -214,12 +214,12 @@ def test_raw_backward_ops_sum_shared_rows(backend):
     x, w, a = t["x"].to(dtype), t["weight"].to(dtype), t["alter"].to(dtype)
     dy = _rand(*x.shape, seed=9).to(dtype)
     flat = (layout.clips, list(layout.frames), list(layout.rows))
-    _, mean, invstd, _, _ = ref.bn_fwd(x, *flat, w, t["bias"].to(dtype), None, None, True,
+    _, mean, invstd, _, _ = ref.freq_batch_norm_fwd(x, *flat, w, t["bias"].to(dtype), None, None, True,
                                        [0.1] * layout.num_segments, EPS, False, None)
 
     def grads(x, dy, flat, mean, invstd):
         _, dalter = kernels.shift_alter_bwd(dy, x, *flat, a, FOLD_DIV, True)
-        _, dweight, dbias, _ = kernels.bn_bwd(dy, x, x, *flat, w, mean, invstd, True, False, False)
+        _, dweight, dbias, _ = kernels.freq_batch_norm_bwd(dy, x, x, *flat, w, mean, invstd, True, False, False)
         return dalter, dweight, dbias
 
     total = grads(x, dy, flat, mean, invstd)

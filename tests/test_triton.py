@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 import ffn_kernels.triton as tk  # noqa: E402
-from ffn_kernels.triton import api, traffic  # noqa: E402
+import ffn_kernels.triton as api  # noqa: E402
+from ffn_kernels.triton import common, traffic  # noqa: E402
 from ffn_kernels import reference as ref  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -105,11 +106,11 @@ def test_bn(layout, channels_last, training, relu, with_res, dtype):
     momentum = [0.1, 0.3, 0.05][: len(layout[1])]
     fwd_args = (*layout, p["weight"], p["bias"], p["running_mean"], p["running_var"], training,
                 momentum, 1e-5, relu, res)
-    out, ref_out = tk.bn_fwd(x, *fwd_args), ref.bn_fwd(x, *fwd_args)
+    out, ref_out = tk.freq_batch_norm_fwd(x, *fwd_args), ref.freq_batch_norm_fwd(x, *fwd_args)
     _check(out, ref_out, dtype, param_outputs=(1, 2, 3, 4))
     y, mean, invstd = ref_out[:3]
     bwd_args = (*layout, p["weight"], mean, invstd, training, relu, with_res)
-    _check(tk.bn_bwd(dy, x, y, *bwd_args), ref.bn_bwd(dy, x, y, *bwd_args), dtype,
+    _check(tk.freq_batch_norm_bwd(dy, x, y, *bwd_args), ref.freq_batch_norm_bwd(dy, x, y, *bwd_args), dtype,
            param_outputs=(1, 2))
 
 
@@ -121,7 +122,7 @@ def test_bn_without_running_stats(channels_last):
     p = _params(12)
     for training in (True, False):
         args = (*layout, p["weight"], p["bias"], None, None, training, [0.1, 0.1], 1e-5, False, None)
-        _check(tk.bn_fwd(x, *args), ref.bn_fwd(x, *args), torch.float32)
+        _check(tk.freq_batch_norm_fwd(x, *args), ref.freq_batch_norm_fwd(x, *args), torch.float32)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=IDS)
@@ -147,11 +148,11 @@ def _check_bnrs(layout, channels, dtype, channels_last, training, with_alter):
     momentum = [0.1, 0.3, 0.05][: len(layout[1])]
     fwd_args = (*layout, p["weight"], p["bias"], p["running_mean"], p["running_var"], training,
                 momentum, 1e-5, alter, 8)
-    ref_out = ref.bnrs_fwd(z, identity, *fwd_args)
-    _check(tk.bnrs_fwd(z, identity, *fwd_args), ref_out, dtype, param_outputs=(2, 3, 4, 5))
+    ref_out = ref.bn_add_relu_shift_alter_fwd(z, identity, *fwd_args)
+    _check(tk.bn_add_relu_shift_alter_fwd(z, identity, *fwd_args), ref_out, dtype, param_outputs=(2, 3, 4, 5))
     y, mean, invstd = ref_out[0], ref_out[2], ref_out[3]
     bwd_args = (*layout, p["weight"], mean, invstd, training, alter, 8)
-    _check(tk.bnrs_bwd(dout, dnext, z, y, *bwd_args), ref.bnrs_bwd(dout, dnext, z, y, *bwd_args),
+    _check(tk.bn_add_relu_shift_alter_bwd(dout, dnext, z, y, *bwd_args), ref.bn_add_relu_shift_alter_bwd(dout, dnext, z, y, *bwd_args),
            dtype, param_outputs=(2, 3, 4))
 
 
@@ -160,8 +161,8 @@ def _check_bnrs(layout, channels, dtype, channels_last, training, with_alter):
 def test_small_tiles(monkeypatch, layout, channels_last):
     """Tiles and chunks shrunk so the tiny shapes span several channel blocks, pixel blocks and
     frame chunks per segment (chunks not aligned to clips): masking and the cross-chunk combine."""
-    monkeypatch.setattr(api, "_TILE", 256)
-    monkeypatch.setattr(api, "_CHUNK", 1024)
+    monkeypatch.setattr(common, "_TILE", 256)
+    monkeypatch.setattr(common, "_CHUNK", 1024)
     for training in (True, False):
         _check_bnrs(layout, 20, torch.float32, channels_last, training, True)
 
@@ -175,10 +176,10 @@ def test_repeated_rows():
     p = _params(12)
     for training, rm, rv in ((True, None, None), (False, p["running_mean"], p["running_var"])):
         args = (*layout, p["weight"], p["bias"], rm, rv, training, [0.1, 0.1], 1e-5, True, None)
-        ref_out = ref.bn_fwd(x, *args)
-        _check(tk.bn_fwd(x, *args), ref_out, torch.float32)
+        ref_out = ref.freq_batch_norm_fwd(x, *args)
+        _check(tk.freq_batch_norm_fwd(x, *args), ref_out, torch.float32)
         bwd_args = (*layout, p["weight"], ref_out[1], ref_out[2], training, True, False)
-        _check(tk.bn_bwd(dy, x, ref_out[0], *bwd_args), ref.bn_bwd(dy, x, ref_out[0], *bwd_args),
+        _check(tk.freq_batch_norm_bwd(dy, x, ref_out[0], *bwd_args), ref.freq_batch_norm_bwd(dy, x, ref_out[0], *bwd_args),
                torch.float32, param_outputs=(1, 2))
     sa_args = (*layout, p["alter"], 8, True)
     _check(tk.shift_alter_bwd(dy, x, *sa_args), ref.shift_alter_bwd(dy, x, *sa_args),
@@ -224,7 +225,7 @@ def test_many_segments_momentum():
     w, b = torch.ones(10, 8, device=DEVICE), torch.zeros(10, 8, device=DEVICE)
     momentum = [0.05 * (i + 1) for i in range(10)]
     args = (*layout, w, b, rm, rv, True, momentum, 1e-5, False, None)
-    _check(tk.bn_fwd(x, *args), ref.bn_fwd(x, *args), torch.float32, param_outputs=(1, 2, 3, 4))
+    _check(tk.freq_batch_norm_fwd(x, *args), ref.freq_batch_norm_fwd(x, *args), torch.float32, param_outputs=(1, 2, 3, 4))
 
 
 # what a tensor built from host data (torch.tensor, as_tensor of a list, .to(device) of a fresh
@@ -238,11 +239,11 @@ def _training_step(layout, x, dy, p, momentum):
     w, b, rm, rv, alter = (p[k] for k in ("weight", "bias", "running_mean", "running_var", "alter"))
     y = tk.shift_alter_fwd(x, *layout, alter, 8)
     tk.shift_alter_bwd(dy, x, *layout, alter, 8, True)
-    y, mean, invstd, *_ = tk.bn_fwd(x, *layout, w, b, rm, rv, True, momentum, 1e-5, True, dy)
-    tk.bn_bwd(dy, x, y, *layout, w, mean, invstd, True, True, True)
-    out, _, mean, invstd, *_ = tk.bnrs_fwd(x, dy, *layout, w, b, rm, rv, True, momentum, 1e-5,
+    y, mean, invstd, *_ = tk.freq_batch_norm_fwd(x, *layout, w, b, rm, rv, True, momentum, 1e-5, True, dy)
+    tk.freq_batch_norm_bwd(dy, x, y, *layout, w, mean, invstd, True, True, True)
+    out, _, mean, invstd, *_ = tk.bn_add_relu_shift_alter_fwd(x, dy, *layout, w, b, rm, rv, True, momentum, 1e-5,
                                            alter, 8)
-    tk.bnrs_bwd(dy, dy, x, out, *layout, w, mean, invstd, True, alter, 8)
+    tk.bn_add_relu_shift_alter_bwd(dy, dy, x, out, *layout, w, mean, invstd, True, alter, 8)
 
 
 def test_no_host_data_per_call():
@@ -305,8 +306,8 @@ def test_device_guard(monkeypatch):
             launches.append(bool(entered) and entered[-1] is not None)
             return self.kernel[grid]
 
-    monkeypatch.setattr(api, "_GUARDED", (torch.device(DEVICE).type,))
-    monkeypatch.setattr(api, "_device_guard", guard)
+    monkeypatch.setattr(common, "_GUARDED", (torch.device(DEVICE).type,))
+    monkeypatch.setattr(common, "_device_guard", guard)
     for name in ("_stats_kernel", "_stats_combine_kernel", "_fwd_kernel", "_bwd_kernel",
                  "_sum_combine_kernel"):
         monkeypatch.setattr(K, name, Launch(getattr(K, name)))
@@ -327,5 +328,5 @@ def test_second_gpu():
         p = {k: v.to("cuda:1") for k, v in _params(20).items()}
         args = (*layout, p["weight"], p["bias"], p["running_mean"], p["running_var"], True,
                 [0.1, 0.3, 0.05], 1e-5, p["alter"], 8)
-        _check(tk.bnrs_fwd(x, res, *args), ref.bnrs_fwd(x, res, *args), torch.float32,
+        _check(tk.bn_add_relu_shift_alter_fwd(x, res, *args), ref.bn_add_relu_shift_alter_fwd(x, res, *args), torch.float32,
                param_outputs=(2, 3, 4, 5))

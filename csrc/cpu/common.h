@@ -14,8 +14,8 @@
 //   NCHW: pieces of the plane (channel c0 for every element);
 //   channels_last: per pixel, the channel ranges [0, fold), [fold, 2*fold), [2*fold, C)
 //                  (element i has channel c0 + i).
-// Kernels write their element loops once as generic lambdas taking `cl` (std::true_type for
-// channels_last) and index per-channel arrays with ch<CL>(i).
+// Kernels write their element loops once as generic lambdas taking `channels_last` (std::true_type
+// for channels_last) and index per-channel arrays with ch<kChannelsLast>(i).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,9 +35,9 @@ namespace cpu {
 
 using at::Tensor;
 
-template <bool CL>
+template <bool kChannelsLast>
 inline int64_t ch(int64_t i) {
-  return CL ? i : 0;
+  return kChannelsLast ? i : 0;
 }
 
 // Position of frame f in the layout: segment s (parameter row `row`), frame t of a T-frame clip.
@@ -46,20 +46,20 @@ struct FrameInfo {
   int t, T;
 };
 
-struct Layout {
+struct FrameLayout {
   int64_t S;                      // segments
   std::vector<int64_t> start;     // first frame of every segment, plus the end (S + 1 entries)
   std::vector<int64_t> rows;      // parameter row of every segment
   std::vector<FrameInfo> frame;   // per frame
 };
 
-inline Layout make_layout(int64_t num_frames, int64_t clips, at::IntArrayRef frames,
-                          at::IntArrayRef rows, int64_t num_rows) {
+inline FrameLayout make_frame_layout(int64_t num_frames, int64_t clips, at::IntArrayRef frames,
+                                     at::IntArrayRef rows, int64_t num_rows) {
   const int64_t S = static_cast<int64_t>(frames.size());
   TORCH_CHECK(S >= 1 && static_cast<int64_t>(rows.size()) == S, "layout: ", S, " frame counts and ",
               rows.size(), " rows");
   TORCH_CHECK(clips >= 1, "layout: clips must be >= 1, got ", clips);
-  Layout L{S, {0}, rows.vec(), {}};
+  FrameLayout L{S, {0}, rows.vec(), {}};
   L.frame.reserve(num_frames);
   for (int64_t s = 0; s < S; ++s) {
     const int64_t T = frames[s];
@@ -81,7 +81,7 @@ constexpr int64_t kGroupElems = 1024;
 
 struct Geom {
   int64_t F, C, HW, chw;
-  bool cl;                  // walked as channels_last (that format, or 1x1 frames in either)
+  bool channels_last;       // walked as channels_last (that format, or 1x1 frames in either)
   int fold;                 // TSM fold (0 for ops without a shift: one run per pixel)
   int64_t block;            // channels_last: pixels per chunk
   int64_t planes;           // NCHW: channel planes per chunk
@@ -109,7 +109,7 @@ inline Geom make_geom(const Tensor& x, int64_t fold_div) {
   g.format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   // 1x1 frames are the same memory in both formats; walked as channels_last a frame is three runs
   // instead of C one-element planes (and the sums are the same: one element per channel and frame)
-  g.cl = channels_last || g.HW == 1;
+  g.channels_last = channels_last || g.HW == 1;
   TORCH_CHECK(g.C <= INT32_MAX, "too many channels: ", g.C);
   g.fold = fold_div ? static_cast<int>(g.C / fold_div) : 0;
   // ~16K elements per channels_last chunk: big enough to amortise the per-chunk partials, small
@@ -118,7 +118,7 @@ inline Geom make_geom(const Tensor& x, int64_t fold_div) {
   // NCHW planes smaller than kGroupElems share a chunk of about that size (a 2x2 plane alone is 4
   // elements: a chunk per plane costs more than its work)
   g.planes = std::clamp<int64_t>((kGroupElems + g.HW - 1) / std::max<int64_t>(1, g.HW), 1, g.C);
-  g.chunks = g.cl ? (g.HW + g.block - 1) / g.block : (g.C + g.planes - 1) / g.planes;
+  g.chunks = g.channels_last ? (g.HW + g.block - 1) / g.block : (g.C + g.planes - 1) / g.planes;
   g.piece[0] = 0;
   g.piece[1] = std::min<int64_t>(g.fold, g.C);
   g.piece[2] = std::min<int64_t>(2 * g.fold, g.C);
@@ -154,7 +154,7 @@ inline Tensor empty_activation(const Tensor& x, const Geom& g) {
 
 // Per-segment copy [S, C] of the per-row table `param` ([P, C]); `fn(value)` maps each value.
 template <typename acc_t, typename Fn>
-std::vector<acc_t> per_segment(const Layout& L, const Tensor& param, int64_t C, Fn&& fn) {
+std::vector<acc_t> per_segment(const FrameLayout& L, const Tensor& param, int64_t C, Fn&& fn) {
   std::vector<acc_t> out(L.S * C);
   const acc_t* p = param.data_ptr<acc_t>();
   for (int64_t s = 0; s < L.S; ++s)
@@ -165,7 +165,8 @@ std::vector<acc_t> per_segment(const Layout& L, const Tensor& param, int64_t C, 
 // (1 + alter[row, c]) per segment, rounded to scalar_t as the reference multiplies in that type;
 // all ones without alter.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-std::vector<acc_t> alter_factors(const Layout& L, const c10::optional<Tensor>& alter, int64_t C) {
+std::vector<acc_t> alter_factors(const FrameLayout& L, const c10::optional<Tensor>& alter,
+                                 int64_t C) {
   if (!alter.has_value()) return std::vector<acc_t>(L.S * C, acc_t(1));
   return per_segment<acc_t>(L, *alter, C, [](acc_t a) {
     return static_cast<acc_t>(static_cast<scalar_t>(acc_t(1) + a));
@@ -176,7 +177,7 @@ std::vector<acc_t> alter_factors(const Layout& L, const c10::optional<Tensor>& a
 template <typename Fn>
 void parallel_chunks(const Geom& g, Fn&& fn) {
   constexpr int64_t kGrainElems = 1 << 15;
-  const int64_t chunk_elems = g.cl ? g.block * g.C : g.planes * g.HW;
+  const int64_t chunk_elems = g.channels_last ? g.block * g.C : g.planes * g.HW;
   const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, chunk_elems));
   at::parallel_for(0, g.F * g.chunks, grain, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) fn(k / g.chunks, k % g.chunks);
@@ -185,9 +186,7 @@ void parallel_chunks(const Geom& g, Fn&& fn) {
 
 // Accumulator slots of one plane (NCHW: the lanes its HW elements reach, e.g. 4 for a 2x2 plane)
 // or of one chunk (channels_last: a channel each).
-inline int64_t lane_count(const Geom& g) {
-  return g.cl ? g.C : std::min(kLanes, g.HW);
-}
+inline int64_t lane_count(const Geom& g) { return g.channels_last ? g.C : std::min(kLanes, g.HW); }
 
 // `n` zeroed accumulators for one chunk, in a buffer the calling thread reuses (no allocation per
 // chunk; a chunk's reduction never starts another).
@@ -211,14 +210,14 @@ inline std::pair<int64_t, int64_t> chunk_planes(const Geom& g, int64_t q) {
   return {q * g.planes, std::min(g.C, (q + 1) * g.planes)};
 }
 
-// Calls fn(cl, off, len, c0, slot) for the runs of chunk (f, q); NCHW planes are cut into runs of
-// at most `max_run` elements, and element i of a run maps to slot `slot + i` of the chunk's
-// accumulators (NCHW: lane i of the chunk's k-th plane, slot k * lane_count; channels_last:
+// Calls fn(channels_last, off, len, c0, slot) for the runs of chunk (f, q); NCHW planes are cut
+// into runs of at most `max_run` elements, and element i of a run maps to slot `slot + i` of the
+// chunk's accumulators (NCHW: lane i of the chunk's k-th plane, slot k * lane_count; channels_last:
 // channel c0 + i).
 template <typename Fn>
 inline void chunk_runs(const Geom& g, int64_t f, int64_t q, int64_t max_run, Fn&& fn) {
   const int64_t base = f * g.chw;
-  if (!g.cl) {
+  if (!g.channels_last) {
     const auto [c_first, c_end] = chunk_planes(g, q);
     const int64_t lanes = lane_count(g);
     for (int64_t c = c_first; c < c_end; ++c)
@@ -234,32 +233,35 @@ inline void chunk_runs(const Geom& g, int64_t f, int64_t q, int64_t max_run, Fn&
            g.piece[k]);
 }
 
-// Elementwise pass: op(cl, frame_info, off, len, c0) on every run.
+// Elementwise pass: op(channels_last, frame_info, off, len, c0) on every run.
 template <typename Op>
-void map_runs(const Geom& g, const Layout& L, Op&& op) {
+void map_runs(const Geom& g, const FrameLayout& L, Op&& op) {
   parallel_chunks(g, [&](int64_t f, int64_t q) {
-    chunk_runs(g, f, q, g.HW, [&](auto cl, int64_t off, int64_t len, int64_t c0, int64_t) {
-      op(cl, L.frame[f], off, len, c0);
-    });
+    chunk_runs(g, f, q, g.HW,
+               [&](auto channels_last, int64_t off, int64_t len, int64_t c0, int64_t) {
+                 op(channels_last, L.frame[f], off, len, c0);
+               });
   });
 }
 
-// Sums of NA quantities per (segment, channel): visit(cl, frame_info, off, len, c0, acc, stride)
-// adds element i's quantity a to acc[a * stride + i]. Per-chunk partials are summed in chunk order.
-// Returns [NA, S, C].
+// Sums of NA quantities per (segment, channel): visit(channels_last, frame_info, off, len, c0, acc,
+// stride) adds element i's quantity a to acc[a * stride + i]. Per-chunk partials are summed in
+// chunk order. Returns [NA, S, C].
 template <int NA, typename acc_t, typename Visit>
-std::vector<acc_t> segment_sums(const Geom& g, const Layout& L, Visit&& visit) {
-  const int64_t C = g.C, nblk = g.cl ? g.chunks : 1, lanes = lane_count(g);
-  const int64_t width = g.cl ? C : g.planes * lanes;  // accumulators per quantity and chunk
+std::vector<acc_t> segment_sums(const Geom& g, const FrameLayout& L, Visit&& visit) {
+  const int64_t C = g.C, nblk = g.channels_last ? g.chunks : 1, lanes = lane_count(g);
+  const int64_t width =
+      g.channels_last ? C : g.planes * lanes;  // accumulators per quantity and chunk
   std::vector<acc_t> part(g.F * nblk * NA * C);
   parallel_chunks(g, [&](int64_t f, int64_t q) {
     acc_t* acc = chunk_scratch<acc_t>(NA * width);
-    chunk_runs(g, f, q, kLanes, [&](auto cl, int64_t off, int64_t len, int64_t c0, int64_t slot) {
-      visit(cl, L.frame[f], off, len, c0, acc + slot, width);
-    });
+    chunk_runs(g, f, q, kLanes,
+               [&](auto channels_last, int64_t off, int64_t len, int64_t c0, int64_t slot) {
+                 visit(channels_last, L.frame[f], off, len, c0, acc + slot, width);
+               });
     for (int a = 0; a < NA; ++a) {
       const acc_t* src = acc + a * width;
-      if (g.cl) {
+      if (g.channels_last) {
         std::copy(src, src + C, part.begin() + ((f * nblk + q) * NA + a) * C);
         continue;
       }
@@ -284,9 +286,11 @@ std::vector<acc_t> segment_sums(const Geom& g, const Layout& L, Visit&& visit) {
 // Batch statistics per (segment, channel): a two-pass (mean, M2) per chunk, Chan-merged in chunk
 // order. Returns [S, C] Welford triples.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-std::vector<ffn::Welford<acc_t>> segment_stats(const Geom& g, const Layout& L, const scalar_t* x) {
-  const int64_t C = g.C, nblk = g.cl ? g.chunks : 1, lanes = lane_count(g);
-  const int64_t width = g.cl ? C : g.planes * lanes, means = g.cl ? C : g.planes;
+std::vector<ffn::Welford<acc_t>> segment_stats(const Geom& g, const FrameLayout& L,
+                                               const scalar_t* x) {
+  const int64_t C = g.C, nblk = g.channels_last ? g.chunks : 1, lanes = lane_count(g);
+  const int64_t width = g.channels_last ? C : g.planes * lanes,
+                means = g.channels_last ? C : g.planes;
   std::vector<ffn::Welford<acc_t>> part(g.F * nblk * C);
   parallel_chunks(g, [&](int64_t f, int64_t q) {
     acc_t* sum = chunk_scratch<acc_t>(2 * width + means);
@@ -297,24 +301,26 @@ std::vector<ffn::Welford<acc_t>> segment_stats(const Geom& g, const Layout& L, c
       for (int64_t i = 0; i < len; ++i) a[i] += static_cast<acc_t>(xp[i]);
     });
     // NCHW: the chunk's planes [c_first, c_end), each with its own lanes and mean
-    const auto [c_first, c_end] = g.cl ? std::pair<int64_t, int64_t>{0, C} : chunk_planes(g, q);
-    const int64_t n = g.cl ? std::min(g.HW, (q + 1) * g.block) - q * g.block : g.HW;
-    if (g.cl) {
+    const auto [c_first, c_end] =
+        g.channels_last ? std::pair<int64_t, int64_t>{0, C} : chunk_planes(g, q);
+    const int64_t n = g.channels_last ? std::min(g.HW, (q + 1) * g.block) - q * g.block : g.HW;
+    if (g.channels_last) {
       for (int64_t c = 0; c < C; ++c) mean[c] = sum[c] / acc_t(n);
     } else {
       for (int64_t k = 0; k < c_end - c_first; ++k) mean[k] = sum_lanes(sum + k * lanes, lanes) / acc_t(n);
     }
-    chunk_runs(g, f, q, kLanes, [&](auto cl, int64_t off, int64_t len, int64_t c0, int64_t slot) {
-      constexpr bool CL = decltype(cl)::value;
-      const scalar_t* __restrict__ xp = x + off;
-      const acc_t* __restrict__ mu = mean + (CL ? c0 : c0 - c_first);
-      acc_t* __restrict__ a = m2 + slot;
-      for (int64_t i = 0; i < len; ++i) {
-        const acc_t d = static_cast<acc_t>(xp[i]) - mu[ch<CL>(i)];
-        a[i] += d * d;
-      }
-    });
-    if (g.cl) {
+    chunk_runs(g, f, q, kLanes,
+               [&](auto channels_last, int64_t off, int64_t len, int64_t c0, int64_t slot) {
+                 constexpr bool kChannelsLast = decltype(channels_last)::value;
+                 const scalar_t* __restrict__ xp = x + off;
+                 const acc_t* __restrict__ mu = mean + (kChannelsLast ? c0 : c0 - c_first);
+                 acc_t* __restrict__ a = m2 + slot;
+                 for (int64_t i = 0; i < len; ++i) {
+                   const acc_t d = static_cast<acc_t>(xp[i]) - mu[ch<kChannelsLast>(i)];
+                   a[i] += d * d;
+                 }
+               });
+    if (g.channels_last) {
       for (int64_t c = 0; c < C; ++c) part[(f * nblk + q) * C + c] = {acc_t(n), mean[c], m2[c]};
     } else {
       for (int64_t k = 0; k < c_end - c_first; ++k)

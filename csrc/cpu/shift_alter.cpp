@@ -12,27 +12,28 @@ Tensor shift_alter_fwd(const Tensor& x, int64_t clips, at::IntArrayRef frames,
   TORCH_CHECK(fold_div >= 2, "fold_div must be >= 2, got ", fold_div);
   const Geom g = make_geom(x, fold_div);
   if (alter.has_value()) check_param(*alter, x, "alter");
-  const Layout L = make_layout(g.F, clips, frames, rows,
-                               alter.has_value() ? alter->size(0) : INT64_MAX);
+  const FrameLayout L =
+      make_frame_layout(g.F, clips, frames, rows, alter.has_value() ? alter->size(0) : INT64_MAX);
   Tensor y = empty_activation(x, g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "shift_alter_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const std::vector<acc_t> factor = alter_factors<scalar_t>(L, alter, g.C);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
-    map_runs(g, L, [&](auto cl, const FrameInfo& fi, int64_t off, int64_t len, int64_t c0) {
-      constexpr bool CL = decltype(cl)::value;
-      scalar_t* __restrict__ yo = yp + off;
-      const int d = ffn::shift_source_delta(static_cast<int>(c0), g.fold, fi.t, fi.T, false);
-      if (d == ffn::kNoSource) {
-        std::fill_n(yo, len, scalar_t(0));
-        return;
-      }
-      const scalar_t* __restrict__ xs = xp + off + d * g.chw;
-      const acc_t* __restrict__ k = factor.data() + fi.s * g.C + c0;
-      for (int64_t i = 0; i < len; ++i)
-        yo[i] = static_cast<scalar_t>(static_cast<acc_t>(xs[i]) * k[ch<CL>(i)]);
-    });
+    map_runs(
+        g, L, [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len, int64_t c0) {
+          constexpr bool kChannelsLast = decltype(channels_last)::value;
+          scalar_t* __restrict__ yo = yp + off;
+          const int d = ffn::shift_source_delta(static_cast<int>(c0), g.fold, fi.t, fi.T, false);
+          if (d == ffn::kNoSource) {
+            std::fill_n(yo, len, scalar_t(0));
+            return;
+          }
+          const scalar_t* __restrict__ xs = xp + off + d * g.chw;
+          const acc_t* __restrict__ k = factor.data() + fi.s * g.C + c0;
+          for (int64_t i = 0; i < len; ++i)
+            yo[i] = static_cast<scalar_t>(static_cast<acc_t>(xs[i]) * k[ch<kChannelsLast>(i)]);
+        });
   });
   return y;
 }
@@ -49,7 +50,7 @@ std::tuple<Tensor, Tensor> shift_alter_bwd(const Tensor& dy, const Tensor& x, in
   if (alter_grad) check_activation(x, dy, g, "x");
   if (alter.has_value()) check_param(*alter, dy, "alter");
   const int64_t P = alter.has_value() ? alter->size(0) : INT64_MAX;
-  const Layout L = make_layout(g.F, clips, frames, rows, P);
+  const FrameLayout L = make_frame_layout(g.F, clips, frames, rows, P);
   Tensor dx = empty_activation(dy, g);
   Tensor dalter = alter_grad ? at::zeros({P, g.C}, alter->options()) : dy.new_empty({0}, dy.options().dtype(acc_type(dy)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "shift_alter_bwd", [&] {
@@ -59,9 +60,9 @@ std::tuple<Tensor, Tensor> shift_alter_bwd(const Tensor& dy, const Tensor& x, in
     const scalar_t* xp = alter_grad ? x.data_ptr<scalar_t>() : nullptr;
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     // Writes dx for the run; with kGrad also adds x * dy_src to acc[i].
-    auto run = [&](auto cl, auto grad, const FrameInfo& fi, int64_t off, int64_t len, int64_t c0,
-                   acc_t* __restrict__ acc) {
-      constexpr bool CL = decltype(cl)::value;
+    auto run = [&](auto channels_last, auto grad, const FrameInfo& fi, int64_t off, int64_t len,
+                   int64_t c0, acc_t* __restrict__ acc) {
+      constexpr bool kChannelsLast = decltype(channels_last)::value;
       scalar_t* __restrict__ dxo = dxp + off;
       const int d = ffn::shift_source_delta(static_cast<int>(c0), g.fold, fi.t, fi.T, true);
       if (d == ffn::kNoSource) {
@@ -72,19 +73,21 @@ std::tuple<Tensor, Tensor> shift_alter_bwd(const Tensor& dy, const Tensor& x, in
       const acc_t* __restrict__ k = factor.data() + fi.s * g.C + c0;
       for (int64_t i = 0; i < len; ++i) {
         const acc_t v = static_cast<acc_t>(ds[i]);
-        dxo[i] = static_cast<scalar_t>(v * k[ch<CL>(i)]);
+        dxo[i] = static_cast<scalar_t>(v * k[ch<kChannelsLast>(i)]);
         if constexpr (decltype(grad)::value) acc[i] += static_cast<acc_t>(xp[off + i]) * v;
       }
     };
     if (!alter_grad) {
-      map_runs(g, L, [&](auto cl, const FrameInfo& fi, int64_t off, int64_t len, int64_t c0) {
-        run(cl, std::false_type{}, fi, off, len, c0, nullptr);
-      });
+      map_runs(g, L,
+               [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len, int64_t c0) {
+                 run(channels_last, std::false_type{}, fi, off, len, c0, nullptr);
+               });
       return;
     }
     const std::vector<acc_t> sums = segment_sums<1, acc_t>(
-        g, L, [&](auto cl, const FrameInfo& fi, int64_t off, int64_t len, int64_t c0, acc_t* acc,
-                  int64_t) { run(cl, std::true_type{}, fi, off, len, c0, acc); });
+        g, L,
+        [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len, int64_t c0,
+            acc_t* acc, int64_t) { run(channels_last, std::true_type{}, fi, off, len, c0, acc); });
     acc_t* da = dalter.data_ptr<acc_t>();
     // segments sharing a row add up (autograd semantics), in segment order
     for (int64_t s = 0; s < L.S; ++s)

@@ -27,8 +27,8 @@ at::Tensor in_format(const at::Tensor& t, at::MemoryFormat fmt, const at::Tensor
   return t.contiguous(fmt);
 }
 
-SegTable make_seg_table(const at::Tensor& x, int64_t clips, at::IntArrayRef frames,
-                        at::IntArrayRef rows) {
+FrameLayout make_frame_layout(const at::Tensor& x, int64_t clips, at::IntArrayRef frames,
+                              at::IntArrayRef rows) {
   TORCH_CHECK(x.is_cuda(), "ffn_kernels CUDA kernels got a tensor on ", x.device());
   TORCH_CHECK(x.dim() == 4, "x must be 4-D [frames, C, H, W], got ", x.sizes());
   TORCH_CHECK(clips >= 1, "clips must be >= 1, got ", clips);
@@ -37,7 +37,7 @@ SegTable make_seg_table(const at::Tensor& x, int64_t clips, at::IntArrayRef fram
               " and ", rows.size());
   TORCH_CHECK(static_cast<int64_t>(frames.size()) <= kMaxSegments,
               "the CUDA kernels support at most ", kMaxSegments, " segments, got ", frames.size());
-  SegTable seg{};
+  FrameLayout seg{};
   seg.n = static_cast<int>(frames.size());
   seg.start[0] = 0;
   for (int s = 0; s < seg.n; ++s) {
@@ -68,7 +68,7 @@ Geom make_geom(const at::Tensor& x, int64_t fold_div) {
   return g;
 }
 
-at::Tensor param(const c10::optional<at::Tensor>& p, const at::Tensor& x, const SegTable& seg,
+at::Tensor param(const c10::optional<at::Tensor>& p, const at::Tensor& x, const FrameLayout& seg,
                  const char* name) {
   if (!p.has_value() || !p->defined()) return at::Tensor();
   TORCH_CHECK(p->device() == x.device(), name, " is on ", p->device(), " but x is on ",
@@ -87,7 +87,7 @@ static int next_pow2(int v) {
   return p;
 }
 
-ReducePlan plan_reduce(SegTable& seg, const Geom& g) {
+ReducePlan plan_reduce(FrameLayout& seg, const Geom& g) {
   ReducePlan plan;
   int64_t channel_blocks, cols;
   if (g.channels_last) {  // a block = up to 32 consecutive channels x 256/32+ pixel rows
@@ -143,7 +143,8 @@ struct WelfordVisitor {
 };
 
 // Elements of channel c that chunk k of segment s covers.
-__device__ __forceinline__ int64_t chunk_count(const SegTable& seg, const Geom& g, int s, int k) {
+__device__ __forceinline__ int64_t chunk_count(const FrameLayout& seg, const Geom& g, int s,
+                                               int k) {
   const int64_t f0 = seg.start[s] + static_cast<int64_t>(k - seg.chunk_start[s]) * seg.frames_per_chunk;
   return (min(f0 + seg.frames_per_chunk, seg.start[s + 1]) - f0) * g.HW;
 }
@@ -153,7 +154,7 @@ __device__ __forceinline__ int64_t chunk_count(const SegTable& seg, const Geom& 
 // the row's running statistics instead.
 template <typename acc_t>
 __global__ void stats_combine_kernel(const acc_t* __restrict__ partials, int num_chunks,
-                                     const SegTable seg, const Geom g, acc_t eps, bool batch,
+                                     const FrameLayout seg, const Geom g, acc_t eps, bool batch,
                                      const acc_t* __restrict__ running_mean,
                                      const acc_t* __restrict__ running_var, acc_t* mean,
                                      acc_t* invstd, acc_t* new_rm, acc_t* new_rv) {
@@ -188,7 +189,7 @@ __global__ void stats_combine_kernel(const acc_t* __restrict__ partials, int num
 
 template <typename acc_t>
 __global__ void sums_combine_kernel(const acc_t* __restrict__ partials, int fields, int num_chunks,
-                                    const SegTable seg, int C, acc_t* __restrict__ out) {
+                                    const FrameLayout seg, int C, acc_t* __restrict__ out) {
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   const int s = blockIdx.y;
   if (c >= C) return;
@@ -212,7 +213,7 @@ struct RowGradArgs {
 
 template <typename acc_t>
 __global__ void row_grads_kernel(const acc_t* __restrict__ sums, const acc_t* __restrict__ invstd,
-                                 const SegTable seg, int C, int64_t total,
+                                 const FrameLayout seg, int C, int64_t total,
                                  const RowGradArgs<acc_t> a) {
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -235,9 +236,9 @@ __global__ void row_grads_kernel(const acc_t* __restrict__ sums, const acc_t* __
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(
-    const at::Tensor& x, SegTable& seg, const Geom& g, const c10::optional<at::Tensor>& running_mean,
-    const c10::optional<at::Tensor>& running_var, bool training, at::ArrayRef<double> momentum,
-    double eps) {
+    const at::Tensor& x, FrameLayout& seg, const Geom& g,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    bool training, at::ArrayRef<double> momentum, double eps) {
   const bool has_running = running_mean.has_value() && running_mean->defined();
   TORCH_CHECK(has_running == (running_var.has_value() && running_var->defined()),
               "running_mean and running_var must be given together");
@@ -288,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(
   return {mean, invstd, new_rm, new_rv};
 }
 
-at::Tensor combine_sums(const at::Tensor& partials, const SegTable& seg, const Geom& g) {
+at::Tensor combine_sums(const at::Tensor& partials, const FrameLayout& seg, const Geom& g) {
   const int fields = static_cast<int>(partials.size(0));
   const int num_chunks = static_cast<int>(partials.size(1));
   at::Tensor out = at::empty({fields, seg.n, g.C}, partials.options());
@@ -302,7 +303,7 @@ at::Tensor combine_sums(const at::Tensor& partials, const SegTable& seg, const G
   return out;
 }
 
-void row_grads(const at::Tensor& seg_sums, const SegTable& seg, const Geom& g,
+void row_grads(const at::Tensor& seg_sums, const FrameLayout& seg, const Geom& g,
                const at::Tensor& invstd, const std::vector<RowGrad>& grads) {
   TORCH_CHECK(!grads.empty() && grads.size() <= kMaxRowGrads, "row_grads: 1 to 3 outputs");
   const int64_t total = grads[0].out.numel();

@@ -22,11 +22,13 @@
 namespace ffn_kernels {
 namespace cuda {
 
+using OptTensor = c10::optional<at::Tensor>;
+
 constexpr int kMaxSegments = 64;
 constexpr int kThreads = 256;  // every kernel here runs 256-thread blocks
 
 // The packed layout (docs/design.md §2) as kernel arguments: a few hundred bytes, passed by value.
-struct SegTable {
+struct FrameLayout {
   int n;                                // number of segments S
   int frames_per_chunk;                 // reduction chunk size in frames (split reductions)
   int64_t start[kMaxSegments + 1];      // first frame of segment s; start[n] = F
@@ -51,7 +53,7 @@ struct FramePos {
   int s, row, t, T;
 };
 
-__device__ __forceinline__ FramePos frame_pos(const SegTable& seg, int64_t f) {
+__device__ __forceinline__ FramePos frame_pos(const FrameLayout& seg, int64_t f) {
   int s = 0;
   while (s + 1 < seg.n && f >= seg.start[s + 1]) ++s;
   const int T = seg.frames[s];
@@ -153,8 +155,8 @@ __device__ __forceinline__ acc_t alter_factor(const acc_t* alter, int row, int C
 // ---------------------------------------------------------------------------------------------
 
 template <int V, typename Op>
-__global__ void __launch_bounds__(kThreads) frame_map_kernel(const Op op, const SegTable seg,
-                                                            const Geom g) {
+__global__ void __launch_bounds__(kThreads)
+    frame_map_kernel(const Op op, const FrameLayout seg, const Geom g) {
   for (int64_t f = blockIdx.y; f < g.frames; f += gridDim.y) {
     const FramePos fp = frame_pos(seg, f);
     const int64_t base = f * g.chw;
@@ -180,7 +182,7 @@ inline bool can_vectorize(const Geom& g, std::initializer_list<const at::Tensor*
 }
 
 template <typename scalar_t, typename Op>
-void launch_frame_map(const Op& op, const SegTable& seg, const Geom& g, bool vectorize) {
+void launch_frame_map(const Op& op, const FrameLayout& seg, const Geom& g, bool vectorize) {
   if (g.frames == 0 || g.chw == 0) return;
   constexpr int V = 16 / sizeof(scalar_t);
   const int v = vectorize ? V : 1;
@@ -273,7 +275,7 @@ struct Chunk {
   int64_t f0, f1;  // frames [f0, f1)
 };
 
-__device__ __forceinline__ Chunk chunk_of(const SegTable& seg, int k) {
+__device__ __forceinline__ Chunk chunk_of(const FrameLayout& seg, int k) {
   int s = 0;
   while (s + 1 < seg.n && k >= seg.chunk_start[s + 1]) ++s;
   const int64_t f0 = seg.start[s] + static_cast<int64_t>(k - seg.chunk_start[s]) * seg.frames_per_chunk;
@@ -281,10 +283,9 @@ __device__ __forceinline__ Chunk chunk_of(const SegTable& seg, int k) {
 }
 
 template <typename Visitor>
-__global__ void __launch_bounds__(kThreads) reduce_nchw_kernel(const Visitor vis, const SegTable seg,
-                                                              const Geom g,
-                                                              typename Visitor::acc_t* partials,
-                                                              int num_chunks) {
+__global__ void __launch_bounds__(kThreads)
+    reduce_nchw_kernel(const Visitor vis, const FrameLayout seg, const Geom g,
+                       typename Visitor::acc_t* partials, int num_chunks) {
   using Acc = typename Visitor::Acc;
   __shared__ __align__(16) unsigned char smem_raw[sizeof(Acc) * (kThreads / 32)];
   Acc* smem = reinterpret_cast<Acc*>(smem_raw);
@@ -307,10 +308,9 @@ __global__ void __launch_bounds__(kThreads) reduce_nchw_kernel(const Visitor vis
 }
 
 template <typename Visitor>
-__global__ void __launch_bounds__(kThreads) reduce_nhwc_kernel(const Visitor vis, const SegTable seg,
-                                                              const Geom g,
-                                                              typename Visitor::acc_t* partials,
-                                                              int num_chunks) {
+__global__ void __launch_bounds__(kThreads)
+    reduce_channels_last_kernel(const Visitor vis, const FrameLayout seg, const Geom g,
+                                typename Visitor::acc_t* partials, int num_chunks) {
   using Acc = typename Visitor::Acc;
   __shared__ __align__(16) unsigned char smem_raw[sizeof(Acc) * kThreads];  // warps*cols <= kThreads
   Acc* smem = reinterpret_cast<Acc*>(smem_raw);
@@ -343,15 +343,16 @@ struct ReducePlan {
 
 // Fills seg.frames_per_chunk / seg.chunk_start and returns the launch shape: enough blocks to fill
 // the GPU a few times over, each with at least a few thousand elements.
-ReducePlan plan_reduce(SegTable& seg, const Geom& g);
+ReducePlan plan_reduce(FrameLayout& seg, const Geom& g);
 
 template <typename Visitor>
-void launch_reduce(const Visitor& vis, const SegTable& seg, const Geom& g, const ReducePlan& plan,
-                   typename Visitor::acc_t* partials) {
+void launch_reduce(const Visitor& vis, const FrameLayout& seg, const Geom& g,
+                   const ReducePlan& plan, typename Visitor::acc_t* partials) {
   if (plan.num_chunks == 0 || g.C == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   if (g.channels_last) {
-    reduce_nhwc_kernel<<<plan.grid, plan.block, 0, stream>>>(vis, seg, g, partials, plan.num_chunks);
+    reduce_channels_last_kernel<<<plan.grid, plan.block, 0, stream>>>(vis, seg, g, partials,
+                                                                      plan.num_chunks);
   } else {
     reduce_nchw_kernel<<<plan.grid, plan.block, 0, stream>>>(vis, seg, g, partials, plan.num_chunks);
   }
@@ -363,8 +364,8 @@ void launch_reduce(const Visitor& vis, const SegTable& seg, const Geom& g, const
 // ---------------------------------------------------------------------------------------------
 
 // Checks the layout against x ([F, C, H, W]) and builds the segment table.
-SegTable make_seg_table(const at::Tensor& x, int64_t clips, at::IntArrayRef frames,
-                        at::IntArrayRef rows);
+FrameLayout make_frame_layout(const at::Tensor& x, int64_t clips, at::IntArrayRef frames,
+                              at::IntArrayRef rows);
 // Geometry of x (its memory format decides channels_last).
 Geom make_geom(const at::Tensor& x, int64_t fold_div = 0);
 // The memory format the kernels use for x: NCHW if contiguous, else channels_last if so.
@@ -372,20 +373,20 @@ at::MemoryFormat format_of(const at::Tensor& x);
 // `t` in memory format `fmt` (no copy when it already is).
 at::Tensor in_format(const at::Tensor& t, at::MemoryFormat fmt, const at::Tensor& x, const char* name);
 // A [P, C] parameter in acc dtype, contiguous, on x's device; rows of the layout < P.
-at::Tensor param(const c10::optional<at::Tensor>& p, const at::Tensor& x, const SegTable& seg,
+at::Tensor param(const c10::optional<at::Tensor>& p, const at::Tensor& x, const FrameLayout& seg,
                  const char* name);
 at::ScalarType acc_type(const at::Tensor& x);
 
-// Statistics pass of bn_fwd / bnrs_fwd: per-segment mean/invstd ([S, C]) and updated copies of
-// the running statistics (empty when not given).
+// Statistics pass of freq_batch_norm_fwd / bn_add_relu_shift_alter_fwd: per-segment mean/invstd
+// ([S, C]) and updated copies of the running statistics (empty when not given).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(
-    const at::Tensor& x, SegTable& seg, const Geom& g, const c10::optional<at::Tensor>& running_mean,
-    const c10::optional<at::Tensor>& running_var, bool training, at::ArrayRef<double> momentum,
-    double eps);
+    const at::Tensor& x, FrameLayout& seg, const Geom& g,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    bool training, at::ArrayRef<double> momentum, double eps);
 
 // Combine of the backward reductions: partials [N, K, C] -> per-segment sums [N, S, C], each
 // chunk added in a fixed order (deterministic, no atomics).
-at::Tensor combine_sums(const at::Tensor& partials, const SegTable& seg, const Geom& g);
+at::Tensor combine_sums(const at::Tensor& partials, const FrameLayout& seg, const Geom& g);
 
 // A parameter gradient [P, C]: out[p] = sum of seg_sums[field][s] (times invstd[s] when
 // `times_invstd`) over the segments s with row p, added in segment order (deterministic); a row
@@ -396,7 +397,7 @@ struct RowGrad {
   bool times_invstd;
   at::Tensor out;
 };
-void row_grads(const at::Tensor& seg_sums, const SegTable& seg, const Geom& g,
+void row_grads(const at::Tensor& seg_sums, const FrameLayout& seg, const Geom& g,
                const at::Tensor& invstd, const std::vector<RowGrad>& grads);
 
 }  // namespace cuda

@@ -1,5 +1,7 @@
 // shift_alter_fwd / shift_alter_bwd: temporal shift + Weight Alteration (docs/design.md §3.1).
-#include "ops.cuh"
+#include <torch/library.h>
+
+#include "common.cuh"
 
 namespace ffn_kernels {
 namespace cuda {
@@ -16,7 +18,7 @@ struct ShiftOp {
   bool reverse;
 
   template <int V>
-  __device__ __forceinline__ void apply(const SegTable&, const Geom& g, const FramePos& fp,
+  __device__ __forceinline__ void apply(const FrameLayout&, const Geom& g, const FramePos& fp,
                                         int64_t off, const int (&c)[V]) const {
     acc_t v[V];
     load_shifted<V>(in, off, g, fp, c, reverse, v);
@@ -56,8 +58,6 @@ struct ShiftBwdVisitor {
   }
 };
 
-}  // namespace
-
 at::Tensor shift_alter_fwd(const at::Tensor& x_, int64_t clips, at::IntArrayRef frames,
                            at::IntArrayRef rows, const c10::optional<at::Tensor>& alter,
                            int64_t fold_div) {
@@ -65,7 +65,7 @@ at::Tensor shift_alter_fwd(const at::Tensor& x_, int64_t clips, at::IntArrayRef 
   TORCH_CHECK(fold_div >= 1, "fold_div must be >= 1, got ", fold_div);
   const at::MemoryFormat fmt = format_of(x_);
   const at::Tensor x = x_.contiguous(fmt);
-  const SegTable seg = make_seg_table(x, clips, frames, rows);
+  const FrameLayout seg = make_frame_layout(x, clips, frames, rows);
   const Geom g = make_geom(x, fold_div);
   const at::Tensor a = param(alter, x, seg, "alter");
   at::Tensor y = at::empty(x.sizes(), x.options().memory_format(fmt));
@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> shift_alter_bwd(const at::Tensor& dy_, const 
               "shift_alter_bwd: alter_grad needs alter");
   const at::MemoryFormat fmt = format_of(dy_);
   const at::Tensor dy = dy_.contiguous(fmt);
-  const SegTable seg = make_seg_table(dy, clips, frames, rows);
+  const FrameLayout seg = make_frame_layout(dy, clips, frames, rows);
   const Geom g = make_geom(dy, fold_div);
   const at::Tensor a = param(alter, dy, seg, "alter");
   at::Tensor dx = at::empty(dy.sizes(), dy.options().memory_format(fmt));
@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> shift_alter_bwd(const at::Tensor& dy_, const 
     return {dx, at::empty({0}, x_.options())};  // like the reference: x.new_empty(0)
   }
   const at::Tensor x = in_format(x_, fmt, dy, "x");
-  SegTable rseg = seg;
+  FrameLayout rseg = seg;
   const ReducePlan plan = plan_reduce(rseg, g);
   const auto acc_opts = dy.options().dtype(acc_type(dy)).memory_format(at::MemoryFormat::Contiguous);
   at::Tensor partials = at::empty({1, plan.num_chunks, g.C}, acc_opts);
@@ -120,6 +120,13 @@ std::tuple<at::Tensor, at::Tensor> shift_alter_bwd(const at::Tensor& dy_, const 
   const at::Tensor sums = combine_sums(partials, rseg, g);
   row_grads(sums, rseg, g, at::Tensor(), {RowGrad{0, false, dalter}});
   return {dx, dalter};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ffn_kernels_C, CUDA, m) {
+  m.impl("shift_alter_fwd", &shift_alter_fwd);
+  m.impl("shift_alter_bwd", &shift_alter_bwd);
 }
 
 }  // namespace cuda

@@ -12,19 +12,20 @@ namespace ops {
 namespace {
 
 using at::IntArrayRef;
+using c10::SymIntArrayRef;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
-using FwdSig = Outputs(const Tensor&, const Tensor&, int64_t, IntArrayRef, IntArrayRef,
+using FwdSig = Outputs(const Tensor&, const Tensor&, c10::SymInt, SymIntArrayRef, IntArrayRef,
                        const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool,
                        at::ArrayRef<double>, double, const OptTensor&, int64_t);
 using BwdOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-using BwdSig = BwdOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
-                          IntArrayRef, IntArrayRef, const Tensor&, const Tensor&, const Tensor&,
+using BwdSig = BwdOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::SymInt,
+                          SymIntArrayRef, IntArrayRef, const Tensor&, const Tensor&, const Tensor&,
                           bool, const OptTensor&, int64_t);
 
-void check(const Tensor& z, const Tensor& identity, int64_t clips, IntArrayRef frames,
+void check(const Tensor& z, const Tensor& identity, c10::SymInt clips, SymIntArrayRef frames,
            IntArrayRef rows, const Tensor& weight, const Tensor& bias,
            const OptTensor& running_mean, const OptTensor& running_var, bool training,
            at::ArrayRef<double> momentum, double eps, const OptTensor& alter_next,
@@ -36,14 +37,14 @@ void check(const Tensor& z, const Tensor& identity, int64_t clips, IntArrayRef f
   check_fold_div(fold_div, z);
 }
 
-Outputs forward(const Tensor& z, const Tensor& identity, int64_t clips, IntArrayRef frames,
+Outputs forward(const Tensor& z, const Tensor& identity, c10::SymInt clips, SymIntArrayRef frames,
                 IntArrayRef rows, const Tensor& weight, const Tensor& bias,
                 const OptTensor& running_mean, const OptTensor& running_var, bool training,
                 at::ArrayRef<double> momentum, double eps, const OptTensor& alter_next,
                 int64_t fold_div) {
   check(z, identity, clips, frames, rows, weight, bias, running_mean, running_var, training,
         momentum, eps, alter_next, fold_div);
-  static const RawOp<FwdSig> raw("bnrs_fwd");
+  static const RawOp<FwdSig> raw("bn_add_relu_shift_alter_fwd");
   const auto fmt = format_of(z);
   return raw(z.device()).call(like(z, fmt), like(identity, fmt), clips, frames, rows,
                               param(weight, z), param(bias, z), param(running_mean, z),
@@ -51,11 +52,11 @@ Outputs forward(const Tensor& z, const Tensor& identity, int64_t clips, IntArray
                               param(alter_next, z), fold_div);
 }
 
-Outputs forward_meta(const Tensor& z, const Tensor& identity, int64_t clips, IntArrayRef frames,
-                     IntArrayRef rows, const Tensor& weight, const Tensor& bias,
-                     const OptTensor& running_mean, const OptTensor& running_var, bool training,
-                     at::ArrayRef<double> momentum, double eps, const OptTensor& alter_next,
-                     int64_t fold_div) {
+Outputs forward_meta(const Tensor& z, const Tensor& identity, c10::SymInt clips,
+                     SymIntArrayRef frames, IntArrayRef rows, const Tensor& weight,
+                     const Tensor& bias, const OptTensor& running_mean,
+                     const OptTensor& running_var, bool training, at::ArrayRef<double> momentum,
+                     double eps, const OptTensor& alter_next, int64_t fold_div) {
   check(z, identity, clips, frames, rows, weight, bias, running_mean, running_var, training,
         momentum, eps, alter_next, fold_div);
   auto [mean, invstd, new_rm, new_rv] =
@@ -64,10 +65,10 @@ Outputs forward_meta(const Tensor& z, const Tensor& identity, int64_t clips, Int
 }
 
 BwdOutputs backward(const Tensor& dout, const Tensor& dnext, const Tensor& z, const Tensor& out,
-                    int64_t clips, IntArrayRef frames, IntArrayRef rows, const Tensor& weight,
-                    const Tensor& mean, const Tensor& invstd, bool training,
+                    c10::SymInt clips, SymIntArrayRef frames, IntArrayRef rows,
+                    const Tensor& weight, const Tensor& mean, const Tensor& invstd, bool training,
                     const OptTensor& alter_next, int64_t fold_div) {
-  static const RawOp<BwdSig> raw("bnrs_bwd");
+  static const RawOp<BwdSig> raw("bn_add_relu_shift_alter_bwd");
   const auto fmt = format_of(z);
   return raw(z.device()).call(like(dout, fmt), like(dnext, fmt), like(z, fmt), like(out, fmt),
                               clips, frames, rows, param(weight, z), mean, invstd, training,
@@ -75,9 +76,10 @@ BwdOutputs backward(const Tensor& dout, const Tensor& dnext, const Tensor& z, co
 }
 
 BwdOutputs backward_meta(const Tensor& dout, const Tensor& dnext, const Tensor& z,
-                         const Tensor& out, int64_t clips, IntArrayRef frames, IntArrayRef rows,
-                         const Tensor& weight, const Tensor& mean, const Tensor& invstd,
-                         bool training, const OptTensor& alter_next, int64_t fold_div) {
+                         const Tensor& out, c10::SymInt clips, SymIntArrayRef frames,
+                         IntArrayRef rows, const Tensor& weight, const Tensor& mean,
+                         const Tensor& invstd, bool training, const OptTensor& alter_next,
+                         int64_t fold_div) {
   return {activation_like(z), activation_like(z), acc_like(z, weight), acc_like(z, weight),
           acc_like(z, alter_next)};
 }
@@ -89,7 +91,7 @@ const c10::TypedOperatorHandle<BwdSig>& backward_op() {
 
 struct BnAddReluShiftAlter : torch::autograd::Function<BnAddReluShiftAlter> {
   static variable_list forward(AutogradContext* ctx, const Tensor& z, const Tensor& identity,
-                               int64_t clips, IntArrayRef frames, IntArrayRef rows,
+                               c10::SymInt clips, SymIntArrayRef frames, IntArrayRef rows,
                                const Tensor& weight, const Tensor& bias,
                                const OptTensor& running_mean, const OptTensor& running_var,
                                bool training, at::ArrayRef<double> momentum, double eps,
@@ -105,7 +107,7 @@ struct BnAddReluShiftAlter : torch::autograd::Function<BnAddReluShiftAlter> {
     ctx->mark_non_differentiable({mean, invstd, new_rm, new_rv});
     ctx->set_materialize_grads(false);
     ctx->saved_data["clips"] = clips;
-    ctx->saved_data["frames"] = frames;
+    ctx->saved_data["frames"] = frames.vec();
     ctx->saved_data["rows"] = rows;
     ctx->saved_data["training"] = training;
     ctx->saved_data["fold_div"] = fold_div;
@@ -120,11 +122,11 @@ struct BnAddReluShiftAlter : torch::autograd::Function<BnAddReluShiftAlter> {
     // an unused output gets a zero gradient (the kernel reads both)
     const Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(z);
     const Tensor dnext = grads[1].defined() ? grads[1] : at::zeros_like(z);
-    auto [dz, didentity, dw, db, dalter] =
-        backward_op().call(dout, dnext, z, out, ctx->saved_data["clips"].toInt(),
-                ctx->saved_data["frames"].toIntVector(), ctx->saved_data["rows"].toIntVector(),
-                weight, saved[3], saved[4], ctx->saved_data["training"].toBool(), alter_next,
-                ctx->saved_data["fold_div"].toInt());
+    auto [dz, didentity, dw, db, dalter] = backward_op().call(
+        dout, dnext, z, out, ctx->saved_data["clips"].toSymInt(),
+        ctx->saved_data["frames"].toSymIntVector(), ctx->saved_data["rows"].toIntVector(), weight,
+        saved[3], saved[4], ctx->saved_data["training"].toBool(), alter_next,
+        ctx->saved_data["fold_div"].toInt());
     // inputs: z, identity, clips, frames, rows, weight, bias, running_mean, running_var,
     // training, momentum, eps, alter_next, fold_div
     return {dz,       didentity, Tensor(), Tensor(), Tensor(),
@@ -134,7 +136,7 @@ struct BnAddReluShiftAlter : torch::autograd::Function<BnAddReluShiftAlter> {
 };
 
 BwdOutputs backward_autograd(const Tensor& dout, const Tensor& dnext, const Tensor& z,
-                             const Tensor& out, int64_t clips, IntArrayRef frames,
+                             const Tensor& out, c10::SymInt clips, SymIntArrayRef frames,
                              IntArrayRef rows, const Tensor& weight, const Tensor& mean,
                              const Tensor& invstd, bool training, const OptTensor& alter_next,
                              int64_t fold_div) {
@@ -145,12 +147,13 @@ BwdOutputs backward_autograd(const Tensor& dout, const Tensor& dnext, const Tens
                             training, alter_next, fold_div);
 }
 
-Outputs forward_autograd(const Tensor& z, const Tensor& identity, int64_t clips,
-                         IntArrayRef frames, IntArrayRef rows, const Tensor& weight,
+Outputs forward_autograd(const Tensor& z, const Tensor& identity, c10::SymInt clips,
+                         SymIntArrayRef frames, IntArrayRef rows, const Tensor& weight,
                          const Tensor& bias, const OptTensor& running_mean,
-                         const OptTensor& running_var, bool training,
-                         at::ArrayRef<double> momentum, double eps, const OptTensor& alter_next,
-                         int64_t fold_div) {
+                         const OptTensor& running_var, bool training, at::ArrayRef<double> momentum,
+                         double eps, const OptTensor& alter_next, int64_t fold_div) {
+  refuse_transforms("bn_add_relu_shift_alter",
+                    {z, identity, weight, bias, alter_next.value_or(Tensor())});
   auto o = BnAddReluShiftAlter::apply(z, identity, clips, frames, rows, weight, bias,
                                       running_mean, running_var, training, momentum, eps,
                                       alter_next, fold_div);

@@ -85,7 +85,7 @@ inline OptTensor param(const OptTensor& p, const Tensor& x) {
 // return in its place when there is none.
 inline Tensor acc_like(const Tensor& x, const OptTensor& like) {
   const auto acc = x.options().dtype(acc_type(x));
-  return like ? at::empty(like->sizes(), acc) : at::empty({0}, acc);
+  return like ? at::empty_symint(like->sym_sizes(), acc) : at::empty({0}, acc);
 }
 
 // An activation-sized output in x's memory format.
@@ -99,8 +99,8 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> norm_stats_meta(const Tensor& 
                                                                   size_t segments,
                                                                   const OptTensor& running_mean,
                                                                   const OptTensor& running_var) {
-  const Tensor mean = at::empty({static_cast<int64_t>(segments), x.size(1)},
-                                x.options().dtype(acc_type(x)));
+  const Tensor mean = at::empty_symint({c10::SymInt(static_cast<int64_t>(segments)), x.sym_size(1)},
+                                       x.options().dtype(acc_type(x)));
   return {mean, at::empty_like(mean), acc_like(x, running_mean), acc_like(x, running_var)};
 }
 
@@ -112,6 +112,10 @@ inline Tensor grad_as(const Tensor& g, const Tensor& p) {
 // The backward ops are not differentiable: a graph through them (create_graph=True, double
 // backward) must fail, not give silent zeros.
 void refuse_double_backward(const char* op, at::ArrayRef<Tensor> inputs);
+// The ops' autograd formula is reverse mode through torch.autograd only: torch.func transforms
+// (grad, vjp, jvp, vmap under a transform) and forward-mode AD (dual tensors) must fail naming the
+// op, not give zero tangents or a message about C++ autograd functions.
+void refuse_transforms(const char* op, at::ArrayRef<Tensor> inputs);
 
 // Registers an op's implementations, written in its file's anonymous namespace as `forward` /
 // `backward` (CPU and CUDA: checks, formats, route to the backend), `forward_meta` /
@@ -138,8 +142,8 @@ void refuse_double_backward(const char* op, at::ArrayRef<Tensor> inputs);
 // ---- argument checks (ValueError / TypeError naming the argument) ----------------------------
 
 // The packed layout (clips, frames, rows) and the activation `name` that it must describe.
-void check_input(const char* name, const Tensor& x, int64_t clips, at::IntArrayRef frames,
-                 at::IntArrayRef rows);
+void check_input(const char* name, const Tensor& x, const c10::SymInt& clips,
+                 c10::SymIntArrayRef frames, at::IntArrayRef rows);
 // A [P, C] per-branch parameter or buffer for x whose rows cover the layout.
 void check_param(const char* name, const OptTensor& p, const Tensor& x, at::IntArrayRef rows);
 // `t` has x's shape, dtype and device.
@@ -147,10 +151,10 @@ void check_like(const char* name, const OptTensor& t, const Tensor& x, const cha
 // fold_div in [2, C] (C // fold_div channels shift each way).
 void check_fold_div(int64_t fold_div, const Tensor& x);
 // The BatchNorm arguments of freq_batch_norm and bn_add_relu_shift_alter (input `name`).
-void check_norm(const char* name, const Tensor& x, int64_t clips, at::IntArrayRef frames,
-                at::IntArrayRef rows, const Tensor& weight, const Tensor& bias,
-                const OptTensor& running_mean, const OptTensor& running_var, bool training,
-                at::ArrayRef<double> momentum, double eps);
+void check_norm(const char* name, const Tensor& x, const c10::SymInt& clips,
+                c10::SymIntArrayRef frames, at::IntArrayRef rows, const Tensor& weight,
+                const Tensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
+                bool training, at::ArrayRef<double> momentum, double eps);
 
 }  // namespace ops
 }  // namespace ffn_kernels

@@ -11,19 +11,20 @@ namespace ops {
 namespace {
 
 using at::IntArrayRef;
+using c10::SymIntArrayRef;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-using FwdSig = Outputs(const Tensor&, int64_t, IntArrayRef, IntArrayRef, const Tensor&,
+using FwdSig = Outputs(const Tensor&, c10::SymInt, SymIntArrayRef, IntArrayRef, const Tensor&,
                        const Tensor&, const OptTensor&, const OptTensor&, bool,
                        at::ArrayRef<double>, double, bool, const OptTensor&);
 using BwdOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
-using BwdSig = BwdOutputs(const Tensor&, const Tensor&, const Tensor&, int64_t, IntArrayRef,
+using BwdSig = BwdOutputs(const Tensor&, const Tensor&, const Tensor&, c10::SymInt, SymIntArrayRef,
                           IntArrayRef, const Tensor&, const Tensor&, const Tensor&, bool, bool,
                           bool);
 
-void check(const Tensor& x, int64_t clips, IntArrayRef frames, IntArrayRef rows,
+void check(const Tensor& x, c10::SymInt clips, SymIntArrayRef frames, IntArrayRef rows,
            const Tensor& weight, const Tensor& bias, const OptTensor& running_mean,
            const OptTensor& running_var, bool training, at::ArrayRef<double> momentum, double eps,
            const OptTensor& residual) {
@@ -32,20 +33,20 @@ void check(const Tensor& x, int64_t clips, IntArrayRef frames, IntArrayRef rows,
   check_like("residual", residual, x, "x");
 }
 
-Outputs forward(const Tensor& x, int64_t clips, IntArrayRef frames, IntArrayRef rows,
+Outputs forward(const Tensor& x, c10::SymInt clips, SymIntArrayRef frames, IntArrayRef rows,
                 const Tensor& weight, const Tensor& bias, const OptTensor& running_mean,
                 const OptTensor& running_var, bool training, at::ArrayRef<double> momentum,
                 double eps, bool relu, const OptTensor& residual) {
   check(x, clips, frames, rows, weight, bias, running_mean, running_var, training, momentum, eps,
         residual);
-  static const RawOp<FwdSig> raw("bn_fwd");
+  static const RawOp<FwdSig> raw("freq_batch_norm_fwd");
   const auto fmt = format_of(x);
   return raw(x.device()).call(like(x, fmt), clips, frames, rows, param(weight, x),
                               param(bias, x), param(running_mean, x), param(running_var, x),
                               training, momentum, eps, relu, like(residual, fmt));
 }
 
-Outputs forward_meta(const Tensor& x, int64_t clips, IntArrayRef frames, IntArrayRef rows,
+Outputs forward_meta(const Tensor& x, c10::SymInt clips, SymIntArrayRef frames, IntArrayRef rows,
                      const Tensor& weight, const Tensor& bias, const OptTensor& running_mean,
                      const OptTensor& running_var, bool training, at::ArrayRef<double> momentum,
                      double eps, bool relu, const OptTensor& residual) {
@@ -56,17 +57,18 @@ Outputs forward_meta(const Tensor& x, int64_t clips, IntArrayRef frames, IntArra
   return {activation_like(x), mean, invstd, new_rm, new_rv};
 }
 
-BwdOutputs backward(const Tensor& dy, const Tensor& x, const Tensor& y, int64_t clips,
-                    IntArrayRef frames, IntArrayRef rows, const Tensor& weight, const Tensor& mean,
-                    const Tensor& invstd, bool training, bool relu, bool has_residual) {
-  static const RawOp<BwdSig> raw("bn_bwd");
+BwdOutputs backward(const Tensor& dy, const Tensor& x, const Tensor& y, c10::SymInt clips,
+                    SymIntArrayRef frames, IntArrayRef rows, const Tensor& weight,
+                    const Tensor& mean, const Tensor& invstd, bool training, bool relu,
+                    bool has_residual) {
+  static const RawOp<BwdSig> raw("freq_batch_norm_bwd");
   const auto fmt = format_of(x);
   return raw(x.device()).call(like(dy, fmt), like(x, fmt), like(y, fmt), clips, frames, rows,
                               param(weight, x), mean, invstd, training, relu, has_residual);
 }
 
-BwdOutputs backward_meta(const Tensor& dy, const Tensor& x, const Tensor& y, int64_t clips,
-                         IntArrayRef frames, IntArrayRef rows, const Tensor& weight,
+BwdOutputs backward_meta(const Tensor& dy, const Tensor& x, const Tensor& y, c10::SymInt clips,
+                         SymIntArrayRef frames, IntArrayRef rows, const Tensor& weight,
                          const Tensor& mean, const Tensor& invstd, bool training, bool relu,
                          bool has_residual) {
   return {activation_like(x), acc_like(x, weight), acc_like(x, weight),
@@ -79,8 +81,8 @@ const c10::TypedOperatorHandle<BwdSig>& backward_op() {
 }
 
 struct FreqBatchNorm : torch::autograd::Function<FreqBatchNorm> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, int64_t clips,
-                               IntArrayRef frames, IntArrayRef rows, const Tensor& weight,
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, c10::SymInt clips,
+                               SymIntArrayRef frames, IntArrayRef rows, const Tensor& weight,
                                const Tensor& bias, const OptTensor& running_mean,
                                const OptTensor& running_var, bool training,
                                at::ArrayRef<double> momentum, double eps, bool relu,
@@ -96,7 +98,7 @@ struct FreqBatchNorm : torch::autograd::Function<FreqBatchNorm> {
     ctx->mark_non_differentiable({mean, invstd, new_rm, new_rv});
     ctx->set_materialize_grads(false);
     ctx->saved_data["clips"] = clips;
-    ctx->saved_data["frames"] = frames;
+    ctx->saved_data["frames"] = frames.vec();
     ctx->saved_data["rows"] = rows;
     ctx->saved_data["training"] = training;
     ctx->saved_data["relu"] = relu;
@@ -111,11 +113,11 @@ struct FreqBatchNorm : torch::autograd::Function<FreqBatchNorm> {
     const Tensor &x = saved[0], &y = saved[1], &weight = saved[2];
     const bool has_residual = ctx->saved_data["has_residual"].toBool();
     const Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(x);
-    auto [dx, dw, db, dres] =
-        backward_op().call(dy, x, y.defined() ? y : x, ctx->saved_data["clips"].toInt(),
-                ctx->saved_data["frames"].toIntVector(), ctx->saved_data["rows"].toIntVector(),
-                weight, saved[3], saved[4], ctx->saved_data["training"].toBool(),
-                ctx->saved_data["relu"].toBool(), has_residual);
+    auto [dx, dw, db, dres] = backward_op().call(
+        dy, x, y.defined() ? y : x, ctx->saved_data["clips"].toSymInt(),
+        ctx->saved_data["frames"].toSymIntVector(), ctx->saved_data["rows"].toIntVector(), weight,
+        saved[3], saved[4], ctx->saved_data["training"].toBool(), ctx->saved_data["relu"].toBool(),
+        has_residual);
     // inputs: x, clips, frames, rows, weight, bias, running_mean, running_var, training,
     // momentum, eps, relu, residual
     return {dx,       Tensor(), Tensor(), Tensor(), grad_as(dw, weight), grad_as(db, weight),
@@ -124,8 +126,8 @@ struct FreqBatchNorm : torch::autograd::Function<FreqBatchNorm> {
   }
 };
 
-BwdOutputs backward_autograd(const Tensor& dy, const Tensor& x, const Tensor& y, int64_t clips,
-                             IntArrayRef frames, IntArrayRef rows, const Tensor& weight,
+BwdOutputs backward_autograd(const Tensor& dy, const Tensor& x, const Tensor& y, c10::SymInt clips,
+                             SymIntArrayRef frames, IntArrayRef rows, const Tensor& weight,
                              const Tensor& mean, const Tensor& invstd, bool training, bool relu,
                              bool has_residual) {
   refuse_double_backward("freq_batch_norm", {dy, x, y, weight});
@@ -134,11 +136,12 @@ BwdOutputs backward_autograd(const Tensor& dy, const Tensor& x, const Tensor& y,
                             has_residual);
 }
 
-Outputs forward_autograd(const Tensor& x, int64_t clips, IntArrayRef frames, IntArrayRef rows,
-                         const Tensor& weight, const Tensor& bias, const OptTensor& running_mean,
-                         const OptTensor& running_var, bool training,
+Outputs forward_autograd(const Tensor& x, c10::SymInt clips, SymIntArrayRef frames,
+                         IntArrayRef rows, const Tensor& weight, const Tensor& bias,
+                         const OptTensor& running_mean, const OptTensor& running_var, bool training,
                          at::ArrayRef<double> momentum, double eps, bool relu,
                          const OptTensor& residual) {
+  refuse_transforms("freq_batch_norm", {x, weight, bias, residual.value_or(Tensor())});
   auto out = FreqBatchNorm::apply(x, clips, frames, rows, weight, bias, running_mean, running_var,
                                   training, momentum, eps, relu, residual);
   return {out[0], out[1], out[2], out[3], out[4]};

@@ -1,11 +1,18 @@
-"""Triton backend: the raw API of :mod:`ffn_kernels.reference` on fused Triton kernels.
+"""Triton backend: the raw API of :mod:`ffn_kernels.reference` on fused Triton kernels, one module
+per op (``shift_alter``, ``freq_batch_norm``, ``bn_add_relu_shift_alter``) over the shared launch
+code of :mod:`.common` and the JIT kernels of :mod:`.kernels`.
 
 Runs CUDA (or ROCm) tensors; CPU tensors run under the Triton interpreter when
 ``TRITON_INTERPRET=1`` was set before Triton was first imported (how CI tests these kernels).
 """
 
-from .api import bn_bwd, bn_fwd, bnrs_bwd, bnrs_fwd, shift_alter_bwd, shift_alter_fwd
+from .bn_add_relu_shift_alter import bn_add_relu_shift_alter_bwd, bn_add_relu_shift_alter_fwd
+from .freq_batch_norm import freq_batch_norm_bwd, freq_batch_norm_fwd
+from .shift_alter import shift_alter_bwd, shift_alter_fwd
 
 name = "triton"
 
-__all__ = ["shift_alter_fwd", "shift_alter_bwd", "bn_fwd", "bn_bwd", "bnrs_fwd", "bnrs_bwd"]
+__all__ = [
+    "shift_alter_fwd", "shift_alter_bwd", "freq_batch_norm_fwd", "freq_batch_norm_bwd",
+    "bn_add_relu_shift_alter_fwd", "bn_add_relu_shift_alter_bwd",
+]

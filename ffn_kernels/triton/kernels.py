@@ -1,15 +1,17 @@
 """Triton kernels of the fused ops (docs/design.md §2, §3, §4.6).
 
 Every pass runs on the grid ``(chunk, channel block)``. A *chunk* is a run of consecutive frames
-inside one segment (see :func:`ffn_kernels.triton.api._meta`), so a program knows its segment,
-parameter row and clip length from a few scalar loads of the int32 ``meta`` table:
+inside one segment (see :func:`ffn_kernels.triton.common._frame_layout_table`), so a program knows
+its segment, parameter row and clip length from a few scalar loads of ``layout_ptr``, the
+:class:`~ffn_kernels.FrameLayout` of the call as an int32 device table:
 
-    meta = [chunk_seg[NCH], chunk_first_frame[NCH], chunk_num_frames[NCH],
-            seg_start[S+1], seg_frames[S] + pad, seg_row[S] + pad, seg_first_chunk[S+1]]
+    layout_ptr = [chunk_seg[NCH], chunk_first_frame[NCH], chunk_num_frames[NCH],
+                  seg_start[S+1], seg_frames[S] + pad, seg_row[S] + pad, seg_first_chunk[S+1]]
 
 A program walks its frames and, per frame, tiles of ``[BLOCK_C, BLOCK_P]`` (channels x pixels).
 Element ``(f, c, p)`` lives at ``f*C*HW + c*HW + p`` (NCHW) or ``f*C*HW + p*C + c`` (channels_last);
-``CL`` is a constexpr so the compiler sees which tile axis is contiguous and vectorises along it.
+``CHANNELS_LAST`` is a constexpr so the compiler sees which tile axis is contiguous and vectorises
+along it.
 The frame offset ``f*C*HW`` is a scalar int64, offsets inside a frame are int32 (fewer registers
 per element). ``ALIGN`` / ``HW_ALIGN`` (powers of two dividing the channel-block bounds and
 ``H*W``) let the compiler vectorise loads and stores where the shapes allow.
@@ -23,6 +25,24 @@ Reductions never use atomics: each program writes per-(chunk, channel) partials,
 kernel folds a segment's chunks in chunk order (deterministic), one program per channel block
 walking the segments in order; a parameter row used by several segments gets the sum of their
 gradients, added in segment order (as autograd and the reference give).
+
+Three ops share the two elementwise kernels; the constexpr flags each op sets (``?``: when the
+argument is given or the mode asks for it; launches in ``shift_alter.py``, ``freq_batch_norm.py``,
+``bn_add_relu_shift_alter.py`` through :mod:`.common`):
+
+=======================  ======================================  ===================================
+op                       ``_fwd_kernel``                         ``_bwd_kernel``
+=======================  ======================================  ===================================
+shift_alter              SHIFT, HAS_ALTER?                       SHIFT, HAS_ALTER?, ALTER_GRAD?
+freq_batch_norm          NORM, STORE_Y, HAS_RES?, RELU?          HAS_DY, NORM, TRAINING?, HAS_RES?,
+                                                                 RELU?
+bn_add_relu_shift_alter  NORM, STORE_Y, HAS_RES, RELU, SHIFT,    HAS_DY, SHIFT, NORM, HAS_RES, RELU,
+                         HAS_ALTER?                              TRAINING?, HAS_ALTER?, ALTER_GRAD?
+=======================  ======================================  ===================================
+
+The BN ops run ``_stats_kernel`` + ``_stats_combine_kernel`` before the forward in training (only
+the combine in eval). A backward with parameter gradients (BN, or ``ALTER_GRAD``) runs a ``REDUCE``
+pass and ``_sum_combine_kernel``; BN in training then needs a second pass to ``STORE`` dx.
 """
 
 import triton
@@ -45,9 +65,9 @@ def _shift_target(t, T, step):
 
 
 @triton.jit
-def _segment(meta, NCH, S, s):
+def _segment(layout_ptr, NCH, S, s):
     """``(first frame, end frame, frames per clip, parameter row)`` of segment ``s``."""
-    segs = meta + 3 * NCH
+    segs = layout_ptr + 3 * NCH
     start = tl.load(segs + s)
     stop = tl.load(segs + s + 1)
     T = tl.load(segs + (S + 1) + s)
@@ -56,12 +76,12 @@ def _segment(meta, NCH, S, s):
 
 
 @triton.jit
-def _chunk(meta, NCH, S):
+def _chunk(layout_ptr, NCH, S):
     """This program's chunk: ``(index, segment, first frame, number of frames)``."""
     k = tl.program_id(0)
-    seg = tl.load(meta + k)
-    f0 = tl.load(meta + NCH + k)
-    nf = tl.load(meta + 2 * NCH + k)
+    seg = tl.load(layout_ptr + k)
+    f0 = tl.load(layout_ptr + NCH + k)
+    nf = tl.load(layout_ptr + 2 * NCH + k)
     return k, seg, f0, nf
 
 
@@ -88,13 +108,14 @@ def _channels(C, fold, nb0, REGIONS: tl.constexpr, ALIGN: tl.constexpr, BLOCK_C:
 
 
 @triton.jit
-def _tile(p0, c, cmask, C, HW, CL: tl.constexpr, HW_ALIGN: tl.constexpr, BLOCK_P: tl.constexpr):
+def _tile(p0, c, cmask, C, HW, CHANNELS_LAST: tl.constexpr, HW_ALIGN: tl.constexpr,
+          BLOCK_P: tl.constexpr):
     """int32 offsets inside a frame and mask of the ``[BLOCK_C, BLOCK_P]`` tile at pixel ``p0``.
     (``HW_ALIGN`` hints go on values computed here: a hint on the argument ``HW`` itself is
     dropped, having no defining op to carry it.)"""
     q = tl.arange(0, BLOCK_P)
     left = tl.multiple_of(HW - p0, HW_ALIGN)  # pixels from p0 to the end of the plane
-    if CL:
+    if CHANNELS_LAST:
         idx = (p0 + q)[None, :] * C + c[:, None]
     else:
         rows = tl.multiple_of(c * HW + p0, HW_ALIGN)
@@ -112,12 +133,14 @@ def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 
 
 @triton.jit
-def _stats_kernel(x_ptr, part_ptr, meta, NCH, S, C, HW, fold, nb0,
+def _stats_kernel(x_ptr,  # [F, C, H, W] activation
+                  part_ptr,  # [3, NCH, C] float32 out: per-chunk (mean, M2, count)
+                  layout_ptr, NCH, S, C, HW, fold, nb0,
                   REGIONS: tl.constexpr, ALIGN: tl.constexpr, HW_ALIGN: tl.constexpr,
-                  CL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                  CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Per-lane Welford over the chunk, merged across lanes; writes ``part[3, NCH, C]`` =
     (mean, M2, count) of this chunk's frames x pixels for each channel."""
-    k, seg, f0, nf = _chunk(meta, NCH, S)
+    k, seg, f0, nf = _chunk(layout_ptr, NCH, S)
     c, cmask, step = _channels(C, fold, nb0, REGIONS, ALIGN, BLOCK_C)
     mean = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
     m2 = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
@@ -125,7 +148,7 @@ def _stats_kernel(x_ptr, part_ptr, meta, NCH, S, C, HW, fold, nb0,
     for i in range(nf):
         xf = x_ptr + (f0 + i).to(tl.int64) * C * HW
         for p0 in range(0, HW, BLOCK_P):
-            idx, m = _tile(p0, c, cmask, C, HW, CL, HW_ALIGN, BLOCK_P)
+            idx, m = _tile(p0, c, cmask, C, HW, CHANNELS_LAST, HW_ALIGN, BLOCK_P)
             v = tl.load(xf + idx, mask=m, other=0.0).to(tl.float32)
             cnt += m.to(tl.float32)
             delta = v - mean
@@ -139,8 +162,11 @@ def _stats_kernel(x_ptr, part_ptr, meta, NCH, S, C, HW, fold, nb0,
 
 
 @triton.jit
-def _stats_combine_kernel(part_ptr, mean_ptr, invstd_ptr, rm_ptr, rv_ptr, meta, NCH, S, C, eps,
-                          s_lo, s_hi, mom0, mom1, mom2, mom3, mom4, mom5, mom6, mom7,
+def _stats_combine_kernel(part_ptr,  # [3, NCH, C] float32 from _stats_kernel
+                          mean_ptr, invstd_ptr,  # [S, C] float32 out
+                          rm_ptr, rv_ptr,  # [P, C] float32 running stats (updated copies)
+                          layout_ptr, NCH, S, C, eps, s_lo, s_hi,
+                          mom0, mom1, mom2, mom3, mom4, mom5, mom6, mom7,
                           BATCH: tl.constexpr, UPDATE: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per segment ``s_lo <= s < s_hi`` (at most 8): merge the chunks' partials (``BATCH``) or
     read the row's running statistics, write ``mean``/``invstd[S, C]`` and (``UPDATE``) blend
@@ -149,9 +175,9 @@ def _stats_combine_kernel(part_ptr, mean_ptr, invstd_ptr, rm_ptr, rv_ptr, meta, 
     scalar arguments: no host-to-device copy per call (and nothing that breaks graph capture)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    first_chunk = meta + 3 * NCH + 3 * (S + 1)
+    first_chunk = layout_ptr + 3 * NCH + 3 * (S + 1)
     for s in range(s_lo, s_hi):
-        start, stop, T, row = _segment(meta, NCH, S, s)
+        start, stop, T, row = _segment(layout_ptr, NCH, S, s)
         prow = row * C + c
         if BATCH:
             mean = tl.zeros([BLOCK_C], tl.float32)
@@ -182,17 +208,20 @@ def _stats_combine_kernel(part_ptr, mean_ptr, invstd_ptr, rm_ptr, rv_ptr, meta, 
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, res_ptr, y_ptr, nxt_ptr, mean_ptr, invstd_ptr, w_ptr, b_ptr, alter_ptr,
-                meta, NCH, S, C, HW, fold, nb0,
+def _fwd_kernel(x_ptr, res_ptr,  # [F, C, H, W] input and residual (HAS_RES)
+                y_ptr, nxt_ptr,  # [F, C, H, W] out: act(BN(x) + res) (STORE_Y), its shift (SHIFT)
+                mean_ptr, invstd_ptr,  # [S, C] float32 per-segment statistics (NORM)
+                w_ptr, b_ptr, alter_ptr,  # [P, C] float32 parameter rows
+                layout_ptr, NCH, S, C, HW, fold, nb0,
                 NORM: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
                 STORE_Y: tl.constexpr, SHIFT: tl.constexpr, HAS_ALTER: tl.constexpr,
                 REGIONS: tl.constexpr, ALIGN: tl.constexpr, HW_ALIGN: tl.constexpr,
-                CL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """``v = act(BN(x) + res)`` (each part optional), stored to ``y``, and/or
     ``shift_alter(v)`` scattered to ``nxt``: each frame sends its values to the frame that reads
     them, so ``x``/``res`` are read once and the shifted output needs no second pass."""
-    k, seg, f0, nf = _chunk(meta, NCH, S)
-    start, stop, T, row = _segment(meta, NCH, S, seg)
+    k, seg, f0, nf = _chunk(layout_ptr, NCH, S)
+    start, stop, T, row = _segment(layout_ptr, NCH, S, seg)
     c, cmask, step = _channels(C, fold, nb0, REGIONS, ALIGN, BLOCK_C)
     prow = row * C + c
     if NORM:
@@ -209,7 +238,7 @@ def _fwd_kernel(x_ptr, res_ptr, y_ptr, nxt_ptr, mean_ptr, invstd_ptr, w_ptr, b_p
             off, valid = _shift_target((f - start) % T, T, step)
             nxt_f = nxt_ptr + fb + off.to(tl.int64) * C * HW
         for p0 in range(0, HW, BLOCK_P):
-            idx, m = _tile(p0, c, cmask, C, HW, CL, HW_ALIGN, BLOCK_P)
+            idx, m = _tile(p0, c, cmask, C, HW, CHANNELS_LAST, HW_ALIGN, BLOCK_P)
             v = tl.load(x_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
             if NORM:
                 v = v * scale[:, None] + shift[:, None]
@@ -229,13 +258,19 @@ def _fwd_kernel(x_ptr, res_ptr, y_ptr, nxt_ptr, mean_ptr, invstd_ptr, w_ptr, b_p
 
 
 @triton.jit
-def _bwd_kernel(dy_ptr, dnext_ptr, x_ptr, y_ptr, dx_ptr, dres_ptr, part_ptr, sums_ptr,
-                mean_ptr, invstd_ptr, w_ptr, alter_ptr, meta, NCH, S, C, HW, fold, nb0,
+def _bwd_kernel(dy_ptr, dnext_ptr,  # [F, C, H, W] gradients of y (HAS_DY) and of its shift (SHIFT)
+                x_ptr, y_ptr,  # [F, C, H, W] forward input (NORM) and output (RELU / ALTER_GRAD)
+                dx_ptr, dres_ptr,  # [F, C, H, W] out: input and residual (HAS_RES) gradients
+                part_ptr,  # [K, NCH, C] float32 out: per-chunk partial sums (REDUCE)
+                sums_ptr,  # [2, S, C] float32 segment sums read by a training STORE pass
+                mean_ptr, invstd_ptr,  # [S, C] float32
+                w_ptr, alter_ptr,  # [P, C] float32
+                layout_ptr, NCH, S, C, HW, fold, nb0,
                 HAS_DY: tl.constexpr, SHIFT: tl.constexpr, HAS_ALTER: tl.constexpr,
                 ALTER_GRAD: tl.constexpr, RELU: tl.constexpr, NORM: tl.constexpr,
                 TRAINING: tl.constexpr, HAS_RES: tl.constexpr, REDUCE: tl.constexpr,
                 STORE: tl.constexpr, REGIONS: tl.constexpr, ALIGN: tl.constexpr,
-                HW_ALIGN: tl.constexpr, CL: tl.constexpr, BLOCK_C: tl.constexpr,
+                HW_ALIGN: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
                 BLOCK_P: tl.constexpr):
     """Backward of ``_fwd_kernel``. The incoming gradient of the BN output is, per element,
     ``g = (dy + (1+a) * dnext[reverse shift]) * (y > 0)`` (each term optional).
@@ -244,8 +279,8 @@ def _bwd_kernel(dy_ptr, dnext_ptr, x_ptr, y_ptr, dx_ptr, dres_ptr, part_ptr, sum
     and ``Σ y·dnext[reverse shift]`` (``ALTER_GRAD``; equal to ``Σ dnext·shift(y)``).
     ``STORE`` writes ``dx`` (the BN input gradient, or ``g`` without ``NORM``) and ``dres = g``;
     in training it needs the segment sums ``sums[2, S, C]`` from a previous ``REDUCE`` pass."""
-    k, seg, f0, nf = _chunk(meta, NCH, S)
-    start, stop, T, row = _segment(meta, NCH, S, seg)
+    k, seg, f0, nf = _chunk(layout_ptr, NCH, S)
+    start, stop, T, row = _segment(layout_ptr, NCH, S, seg)
     c, cmask, step = _channels(C, fold, nb0, REGIONS, ALIGN, BLOCK_C)
     prow = row * C + c
     if HAS_ALTER:
@@ -268,7 +303,7 @@ def _bwd_kernel(dy_ptr, dnext_ptr, x_ptr, y_ptr, dx_ptr, dres_ptr, part_ptr, sum
             off, valid = _shift_target((f - start) % T, T, step)
             dnext_f = dnext_ptr + fb + off.to(tl.int64) * C * HW
         for p0 in range(0, HW, BLOCK_P):
-            idx, m = _tile(p0, c, cmask, C, HW, CL, HW_ALIGN, BLOCK_P)
+            idx, m = _tile(p0, c, cmask, C, HW, CHANNELS_LAST, HW_ALIGN, BLOCK_P)
             if HAS_DY:
                 g = tl.load(dy_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
             else:
@@ -323,7 +358,10 @@ def _chunk_sum(part_ptr, first_chunk, j, s, NCH, C, c, cmask, BLOCK_C: tl.conste
 
 
 @triton.jit
-def _sum_combine_kernel(part_ptr, sums_ptr, out0_ptr, out1_ptr, out2_ptr, meta, NCH, S, C,
+def _sum_combine_kernel(part_ptr,  # [K, NCH, C] float32 partials
+                        sums_ptr,  # [K, S, C] float32 out: per-segment sums
+                        out0_ptr, out1_ptr, out2_ptr,  # [P, C] float32 out: per-row sums
+                        layout_ptr, NCH, S, C,
                         K: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per segment and slot ``j < K``: sum the chunks' partials in chunk order into
     ``sums[j, s]``; row ``p`` of output ``j`` (``[P, C]``) gets the sum over the segments with
@@ -331,11 +369,12 @@ def _sum_combine_kernel(part_ptr, sums_ptr, out0_ptr, out1_ptr, out2_ptr, meta, 
     registers: no re-read of a value this program stored)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    first_chunk = meta + 3 * NCH + 3 * (S + 1)
-    seg_row = meta + 3 * NCH + 2 * (S + 1)
+    first_chunk = layout_ptr + 3 * NCH + 3 * (S + 1)
+    seg_row = layout_ptr + 3 * NCH + 2 * (S + 1)
     for s in range(S):
         row = tl.load(seg_row + s)
-        earlier = tl.full([], 0, tl.int32)  # segments before s with the same row (they stored it already)
+        # segments before s with the same row (they stored it already)
+        earlier = tl.full([], 0, tl.int32)
         for r in range(s):
             earlier += (tl.load(seg_row + r) == row).to(tl.int32)
         for j in tl.static_range(K):

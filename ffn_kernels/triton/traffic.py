@@ -98,7 +98,7 @@ def measure(fn, *args, **kwargs) -> tuple[int, int]:
 def report(clips=2, frames=(4, 8, 16), channels=32, hw=(8, 8), dtype=torch.float32) -> list[dict]:
     """Bytes per element of ``x`` moved by each op's forward and backward (training and eval for
     the BN ops) next to the minimum. Rows: ``op``, ``pass``, ``mode``, ``minimum``, ``measured``."""
-    from . import api
+    from .. import triton as api
 
     frames, rows = list(frames), list(range(len(frames)))
     P = len(frames)
@@ -123,17 +123,18 @@ def report(clips=2, frames=(4, 8, 16), channels=32, hw=(8, 8), dtype=torch.float
     add("shift_alter", "fwd", "-", 2, api.shift_alter_fwd, x, *layout, alter, 8)
     add("shift_alter", "bwd", "-", 3, api.shift_alter_bwd, dy, x, *layout, alter, 8, True)
     for training, mode in ((True, "train"), (False, "eval")):
-        y, mean, invstd, _, _ = api.bn_fwd(x, *layout, w, b, rm, rv, training, mom, 1e-5, False, None)
-        add("freq_batch_norm", "fwd", mode, 2, api.bn_fwd,
+        y, mean, invstd, _, _ = api.freq_batch_norm_fwd(x, *layout, w, b, rm, rv, training, mom,
+                                                        1e-5, False, None)
+        add("freq_batch_norm", "fwd", mode, 2, api.freq_batch_norm_fwd,
             x, *layout, w, b, rm, rv, training, mom, 1e-5, False, None)
-        add("freq_batch_norm", "bwd", mode, 3, api.bn_bwd,
+        add("freq_batch_norm", "bwd", mode, 3, api.freq_batch_norm_bwd,
             dy, x, y, *layout, w, mean, invstd, training, False, False)
     for training, mode in ((True, "train"), (False, "eval")):
-        out, _, mean, invstd, _, _ = api.bnrs_fwd(x, x2, *layout, w, b, rm, rv, training, mom,
-                                                  1e-5, alter, 8)
-        add("bn_add_relu_shift_alter", "fwd", mode, 4, api.bnrs_fwd,
+        out, _, mean, invstd, _, _ = api.bn_add_relu_shift_alter_fwd(
             x, x2, *layout, w, b, rm, rv, training, mom, 1e-5, alter, 8)
-        add("bn_add_relu_shift_alter", "bwd", mode, 6, api.bnrs_bwd,
+        add("bn_add_relu_shift_alter", "fwd", mode, 4, api.bn_add_relu_shift_alter_fwd,
+            x, x2, *layout, w, b, rm, rv, training, mom, 1e-5, alter, 8)
+        add("bn_add_relu_shift_alter", "bwd", mode, 6, api.bn_add_relu_shift_alter_bwd,
             dy, dy2, x, out, *layout, w, mean, invstd, training, alter, 8)
     return rows_out
 

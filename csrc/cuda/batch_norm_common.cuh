@@ -1,34 +1,37 @@
-// bn_fwd / bn_bwd (frequency-indexed BatchNorm, docs/design.md §3.2) and bnrs_fwd / bnrs_bwd (the
-// residual-block boundary BN + add + ReLU + shift_alter, §3.3). The BN op is the bnrs op without
-// the shift, so both share one elementwise template and one reduction visitor (kShift).
-#include "ops.cuh"
+// The BatchNorm machinery shared by the CUDA kernels of freq_batch_norm (docs/design.md §3.2) and
+// bn_add_relu_shift_alter (§3.3). The latter is the former plus the shift of its output, so both
+// share one elementwise template and one reduction visitor (kShift) and one host-side forward and
+// backward; each op's file instantiates its own kShift.
+#pragma once
+
+#include "common.cuh"
 
 namespace ffn_kernels {
 namespace cuda {
-namespace {
 
 // Elements of one channel in segment s.
-__device__ __forceinline__ int64_t seg_count(const SegTable& seg, const Geom& g, int s) {
+__device__ __forceinline__ int64_t seg_count(const FrameLayout& seg, const Geom& g, int s) {
   return (seg.start[s + 1] - seg.start[s]) * g.HW;
 }
 
-// y = act(BN(x) + residual). kShift (bnrs_fwd): also next_in = shift_alter(y), written by
-// scattering (1+a) * y to the frame whose shifted source this element is, plus zeros where an
-// element's own source lies outside the clip; every next_in element is written exactly once.
+// y = act(BN(x) + residual). kShift (bn_add_relu_shift_alter_fwd): also next_in = shift_alter(y),
+// written by scattering (1+a) * y to the frame whose shifted source this element is, plus zeros
+// where an element's own source lies outside the clip; every next_in element is written exactly
+// once.
 template <typename scalar_t, bool kShift>
 struct BnFwdOp {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x;
   const scalar_t* res;  // or nullptr
   scalar_t* y;
-  scalar_t* next;       // kShift only
+  scalar_t* next;              // kShift only
   const acc_t *mean, *invstd;  // [S, C]
   const acc_t *weight, *bias;  // [P, C]
   const acc_t* alter;          // [P, C] or nullptr (kShift only)
   bool relu;
 
   template <int V>
-  __device__ __forceinline__ void apply(const SegTable&, const Geom& g, const FramePos& fp,
+  __device__ __forceinline__ void apply(const FrameLayout&, const Geom& g, const FramePos& fp,
                                         int64_t off, const int (&c)[V]) const {
     acc_t xv[V], rv[V], o[V];
     load_vec<V>(x + off, xv);
@@ -67,9 +70,10 @@ struct BnFwdOp {
 
 // Backward reduction per (segment, channel): sum g, sum g*(x - mean) and, with kShift, the WA
 // gradient sum out * dnext[reverse source] (= the reference's sum dnext * out[source]).
-// bn_bwd: g = dy * [y > 0] (y == nullptr: no ReLU). bnrs_bwd: dy = dout, x = z, y = out.
-// kWriteDx (eval: running statistics, so dx = g * weight * invstd needs no reduction): the same
-// pass also writes dx and, when dres != nullptr, dres = g, so the activations are read once.
+// freq_batch_norm_bwd: g = dy * [y > 0] (y == nullptr: no ReLU). bn_add_relu_shift_alter_bwd: dy =
+// dout, x = z, y = out. kWriteDx (eval: running statistics, so dx = g * weight * invstd needs no
+// reduction): the same pass also writes dx and, when dres != nullptr, dres = g, so the activations
+// are read once.
 template <typename scalar_t, bool kShift, bool kWriteDx = false>
 struct BnBwdVisitor {
   using acc_t = at::opmath_type<scalar_t>;
@@ -82,8 +86,8 @@ struct BnBwdVisitor {
   const scalar_t *dy, *dnext, *x, *y;
   const acc_t *mean, *alter;
   // kWriteDx only:
-  scalar_t *dx, *dres;             // dres may be nullptr
-  const acc_t *invstd, *weight;    // [S, C], [P, C]
+  scalar_t *dx, *dres;           // dres may be nullptr
+  const acc_t *invstd, *weight;  // [S, C], [P, C]
 
   static __device__ __forceinline__ Acc identity() {
     Acc a;
@@ -134,7 +138,7 @@ struct BnBwdOp {
   const acc_t* sums;  // [fields, S, C]: sum g, sum g*(x - mean)
 
   template <int V>
-  __device__ __forceinline__ void apply(const SegTable& seg, const Geom& g, const FramePos& fp,
+  __device__ __forceinline__ void apply(const FrameLayout& seg, const Geom& g, const FramePos& fp,
                                         int64_t off, const int (&c)[V]) const {
     acc_t gv[V], xv[V], yv[V], out[V];
     load_vec<V>(dy + off, gv);
@@ -145,8 +149,8 @@ struct BnBwdOp {
       load_shifted<V>(dnext, off, g, fp, c, /*reverse=*/true, ds);
 #pragma unroll
       for (int k = 0; k < V; ++k)
-        gv[k] = ffn::block_grad<scalar_t>(gv[k], ds[k], alter_factor<scalar_t>(alter, fp.row, g.C, c[k]),
-                                     yv[k]);
+        gv[k] = ffn::block_grad<scalar_t>(gv[k], ds[k],
+                                          alter_factor<scalar_t>(alter, fp.row, g.C, c[k]), yv[k]);
     } else if (y != nullptr) {
 #pragma unroll
       for (int k = 0; k < V; ++k) gv[k] *= ffn::relu_mask(yv[k]);
@@ -171,14 +175,16 @@ const T* ptr_or_null(const at::Tensor& t) {
 }
 
 // [S, C] statistics in acc dtype.
-at::Tensor seg_stat(const at::Tensor& t, const at::Tensor& x, const SegTable& seg, const char* name) {
+inline at::Tensor seg_stat(const at::Tensor& t, const at::Tensor& x, const FrameLayout& seg,
+                           const char* name) {
   TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
-  TORCH_CHECK(t.dim() == 2 && t.size(0) == seg.n && t.size(1) == x.size(1), name, " must be [S=",
-              seg.n, ", C=", x.size(1), "], got ", t.sizes());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == seg.n && t.size(1) == x.size(1), name,
+              " must be [S=", seg.n, ", C=", x.size(1), "], got ", t.sizes());
   return t.to(acc_type(x)).contiguous();
 }
 
-// Shared forward of bn_fwd (kShift = false) and bnrs_fwd (kShift = true).
+// Shared forward of freq_batch_norm_fwd (kShift = false) and bn_add_relu_shift_alter_fwd (kShift =
+// true).
 template <bool kShift>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_forward(
     const at::Tensor& x_, const OptTensor& residual, int64_t clips, at::IntArrayRef frames,
@@ -189,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::cuda::OptionalCUDAGuard guard(x_.device());
   const at::MemoryFormat fmt = format_of(x_);
   const at::Tensor x = x_.contiguous(fmt);
-  SegTable seg = make_seg_table(x, clips, frames, rows);
+  FrameLayout seg = make_frame_layout(x, clips, frames, rows);
   if (kShift) TORCH_CHECK(fold_div >= 1, "fold_div must be >= 1, got ", fold_div);
   const Geom g = make_geom(x, kShift ? fold_div : 0);
   const at::Tensor res = residual.has_value() && residual->defined()
@@ -208,25 +214,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const BnFwdOp<scalar_t, kShift> op{
         x.data_ptr<scalar_t>(), res.defined() ? res.data_ptr<scalar_t>() : nullptr,
         y.data_ptr<scalar_t>(), kShift ? next.data_ptr<scalar_t>() : nullptr,
-        mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), w.data_ptr<acc_t>(), b.data_ptr<acc_t>(),
-        ptr_or_null<acc_t>(a), relu};
+        mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
+        w.data_ptr<acc_t>(),    b.data_ptr<acc_t>(),
+        ptr_or_null<acc_t>(a),  relu};
     launch_frame_map<scalar_t>(op, seg, g, can_vectorize<scalar_t>(g, {&x, &res, &y, &next}));
   });
   return {y, next, mean, invstd, new_rm, new_rv};
 }
 
-// Shared backward of bn_bwd (kShift = false) and bnrs_bwd (kShift = true): reduce, combine,
-// parameter gradients, then one elementwise pass. Returns (dx, dres, dweight, dbias, dalter).
+// Shared backward of freq_batch_norm_bwd (kShift = false) and bn_add_relu_shift_alter_bwd (kShift =
+// true): reduce, combine, parameter gradients, then one elementwise pass. Returns (dx, dres,
+// dweight, dbias, dalter).
 template <bool kShift>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backward(
     const at::Tensor& dy_, const at::Tensor& dnext_, const at::Tensor& x_, const at::Tensor& y_,
     int64_t clips, at::IntArrayRef frames, at::IntArrayRef rows, const at::Tensor& weight,
-    const at::Tensor& mean_, const at::Tensor& invstd_, bool training, bool relu,
-    bool has_residual, const OptTensor& alter, int64_t fold_div) {
+    const at::Tensor& mean_, const at::Tensor& invstd_, bool training, bool relu, bool has_residual,
+    const OptTensor& alter, int64_t fold_div) {
   const c10::cuda::OptionalCUDAGuard guard(x_.device());
   const at::MemoryFormat fmt = format_of(x_);
   const at::Tensor x = x_.contiguous(fmt);
-  SegTable seg = make_seg_table(x, clips, frames, rows);
+  FrameLayout seg = make_frame_layout(x, clips, frames, rows);
   if (kShift) TORCH_CHECK(fold_div >= 1, "fold_div must be >= 1, got ", fold_div);
   const Geom g = make_geom(x, kShift ? fold_div : 0);
   const at::Tensor dy = in_format(dy_, fmt, x, kShift ? "dout" : "dy");
@@ -248,26 +256,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
   const int fields = kShift ? 3 : 2;
   const ReducePlan plan = plan_reduce(seg, g);
   at::Tensor partials = at::empty({fields, plan.num_chunks, g.C}, acc_opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ffn_bn_bwd_reduce", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* dnext_p = kShift ? dnext.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* y_p = y.defined() ? y.data_ptr<scalar_t>() : nullptr;
-    if (g.HW == 0) {
-      partials.zero_();  // no elements: dx / dres are empty too
-    } else if (training) {
-      const BnBwdVisitor<scalar_t, kShift> vis{dy.data_ptr<scalar_t>(), dnext_p, x.data_ptr<scalar_t>(),
-                                               y_p, mean.data_ptr<acc_t>(), ptr_or_null<acc_t>(a),
-                                               nullptr, nullptr, nullptr, nullptr};
-      launch_reduce(vis, seg, g, plan, partials.data_ptr<acc_t>());
-    } else {  // one pass: sums and dx / dres together
-      const BnBwdVisitor<scalar_t, kShift, true> vis{
-          dy.data_ptr<scalar_t>(), dnext_p, x.data_ptr<scalar_t>(), y_p, mean.data_ptr<acc_t>(),
-          ptr_or_null<acc_t>(a), dx.data_ptr<scalar_t>(),
-          has_residual ? dres.data_ptr<scalar_t>() : nullptr, invstd.data_ptr<acc_t>(),
-          w.data_ptr<acc_t>()};
-      launch_reduce(vis, seg, g, plan, partials.data_ptr<acc_t>());
-    }
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "ffn_bn_bwd_reduce", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* dnext_p = kShift ? dnext.data_ptr<scalar_t>() : nullptr;
+        const scalar_t* y_p = y.defined() ? y.data_ptr<scalar_t>() : nullptr;
+        if (g.HW == 0) {
+          partials.zero_();  // no elements: dx / dres are empty too
+        } else if (training) {
+          const BnBwdVisitor<scalar_t, kShift> vis{dy.data_ptr<scalar_t>(),
+                                                   dnext_p,
+                                                   x.data_ptr<scalar_t>(),
+                                                   y_p,
+                                                   mean.data_ptr<acc_t>(),
+                                                   ptr_or_null<acc_t>(a),
+                                                   nullptr,
+                                                   nullptr,
+                                                   nullptr,
+                                                   nullptr};
+          launch_reduce(vis, seg, g, plan, partials.data_ptr<acc_t>());
+        } else {  // one pass: sums and dx / dres together
+          const BnBwdVisitor<scalar_t, kShift, true> vis{
+              dy.data_ptr<scalar_t>(),  dnext_p,
+              x.data_ptr<scalar_t>(),   y_p,
+              mean.data_ptr<acc_t>(),   ptr_or_null<acc_t>(a),
+              dx.data_ptr<scalar_t>(),  has_residual ? dres.data_ptr<scalar_t>() : nullptr,
+              invstd.data_ptr<acc_t>(), w.data_ptr<acc_t>()};
+          launch_reduce(vis, seg, g, plan, partials.data_ptr<acc_t>());
+        }
+      });
   const at::Tensor sums = combine_sums(partials, seg, g);
   std::vector<RowGrad> grads{{1, true, dweight}, {0, false, dbias}};
   if (kShift && a.defined()) grads.push_back({2, false, dalter});
@@ -277,59 +294,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
     using acc_t = at::opmath_type<scalar_t>;
     const BnBwdOp<scalar_t, kShift> op{
         dy.data_ptr<scalar_t>(), kShift ? dnext.data_ptr<scalar_t>() : nullptr,
-        x.data_ptr<scalar_t>(), y.defined() ? y.data_ptr<scalar_t>() : nullptr,
+        x.data_ptr<scalar_t>(),  y.defined() ? y.data_ptr<scalar_t>() : nullptr,
         dx.data_ptr<scalar_t>(), has_residual ? dres.data_ptr<scalar_t>() : nullptr,
-        mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
-        ptr_or_null<acc_t>(a), sums.data_ptr<acc_t>()};
+        mean.data_ptr<acc_t>(),  invstd.data_ptr<acc_t>(),
+        w.data_ptr<acc_t>(),     ptr_or_null<acc_t>(a),
+        sums.data_ptr<acc_t>()};
     launch_frame_map<scalar_t>(op, seg, g,
                                can_vectorize<scalar_t>(g, {&dy, &dnext, &x, &y, &dx, &dres}));
   });
   return {dx, dres, dweight, dbias, dalter};
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_fwd(
-    const at::Tensor& x, int64_t clips, at::IntArrayRef frames, at::IntArrayRef rows,
-    const at::Tensor& weight, const at::Tensor& bias, const OptTensor& running_mean,
-    const OptTensor& running_var, bool training, at::ArrayRef<double> momentum, double eps,
-    bool relu, const OptTensor& residual) {
-  auto [y, next, mean, invstd, new_rm, new_rv] =
-      bn_forward<false>(x, residual, clips, frames, rows, weight, bias, running_mean, running_var,
-                        training, momentum, eps, relu, c10::nullopt, 0);
-  return {y, mean, invstd, new_rm, new_rv};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_bwd(
-    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y, int64_t clips,
-    at::IntArrayRef frames, at::IntArrayRef rows, const at::Tensor& weight,
-    const at::Tensor& mean, const at::Tensor& invstd, bool training, bool relu,
-    bool has_residual) {
-  auto [dx, dres, dweight, dbias, dalter] =
-      bn_backward<false>(dy, at::Tensor(), x, y, clips, frames, rows, weight, mean, invstd,
-                         training, relu, has_residual, c10::nullopt, 0);
-  return {dx, dweight, dbias, dres};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bnrs_fwd(
-    const at::Tensor& z, const at::Tensor& identity, int64_t clips, at::IntArrayRef frames,
-    at::IntArrayRef rows, const at::Tensor& weight, const at::Tensor& bias,
-    const OptTensor& running_mean, const OptTensor& running_var, bool training,
-    at::ArrayRef<double> momentum, double eps, const OptTensor& alter_next, int64_t fold_div) {
-  return bn_forward<true>(z, identity, clips, frames, rows, weight, bias, running_mean,
-                          running_var, training, momentum, eps, /*relu=*/true, alter_next,
-                          fold_div);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bnrs_bwd(
-    const at::Tensor& dout, const at::Tensor& dnext, const at::Tensor& z, const at::Tensor& out,
-    int64_t clips, at::IntArrayRef frames, at::IntArrayRef rows, const at::Tensor& weight,
-    const at::Tensor& mean, const at::Tensor& invstd, bool training,
-    const OptTensor& alter_next, int64_t fold_div) {
-  auto [dz, didentity, dweight, dbias, dalter] =
-      bn_backward<true>(dout, dnext, z, out, clips, frames, rows, weight, mean, invstd, training,
-                        /*relu=*/true, /*has_residual=*/true, alter_next, fold_div);
-  return {dz, didentity, dweight, dbias, dalter};
 }
 
 }  // namespace cuda

@@ -1,8 +1,11 @@
-"""Raw backend API (see :mod:`ffn_kernels.reference`) on the Triton kernels of :mod:`.kernels`.
+"""What the Triton ops share: the launch plan of a call (block sizes, chunking, the device table
+of the :class:`~ffn_kernels.FrameLayout`), the statistics pass and the generic forward and backward
+launches of :mod:`.kernels`; each op's file (``shift_alter.py``, ``freq_batch_norm.py``,
+``bn_add_relu_shift_alter.py``) states which of them it uses with which tensors.
 
 Launch counts per call (``P`` = pass over the big tensors, ``c`` = tiny ``[S, C]`` combine):
-shift_alter fwd 1P, bwd 1P (+c for ``d alter``); bn/bnrs fwd training 2P + c, eval c + 1P;
-bn/bnrs bwd training 2P + c, eval 1P + c.
+shift_alter fwd 1P, bwd 1P (+c for ``d alter``); freq_batch_norm and bn_add_relu_shift_alter fwd
+training 2P + c, eval c + 1P, bwd training 2P + c, eval 1P + c.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ _MOMENTA = 8  # segment momenta per statistics-combine launch (scalar kernel arg
 
 
 @functools.lru_cache(maxsize=256)
-def _meta(clips: int, frames: tuple, rows: tuple, chunk_frames: int, device: torch.device):
+def _frame_layout_table(clips: int, frames: tuple, rows: tuple, chunk_frames: int,
+                        device: torch.device):
     """The int32 table described in :mod:`.kernels` (cached: one host-to-device copy per
     layout) and its number of chunks."""
     seg, first, count, chunk_lo, starts = [], [], [], [0], [0]
@@ -50,7 +54,7 @@ def _launch(tile: int) -> dict:
     return dict(num_warps=max(2, min(8, tile // 256)), maxnreg=_MAXNREG)
 
 
-class _Plan:
+class Plan:
     """Launch configuration of one call: block sizes from ``C`` and ``H*W`` (the tile grows
     along the contiguous axis: pixels for NCHW, channels for channels_last), frames per
     chunk, the metadata table, and for the ops that shift (``fold_div`` given) channel blocks
@@ -62,15 +66,15 @@ class _Plan:
                 f"ffn_kernels.triton: x has dtype {x.dtype}; the Triton kernels take float32, "
                 "float16 or bfloat16 (use the reference or C++ backend for float64)"
             )
-        self.cl = not x.is_contiguous()
-        if self.cl and not x.is_contiguous(memory_format=torch.channels_last):
+        self.channels_last = not x.is_contiguous()
+        if self.channels_last and not x.is_contiguous(memory_format=torch.channels_last):
             raise ValueError("ffn_kernels.triton: x must be NCHW contiguous or channels_last")
         _, C, H, W = x.shape
         hw = H * W
         if C * hw >= 2**31:
             raise ValueError("ffn_kernels.triton: a frame (C*H*W) must have fewer than 2**31 "
                              "elements (int32 offsets inside a frame)")
-        if self.cl:
+        if self.channels_last:
             bc = min(triton.next_power_of_2(C), 128)
         else:
             bp = min(triton.next_power_of_2(hw), 1024)
@@ -79,29 +83,31 @@ class _Plan:
         fold = C // fold_div if regions else 0
         if regions and fold > 0:  # blocks no wider than a fold (at least 8 channels)
             bc = min(bc, max(8, triton.next_power_of_2(fold)))
-        if self.cl:
+        if self.channels_last:
             bp = min(triton.next_power_of_2(hw), max(1, _TILE // bc))
         nb0 = max(1, triton.cdiv(fold, bc))
         nblocks = 2 * nb0 + triton.cdiv(C - min(C, 2 * fold), bc) if regions else triton.cdiv(C, bc)
         align = min(bc, _pow2_divisor(C), _pow2_divisor(fold))
         chunk_frames = max(1, _CHUNK // (bc * hw))
-        self.meta, self.nch = _meta(int(clips), tuple(frames), tuple(rows), chunk_frames, x.device)
+        self.layout, self.nch = _frame_layout_table(int(clips), tuple(frames), tuple(rows),
+                                                   chunk_frames, x.device)
         self.C, self.S = C, len(frames)
-        self.fmt = torch.channels_last if self.cl else torch.contiguous_format
+        self.fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.grid = (self.nch, nblocks)
         self.combine_block = min(triton.next_power_of_2(C), 256)
         self.combine_grid = (triton.cdiv(C, self.combine_block),)
         hw_align = min(bp, _pow2_divisor(hw))  # pixel tiles start at multiples of it
-        self.kw = dict(REGIONS=regions, ALIGN=align, HW_ALIGN=hw_align, CL=self.cl,
+        self.kw = dict(REGIONS=regions, ALIGN=align, HW_ALIGN=hw_align,
+                       CHANNELS_LAST=self.channels_last,
                        BLOCK_C=bc, BLOCK_P=bp, **_launch(bc * bp))
-        self.args = (self.meta, self.nch, self.S, C, hw, fold, nb0)
+        self.args = (self.layout, self.nch, self.S, C, hw, fold, nb0)
 
     def like(self, t):
         """``t`` in this call's memory format (a no-op for inputs that already are)."""
         return None if t is None else t.contiguous(memory_format=self.fmt)
 
 
-def _stats(plan, x, running_mean, running_var, training, momentum, eps):
+def stats(plan, x, running_mean, running_var, training, momentum, eps):
     """``mean``/``invstd[S, C]`` and updated copies of the running statistics."""
     has_running = running_mean is not None
     batch = training or not has_running
@@ -121,15 +127,15 @@ def _stats(plan, x, running_mean, running_var, training, momentum, eps):
         s_hi = min(S, s_lo + _MOMENTA)
         moms = [float(m) for m in momentum[s_lo:s_hi]] if update else []
         K._stats_combine_kernel[plan.combine_grid](
-            part, mean, invstd, new_rm, new_rv, plan.meta, plan.nch, S, C, float(eps), s_lo, s_hi,
+            part, mean, invstd, new_rm, new_rv, plan.layout, plan.nch, S, C, float(eps), s_lo, s_hi,
             *moms, *[0.0] * (_MOMENTA - len(moms)),
             BATCH=batch, UPDATE=update, BLOCK_C=plan.combine_block,
         )
     return mean, invstd, new_rm, new_rv
 
 
-def _forward(plan, x, *, res=None, y=None, nxt=None, mean=None, invstd=None, weight=None,
-             bias=None, alter=None, relu=False):
+def forward(plan, x, *, res=None, y=None, nxt=None, mean=None, invstd=None, weight=None,
+            bias=None, alter=None, relu=False):
     """One elementwise pass: ``y = act(BN(x) + res)`` (BN when ``mean`` is given) and/or
     ``nxt = shift_alter(act(...))``."""
     norm, shift = mean is not None, nxt is not None
@@ -145,8 +151,8 @@ def _forward(plan, x, *, res=None, y=None, nxt=None, mean=None, invstd=None, wei
     )
 
 
-def _backward(plan, dx, param_grads, *, dy=None, dnext=None, x=None, y=None, dres=None,
-              weight=None, mean=None, invstd=None, training=False, relu=False, alter=None):
+def backward(plan, dx, param_grads, *, dy=None, dnext=None, x=None, y=None, dres=None,
+             weight=None, mean=None, invstd=None, training=False, relu=False, alter=None):
     """Fill ``dx``, ``dres`` and ``param_grads`` (float32 ``[P, C]`` zeros: dweight and dbias
     when BN (``mean`` given), then dalter). Training BN needs the segment sums before ``dx``,
     so it reduces in one pass and stores in a second; otherwise one pass does both."""
@@ -172,14 +178,14 @@ def _backward(plan, dx, param_grads, *, dy=None, dnext=None, x=None, y=None, dre
         K._bwd_kernel[plan.grid](*tensors, part, sums, *params, REDUCE=True,
                                  STORE=not two_pass, **flags)
         K._sum_combine_kernel[plan.combine_grid](
-            part, sums, *param_grads, *[sums] * (3 - len(param_grads)), plan.meta, plan.nch,
+            part, sums, *param_grads, *[sums] * (3 - len(param_grads)), plan.layout, plan.nch,
             plan.S, plan.C, K=len(param_grads), BLOCK_C=plan.combine_block,
         )
     if two_pass or not param_grads:
         K._bwd_kernel[plan.grid](*tensors, dx, sums, *params, REDUCE=False, STORE=True, **flags)
 
 
-def _zeros(p):
+def zeros(p):
     return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
 
 
@@ -187,7 +193,7 @@ _GUARDED = ("cuda",)  # device types whose tensors launch under a device guard (
 _device_guard = torch.cuda.device
 
 
-def _on_device(fn):
+def on_device(fn):
     """Run an entry point with its first tensor's device current (Triton launches on the current
     device, so a tensor on ``cuda:1`` would otherwise launch on ``cuda:0``). CPU tensors (the
     interpreter) take no guard."""
@@ -200,72 +206,3 @@ def _on_device(fn):
         return fn(x, *args, **kwargs)
 
     return guarded
-
-
-# ---------------------------------------------------------------------------------------------
-# Raw backend API
-# ---------------------------------------------------------------------------------------------
-
-
-@_on_device
-def shift_alter_fwd(x, clips, frames, rows, alter, fold_div):
-    plan = _Plan(x, clips, frames, rows, fold_div)
-    y = torch.empty_like(x)
-    _forward(plan, x, nxt=y, alter=alter)
-    return y
-
-
-@_on_device
-def shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad):
-    plan = _Plan(x, clips, frames, rows, fold_div)
-    dx = torch.empty_like(x)
-    grads = [_zeros(alter)] if alter_grad else []
-    _backward(plan, dx, grads, dnext=dy, y=x if alter_grad else None, alter=alter)
-    return dx, grads[0] if alter_grad else x.new_empty(0)
-
-
-@_on_device
-def bn_fwd(x, clips, frames, rows, weight, bias, running_mean, running_var, training, momentum,
-           eps, relu, residual):
-    plan = _Plan(x, clips, frames, rows)
-    mean, invstd, new_rm, new_rv = _stats(plan, x, running_mean, running_var, training, momentum,
-                                          eps)
-    y = torch.empty_like(x)
-    _forward(plan, x, res=residual, y=y, mean=mean, invstd=invstd, weight=weight, bias=bias,
-             relu=relu)
-    return y, mean, invstd, new_rm, new_rv
-
-
-@_on_device
-def bn_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu, has_residual):
-    plan = _Plan(x, clips, frames, rows)
-    dx = torch.empty_like(x)
-    dres = torch.empty_like(x) if has_residual else None
-    grads = [_zeros(weight), _zeros(weight)]
-    _backward(plan, dx, grads, dy=dy, x=x, y=y if relu else None, dres=dres, weight=weight,
-              mean=mean, invstd=invstd, training=training, relu=relu)
-    return dx, grads[0], grads[1], x.new_empty(0) if dres is None else dres
-
-
-@_on_device
-def bnrs_fwd(z, identity, clips, frames, rows, weight, bias, running_mean, running_var, training,
-             momentum, eps, alter_next, fold_div):
-    plan = _Plan(z, clips, frames, rows, fold_div)
-    mean, invstd, new_rm, new_rv = _stats(plan, z, running_mean, running_var, training, momentum,
-                                          eps)
-    out, next_in = torch.empty_like(z), torch.empty_like(z)
-    _forward(plan, z, res=identity, y=out, nxt=next_in, mean=mean, invstd=invstd, weight=weight,
-             bias=bias, alter=alter_next, relu=True)
-    return out, next_in, mean, invstd, new_rm, new_rv
-
-
-@_on_device
-def bnrs_bwd(dout, dnext, z, out, clips, frames, rows, weight, mean, invstd, training, alter_next,
-             fold_div):
-    plan = _Plan(z, clips, frames, rows, fold_div)
-    dz, didentity = torch.empty_like(z), torch.empty_like(z)
-    grads = [_zeros(weight), _zeros(weight)] + ([] if alter_next is None else [_zeros(alter_next)])
-    _backward(plan, dz, grads, dy=dout, dnext=dnext, x=z, y=out, dres=didentity, weight=weight,
-              mean=mean, invstd=invstd, training=training, relu=True, alter=alter_next)
-    dalter = out.new_empty(0) if alter_next is None else grads[2]
-    return dz, didentity, grads[0], grads[1], dalter

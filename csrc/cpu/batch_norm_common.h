@@ -1,0 +1,206 @@
+// The BatchNorm machinery shared by the CPU kernels of freq_batch_norm and bn_add_relu_shift_alter
+// (docs/design.md §3.2-3.3): per-segment statistics, the normalise-and-activate pass and the
+// two-pass backward, each parameterised by what the op does around them.
+#pragma once
+
+#include "cpu/common.h"
+
+namespace ffn_kernels {
+namespace cpu {
+
+using OptTensor = c10::optional<Tensor>;
+
+// mean/invstd [S, C] (batch statistics, or the running ones in eval) and the updated copies of
+// the running statistics (empty tensors when there are none).
+struct BnStats {
+  Tensor mean, invstd, new_rm, new_rv;
+};
+
+template <typename scalar_t>
+BnStats bn_stats(const Tensor& x, const Geom& g, const FrameLayout& L,
+                 const OptTensor& running_mean, const OptTensor& running_var, bool training,
+                 at::ArrayRef<double> momentum, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
+              "running_mean and running_var must be given together");
+  TORCH_CHECK(static_cast<int64_t>(momentum.size()) == L.S, "momentum has ", momentum.size(),
+              " entries for ", L.S, " segments");
+  const bool has_running = running_mean.has_value();
+  const auto opts = x.options().dtype(acc_type(x));
+  BnStats r{at::empty({L.S, g.C}, opts), at::empty({L.S, g.C}, opts),
+            has_running ? running_mean->clone() : at::empty({0}, opts),
+            has_running ? running_var->clone() : at::empty({0}, opts)};
+  acc_t* mean = r.mean.data_ptr<acc_t>();
+  acc_t* invstd = r.invstd.data_ptr<acc_t>();
+  const acc_t e = static_cast<acc_t>(eps);
+  if (!training && has_running) {
+    const acc_t* rm = running_mean->data_ptr<acc_t>();
+    const acc_t* rv = running_var->data_ptr<acc_t>();
+    for (int64_t s = 0; s < L.S; ++s)
+      for (int64_t c = 0; c < g.C; ++c) {
+        mean[s * g.C + c] = rm[L.rows[s] * g.C + c];
+        invstd[s * g.C + c] = ffn::inv_std(rv[L.rows[s] * g.C + c], e);
+      }
+    return r;
+  }
+  const auto stats = segment_stats<scalar_t>(g, L, x.data_ptr<scalar_t>());
+  for (int64_t s = 0; s < L.S; ++s) {
+    const acc_t m = static_cast<acc_t>(momentum[s]);
+    for (int64_t c = 0; c < g.C; ++c) {
+      const ffn::Welford<acc_t>& w = stats[s * g.C + c];
+      const acc_t var = ffn::welford_var(w);
+      mean[s * g.C + c] = w.mean;
+      invstd[s * g.C + c] = ffn::inv_std(var, e);
+      if (training && has_running) {
+        const int64_t rc = L.rows[s] * g.C + c;
+        acc_t* rm = r.new_rm.data_ptr<acc_t>();
+        acc_t* rv = r.new_rv.data_ptr<acc_t>();
+        rm[rc] = ffn::running_update(rm[rc], w.mean, m);
+        rv[rc] = ffn::running_update(rv[rc], ffn::unbiased_var(var, w.n), m);
+      }
+    }
+  }
+  return r;
+}
+
+inline void check_norm_params(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                              const OptTensor& running_mean, const OptTensor& running_var) {
+  check_param(weight, x, "weight");
+  check_param(bias, x, "bias");
+  if (running_mean.has_value()) check_param(*running_mean, x, "running_mean");
+  if (running_var.has_value()) check_param(*running_var, x, "running_var");
+}
+
+// Forward of the BN part: y = act(x * scale + shift + residual) on every run; `then` (may be a
+// no-op) post-processes each run after y is written (bn_add_relu_shift_alter: the shifted copy,
+// from cache).
+template <typename scalar_t, typename Then>
+void bn_apply(const Tensor& x, const Tensor& y, const scalar_t* residual, bool relu, const Geom& g,
+              const FrameLayout& L, const Tensor& weight, const Tensor& bias, const BnStats& st,
+              Then&& then) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t> scale(L.S * g.C), shift(L.S * g.C);
+  const acc_t *w = weight.data_ptr<acc_t>(), *b = bias.data_ptr<acc_t>();
+  const acc_t *mean = st.mean.data_ptr<acc_t>(), *invstd = st.invstd.data_ptr<acc_t>();
+  for (int64_t s = 0; s < L.S; ++s)
+    for (int64_t c = 0; c < g.C; ++c) {
+      const int64_t sc = s * g.C + c, rc = L.rows[s] * g.C + c;
+      const ffn::BnAffine<acc_t> a = ffn::bn_affine(mean[sc], invstd[sc], w[rc], b[rc]);
+      scale[sc] = a.scale;
+      shift[sc] = a.shift;
+    }
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  dispatch_bool(relu, [&](auto relu_c) {
+    dispatch_bool(residual != nullptr, [&](auto res_c) {
+      map_runs(
+          g, L, [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len, int64_t c0) {
+            constexpr bool kChannelsLast = decltype(channels_last)::value;
+            const scalar_t* __restrict__ xo = xp + off;
+            const scalar_t* __restrict__ ro = res_c ? residual + off : nullptr;
+            scalar_t* __restrict__ yo = yp + off;
+            const acc_t* __restrict__ k = scale.data() + fi.s * g.C + c0;
+            const acc_t* __restrict__ h = shift.data() + fi.s * g.C + c0;
+            for (int64_t i = 0; i < len; ++i) {
+              acc_t v =
+                  static_cast<acc_t>(xo[i]) * k[ch<kChannelsLast>(i)] + h[ch<kChannelsLast>(i)];
+              if constexpr (decltype(res_c)::value) v += static_cast<acc_t>(ro[i]);
+              if constexpr (decltype(relu_c)::value) v = v < acc_t(0) ? acc_t(0) : v;  // keeps NaN
+              yo[i] = static_cast<scalar_t>(v);
+            }
+            then(channels_last, fi, off, len, c0);
+          });
+    });
+  });
+}
+
+// BN backward shared by freq_batch_norm_bwd and bn_add_relu_shift_alter_bwd. grad(channels_last,
+// fi, off, c0) returns the functor i -> g of element i of a run (g is recomputed in both passes,
+// never stored); with NX == 1, extra(...) returns i -> a third per-(segment, channel) sum term.
+// Pass 1 reduces sum(g), sum(g * (x - mean)) (and the extra term); pass 2 writes dx and, if dres is
+// set, dres = g. Adds to dweight/dbias rows (zeroed by the caller; segments sharing a row sum) and
+// returns the [2 + NX, S, C] sums.
+template <int NX, typename scalar_t, typename Grad, typename Extra>
+std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLayout& L,
+                                                   const Tensor& x, const Tensor& mean,
+                                                   const Tensor& invstd, const Tensor& weight,
+                                                   bool training, scalar_t* dx, scalar_t* dres,
+                                                   Tensor& dweight, Tensor& dbias, Grad&& grad,
+                                                   Extra&& extra) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = g.C;
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const acc_t* mp = mean.data_ptr<acc_t>();
+  const std::vector<acc_t> sums = segment_sums<2 + NX, acc_t>(
+      g, L,
+      [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len, int64_t c0,
+          acc_t* __restrict__ acc, int64_t w) {
+        constexpr bool kChannelsLast = decltype(channels_last)::value;
+        const auto gi = grad(channels_last, fi, off, c0);
+        const scalar_t* __restrict__ xo = xp + off;
+        const acc_t* __restrict__ mu = mp + fi.s * C + c0;
+        for (int64_t i = 0; i < len; ++i) {
+          const acc_t gv = gi(i);
+          acc[i] += gv;
+          acc[w + i] += gv * (static_cast<acc_t>(xo[i]) - mu[ch<kChannelsLast>(i)]);
+        }
+        if constexpr (NX == 1) {
+          const auto ei = extra(channels_last, fi, off, c0);
+          for (int64_t i = 0; i < len; ++i) acc[2 * w + i] += ei(i);
+        }
+      });
+
+  const acc_t* is = invstd.data_ptr<acc_t>();
+  const acc_t* wp = weight.data_ptr<acc_t>();
+  acc_t *dw = dweight.data_ptr<acc_t>(), *db = dbias.data_ptr<acc_t>();
+  std::vector<acc_t> scale(L.S * C), mean_g(L.S * C), proj(L.S * C);
+  for (int64_t s = 0; s < L.S; ++s) {
+    const acc_t n = static_cast<acc_t>((L.start[s + 1] - L.start[s]) * g.HW);
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t sc = s * C + c, rc = L.rows[s] * C + c;
+      const acc_t sum_g = sums[sc], sum_gxmu = sums[L.S * C + sc];
+      const ffn::BnBackwardCoef<acc_t> k =
+          ffn::bn_backward_coef(is[sc], wp[rc], sum_g, sum_gxmu, n, training);
+      scale[sc] = k.scale;
+      mean_g[sc] = k.mean_g;
+      proj[sc] = k.proj;
+      // segments sharing a row add up (autograd semantics), in segment order
+      dw[rc] += sum_gxmu * is[sc];
+      db[rc] += sum_g;
+    }
+  }
+
+  dispatch_bool(dres != nullptr, [&](auto res_c) {
+    map_runs(g, L, [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len,
+                       int64_t c0) {
+      constexpr bool kChannelsLast = decltype(channels_last)::value;
+      const auto gi = grad(channels_last, fi, off, c0);
+      const int64_t sc = fi.s * C + c0;
+      const scalar_t* __restrict__ xo = xp + off;
+      const acc_t* __restrict__ mu = mp + sc;
+      const acc_t *__restrict__ k = scale.data() + sc, *__restrict__ mg = mean_g.data() + sc,
+                  *__restrict__ pj = proj.data() + sc;
+      scalar_t* __restrict__ dxo = dx + off;
+      scalar_t* __restrict__ dro = res_c ? dres + off : nullptr;
+      for (int64_t i = 0; i < len; ++i) {
+        const int64_t j = ch<kChannelsLast>(i);
+        const acc_t gv = gi(i);
+        if constexpr (decltype(res_c)::value) dro[i] = static_cast<scalar_t>(gv);
+        const ffn::BnBackwardCoef<acc_t> kc{k[j], mg[j], pj[j]};
+        dxo[i] = static_cast<scalar_t>(
+            ffn::bn_backward_dx(gv, static_cast<acc_t>(xo[i]) - mu[j], kc));
+      }
+    });
+  });
+  return sums;
+}
+
+inline void check_stat(const Tensor& t, const Tensor& x, int64_t S, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == S && t.size(1) == x.size(1) && t.is_contiguous() &&
+                  t.scalar_type() == acc_type(x),
+              name, " must be a contiguous [S=", S, ", C=", x.size(1), "] ", acc_type(x),
+              " tensor, got ", t.sizes(), " ", t.scalar_type());
+}
+
+}  // namespace cpu
+}  // namespace ffn_kernels
