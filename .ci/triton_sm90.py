@@ -196,7 +196,7 @@ def main(argv=None):
                     t = time.perf_counter()
                     before = len(rec.kernels)
                     run_ops(api, C, hw, dtype, channels_last, rec, label)
-                    print(f"  {' '.join(label):<24} {len(rec.kernels) - before:3d} new variants "
+                    print(f"  {' '.join(label):<32} {len(rec.kernels) - before:3d} new variants "
                           f"{time.perf_counter() - t:6.1f} s", flush=True)
     t_compile = time.perf_counter() - t0
 
@@ -209,7 +209,7 @@ def main(argv=None):
             rows.setdefault((kernel.name, *label), set()).add(kid)
 
     ok = lambda u: u[0] <= args.max_regs and u[1] == 0  # noqa: E731
-    head = f"{'kernel':<22} {'shape':<10} {'dtype':<8} {'format':<6} {'vars':>4} " \
+    head = f"{'kernel':<22} {'shape':<10} {'dtype':<8} {'format':<13} {'vars':>4} " \
            f"{'regs':>4} {'stack':>5} {'smem':>6}"
     print("\nmaximum over each row's variants (registers, stack bytes, shared memory bytes)")
     print(head)
@@ -219,7 +219,7 @@ def main(argv=None):
         us = [usage[kid] for kid in rows[key]]
         regs, stack, smem = (max(u[i] for u in us) for i in range(3))
         flag = "" if all(ok(u) for u in us) else "  FAIL"
-        print(f"{key[0]:<22} {key[1]:<10} {key[2]:<8} {key[3]:<6} {len(us):>4} "
+        print(f"{key[0]:<22} {key[1]:<10} {key[2]:<8} {key[3]:<13} {len(us):>4} "
               f"{regs:>4} {stack:>5} {smem:>6}{flag}")
 
     bad = [kid for kid in rec.kernels if not ok(usage[kid])]
