@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # CI proof of the CUDA build (no GPU needed): in a venv with the CUDA build of torch, compile the
 # extension with the CUDA kernels from a copy of the repository (the CPU build in the work tree is
-# left alone), keep ptxas's register/spill report, import the extension and run tests/test_cuda.py
-# (the registration test must pass; the GPU tests skip without a device).
+# left alone), keep ptxas's register/spill report, import the extension and run the cuda cases of
+# the op tests (pytest -m cuda: the registration test must pass; the GPU tests skip without a
+# device).
 #
 # Knobs: FFN_CUDA_VENV (default /tmp/ffn-cuda-venv, reused when it already has torch 2.14.1),
 # FFN_CUDA_LOG_DIR (default /tmp/ffn-cuda-build: build.log, ptxas.log, ptxas-summary.txt),
@@ -137,6 +138,8 @@ cd "$SRC"
 export FFN_KERNELS_EXPECT_CUDA=1
 "$PY" -W ignore -m ffn_kernels.info
 "$PY" -c "import ffn_kernels.backend as b, sys; sys.exit(0 if b.extension_has_cuda() else 'extension has no CUDA kernels')"
-step "running tests/test_cuda.py"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs
+step "running the op tests' cuda cases (pytest -m cuda)"
+"$PY" -m pytest -q -p no:cacheprovider -rs -m cuda tests/test_shift_alter.py \
+  tests/test_freq_batch_norm.py tests/test_bn_add_relu_shift_alter.py tests/test_shared_rows.py \
+  tests/test_backends.py
 step "CUDA build check done in $(( $(date +%s) - start ))s (build ${build_s}s)"

@@ -13,8 +13,10 @@ Steps, each in its own process with its own timeout (a failure does not stop the
   build            the extension for this GPU's architecture only (FFN_KERNELS_CUDA_ARCHS from
                    torch.cuda.get_device_capability), MAX_JOBS = all cores,
                    `setup.py build_ext --inplace` (no pip: nothing is resolved or fetched)
-  test_cuda        pytest tests/test_cuda.py on the GPU (a missing CUDA kernel fails it)
-  test_triton      pytest tests/test_triton.py on the GPU (TRITON_INTERPRET unset)
+  test_cuda        the cuda cases of the op tests (pytest -m cuda) on the GPU (a missing CUDA
+                   kernel fails it)
+  test_triton      the triton cases of the op tests (pytest -m triton) on the GPU
+                   (TRITON_INTERPRET unset)
   memcheck         compute-sanitizer memcheck over every op's forward and backward, NCHW and
                    channels_last, fp32 and fp16, train and eval, vectorised and scalar paths,
                    through ffn_kernels.ops with the cuda backend
@@ -95,6 +97,12 @@ class Context:
     dry: bool = False
 
 
+# the tests with a backend parameter (tests/conftest.py: each backend's cases carry its mark)
+OP_TESTS = ["tests/test_shift_alter.py", "tests/test_freq_batch_norm.py",
+            "tests/test_bn_add_relu_shift_alter.py", "tests/test_shared_rows.py",
+            "tests/test_backends.py"]
+
+
 def pytest_judge(returncode: int, log: str, out: Path) -> tuple[bool, str]:
     """pytest passes; the note counts passed / skipped (a run that skipped its GPU tests says so)."""
     counts = re.findall(r"\d+ (?:passed|failed|errors?|skipped|deselected|xfailed|xpassed|"
@@ -158,12 +166,12 @@ def plan(ctx: Context) -> list[Step]:
         Step("build", "build the extension for this GPU's architecture only"
              + ("" if ctx.arch == ARCH_PLACEHOLDER else f" (sm_{ctx.arch.replace('.', '')})"),
              build, 360, "setup", env=build_env),
-        Step("test_cuda", "tests/test_cuda.py on the GPU",
-             [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_cuda.py"],
+        Step("test_cuda", "the op tests' cuda cases on the GPU",
+             [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-m", "cuda", *OP_TESTS],
              300, "checks", env={"FFN_KERNELS_EXPECT_CUDA": "1", **threads_env(2 * share)},
              judge=pytest_judge),
-        Step("test_triton", "tests/test_triton.py on the GPU",
-             [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "tests/test_triton.py"],
+        Step("test_triton", "the op tests' triton cases on the GPU",
+             [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-m", "triton", *OP_TESTS],
              300, "checks", env=threads_env(share), unset=("TRITON_INTERPRET",), judge=pytest_judge),
         Step("memcheck", "compute-sanitizer memcheck: every op fwd+bwd, NCHW and channels_last",
              sanitize + ["--tool", "memcheck"] + child + ["ops"], 300, "checks", env=sanitize_env,

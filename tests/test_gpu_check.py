@@ -55,10 +55,13 @@ def test_dry_run_prints_every_step_without_torch_or_a_gpu(tmp_path):
     assert "FFN_KERNELS_CUDA_ARCHS='<compute capability" in cmds["build"]
     assert f"MAX_JOBS={gc.cores()}" in cmds["build"]
     assert "FFN_KERNELS_FORCE_CUDA=1" in cmds["build"]
-    # the tests on the GPU: a missing CUDA kernel fails, Triton not interpreted
-    assert "pytest" in cmds["test_cuda"] and cmds["test_cuda"].endswith("tests/test_cuda.py")
+    # the op tests' cuda and triton cases on the GPU: a missing CUDA kernel fails, Triton not
+    # interpreted
+    op_tests = " ".join(f"tests/test_{name}.py" for name in (
+        "shift_alter", "freq_batch_norm", "bn_add_relu_shift_alter", "shared_rows", "backends"))
+    assert "pytest" in cmds["test_cuda"] and cmds["test_cuda"].endswith(f"-m cuda {op_tests}")
     assert "FFN_KERNELS_EXPECT_CUDA=1" in cmds["test_cuda"]
-    assert cmds["test_triton"].endswith("tests/test_triton.py")
+    assert cmds["test_triton"].endswith(f"-m triton {op_tests}")
     assert "-u TRITON_INTERPRET" in cmds["test_triton"]
     # sanitizers over the ops script, only our kernels checked
     for tool in ("memcheck", "racecheck"):

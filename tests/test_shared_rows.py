@@ -1,52 +1,27 @@
 """Segments that share a parameter row (allowed in eval, and in training without running
 statistics): the row's weight, bias and alter gradients are the SUM over those segments, as autograd
-through per-segment ``F.batch_norm`` sharing one weight gives, on every backend that runs CPU
-tensors here (reference, the C++ CPU kernels, Triton under ``TRITON_INTERPRET=1``).
+through per-segment ``F.batch_norm`` sharing one weight gives, on every backend (the public ops,
+the raw backward ops, and every raw op against the reference's).
 
-The oracle below uses only torch: slicing for the TSM shift and ``F.batch_norm`` per segment, all
-in float64. The Triton kernels take no float64, so they run in float32 against the same oracle."""
+The oracle below uses only torch: the official shift and ``F.batch_norm`` per segment, all in
+float64. The Triton kernels take no float64, so they run in float32 against the same oracle."""
 
-import os
-
-import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():  # before Triton is imported (as in test_triton.py)
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import ffn_kernels  # noqa: E402
-from ffn_kernels import FrameLayout, ops  # noqa: E402
-from ffn_kernels import reference as ref  # noqa: E402
+import ffn_kernels
+from ffn_kernels import FrameLayout, ops
+from ffn_kernels import reference as ref
+from conftest import (BACKENDS, DEVICE, FLOAT64_BACKENDS, MEMORY_FORMATS, RAW_BACKENDS, cases,
+                      check_outputs, flat, gradcheck, make_input, make_params, official_shift, on,
+                      run_raw)
 
 C, HW, FOLD_DIV, EPS = 16, (3, 2), 8, 1e-5
 # (layout, parameter rows): two segments on row 0 (row 1 unused); rows 1, 0, 1 (row 2 unused)
-CASES = [
-    (FrameLayout(clips=2, frames=(3, 5), rows=(0, 0)), 2),
-    (FrameLayout(clips=1, frames=(2, 3, 4), rows=(1, 0, 1)), 3),
-]
-IDS = ["3-5-rows00", "2-3-4-rows101"]
-
-
-def _backends():
-    out = ["reference"]
-    if ffn_kernels.backend.extension_loaded():
-        out.append("cpu")
-        try:
-            import triton  # noqa: F401
-
-            out.append("triton")
-        except ImportError:
-            pass
-    return out
-
-
-@pytest.fixture(params=_backends())
-def backend(request):
-    previous = ffn_kernels.get_backend()
-    ffn_kernels.set_backend(request.param)
-    yield request.param
-    ffn_kernels.set_backend(previous)
+CASES = {
+    "3-5-rows00": (FrameLayout(clips=2, frames=(3, 5), rows=(0, 0)), 2),
+    "2-3-4-rows101": (FrameLayout(clips=1, frames=(2, 3, 4), rows=(1, 0, 1)), 3),
+}
 
 
 def _dtype(backend):
@@ -62,18 +37,6 @@ def _tol(backend):
 # --------------------------------------------------------------------------------------------
 
 
-def _shift(x, frames):
-    """TSM shift of clips of ``frames`` frames: channels [0, fold) of frame t take frame t+1,
-    [fold, 2*fold) take frame t-1, zeros outside the clip."""
-    n, c, h, w = x.shape
-    x5 = x.reshape(n // frames, frames, c, h, w)
-    fold = c // FOLD_DIV
-    zero = torch.zeros_like(x5[:, :1])
-    left = torch.cat([x5[:, 1:, :fold], zero[:, :, :fold]], dim=1)
-    right = torch.cat([zero[:, :, fold:2 * fold], x5[:, :-1, fold:2 * fold]], dim=1)
-    return torch.cat([left, right, x5[:, :, 2 * fold:]], dim=2).reshape(n, c, h, w)
-
-
 def _segments(layout, t):
     start = 0
     for frames, row in zip(layout.frames, layout.rows):
@@ -86,7 +49,7 @@ def _oracle_shift_then_bn(layout, x, alter, weight, bias):
     """shift_alter then freq_batch_norm (training, no running statistics), per segment."""
     outs = []
     for frames, row, xs in _segments(layout, x):
-        y = _shift(xs, frames) * (1 + alter[row]).view(1, -1, 1, 1)
+        y = official_shift(xs, frames, FOLD_DIV) * (1 + alter[row]).view(1, -1, 1, 1)
         outs.append(F.batch_norm(y, None, None, weight[row], bias[row], training=True, eps=EPS))
     return torch.cat(outs)
 
@@ -99,7 +62,7 @@ def _oracle_bnrs(layout, z, identity, weight, bias, rm, rv, training, alter):
                          weight[row], bias[row], training=training, eps=EPS)
         out = torch.relu(y + ids)
         outs.append(out)
-        nexts.append(_shift(out, frames) * (1 + alter[row]).view(1, -1, 1, 1))
+        nexts.append(official_shift(out, frames, FOLD_DIV) * (1 + alter[row]).view(1, -1, 1, 1))
     return torch.cat(outs), torch.cat(nexts)
 
 
@@ -108,35 +71,26 @@ def _oracle_bnrs(layout, z, identity, weight, bias, rm, rv, training, alter):
 # --------------------------------------------------------------------------------------------
 
 
-def _rand(*shape, seed, scale=1.0, shift=0.0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale + shift
-
-
 def _inputs(layout, rows):
-    f = layout.total_frames
-    return dict(
-        x=_rand(f, C, *HW, seed=0, scale=2.0, shift=0.5),
-        identity=_rand(f, C, *HW, seed=1),
-        weight=_rand(rows, C, seed=2, scale=0.5, shift=1.0),
-        bias=_rand(rows, C, seed=3, scale=0.5),
-        alter=_rand(rows, C, seed=4, scale=0.3),
-        running_mean=_rand(rows, C, seed=5, scale=0.1),
-        running_var=0.5 + torch.rand(rows, C, generator=torch.Generator().manual_seed(6),
-                                     dtype=torch.float64),
-    )
+    """float64 activations and per-branch tensors (make_params: weight, bias, running_mean,
+    running_var, alter)."""
+    return dict(x=make_input(layout, C, HW, torch.float64, seed=0),
+                identity=make_input(layout, C, HW, torch.float64, seed=1, scale=1.0, shift=0.0),
+                **make_params(rows, C, torch.float64, seed=2))
 
 
-def _run(fn, tensors, grad_names, dtype, cot_seed=7):
-    """fn(**leaves) in ``dtype``; backprop fixed cotangents; outputs and gradients in float64."""
-    leaves = {k: v.detach().to(dtype).clone().requires_grad_(k in grad_names)
+def _run(fn, tensors, grad_names, dtype, device="cpu", cot_seed=7):
+    """fn(**leaves) in ``dtype`` on ``device``; backprop fixed cotangents; outputs and gradients
+    in float64 on the CPU."""
+    leaves = {k: v.detach().to(device, dtype).clone().requires_grad_(k in grad_names)
               for k, v in tensors.items()}
     outs = fn(**leaves)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    cots = [_rand(*o.shape, seed=cot_seed + i).to(dtype) for i, o in enumerate(outs)]
+    cots = [torch.randn(o.shape, generator=torch.Generator().manual_seed(cot_seed + i),
+                        dtype=torch.float64).to(device, dtype) for i, o in enumerate(outs)]
     torch.autograd.backward(outs, cots)
-    return ([o.detach().double() for o in outs],
-            {k: leaves[k].grad.double() for k in grad_names})
+    return ([o.detach().cpu().double() for o in outs],
+            {k: leaves[k].grad.cpu().double() for k in grad_names})
 
 
 def _compare(got, want, tol, what):
@@ -157,7 +111,7 @@ def _unused_rows(layout, rows):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@cases(BACKENDS, case=CASES)
 def test_shift_alter_then_freq_batch_norm_training_sums_shared_rows(backend, case):
     layout, rows = case
     t = _inputs(layout, rows)
@@ -169,7 +123,7 @@ def test_shift_alter_then_freq_batch_norm_training_sums_shared_rows(backend, cas
         return ops.freq_batch_norm(y, layout, weight, bias, None, None, True, 0.1, EPS)
 
     want = _run(lambda **kw: _oracle_shift_then_bn(layout, **kw), tensors, names, torch.float64)
-    got = _run(fused, tensors, names, _dtype(backend))
+    got = _run(fused, tensors, names, _dtype(backend), DEVICE[backend])
     _compare(got, want, _tol(backend), f"{backend} shift_alter+freq_batch_norm")
     for p in _unused_rows(layout, rows):
         for k in ("alter", "weight", "bias"):
@@ -179,8 +133,7 @@ def test_shift_alter_then_freq_batch_norm_training_sums_shared_rows(backend, cas
     assert shared and all(got[1]["weight"][p].abs().sum() > 0 for p in shared)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-@pytest.mark.parametrize("training", [False, True], ids=["eval", "train-no-stats"])
+@cases(BACKENDS, case=CASES, training={"eval": False, "train-no-stats": True})
 def test_bn_add_relu_shift_alter_sums_shared_rows(backend, case, training):
     layout, rows = case
     t = _inputs(layout, rows)
@@ -189,7 +142,7 @@ def test_bn_add_relu_shift_alter_sums_shared_rows(backend, case, training):
     names = tuple(tensors)
 
     def fused(x, identity, alter, weight, bias):
-        cast = (lambda v: None if v is None else v.to(x.dtype))
+        cast = (lambda v: None if v is None else v.to(x.device, x.dtype))
         return ops.bn_add_relu_shift_alter(x, identity, layout, weight, bias, cast(rm), cast(rv),
                                            training, 0.1, EPS, alter, FOLD_DIV)
 
@@ -197,32 +150,35 @@ def test_bn_add_relu_shift_alter_sums_shared_rows(backend, case, training):
         return _oracle_bnrs(layout, x, identity, weight, bias, rm, rv, training, alter)
 
     want = _run(oracle, tensors, names, torch.float64)
-    got = _run(fused, tensors, names, _dtype(backend))
+    got = _run(fused, tensors, names, _dtype(backend), DEVICE[backend])
     _compare(got, want, _tol(backend), f"{backend} bn_add_relu_shift_alter")
     for p in _unused_rows(layout, rows):
         for k in ("alter", "weight", "bias"):
             assert torch.all(got[1][k][p] == 0), f"grad of {k}, unused row {p}"
 
 
+@cases(BACKENDS)
 def test_raw_backward_ops_sum_shared_rows(backend):
     """The raw ``*_bwd`` ops: a shared row's gradient is the sum of what each of its segments gives
     run alone (as a one-segment layout on that row); unused rows get zero."""
-    layout, rows = CASES[0]
+    layout, rows = CASES["3-5-rows00"]
     t = _inputs(layout, rows)
     dtype = _dtype(backend)
-    kernels = ffn_kernels.backend.kernels_for(t["x"])
-    x, w, a = t["x"].to(dtype), t["weight"].to(dtype), t["alter"].to(dtype)
-    dy = _rand(*x.shape, seed=9).to(dtype)
-    flat = (layout.clips, list(layout.frames), list(layout.rows))
-    _, mean, invstd, _, _ = ref.freq_batch_norm_fwd(x, *flat, w, t["bias"].to(dtype), None, None, True,
-                                       [0.1] * layout.num_segments, EPS, False, None)
+    x, w, a = (on(backend, t[k].to(dtype)) for k in ("x", "weight", "alter"))
+    kernels = ffn_kernels.backend.kernels_for(x)
+    dy = on(backend, torch.randn(x.shape, generator=torch.Generator().manual_seed(9)).to(dtype))
+    _, mean, invstd, _, _ = ref.freq_batch_norm_fwd(x.cpu(), *flat(layout), w.cpu(),
+                                                    t["bias"].to(dtype), None, None, True,
+                                                    [0.1] * layout.num_segments, EPS, False, None)
+    mean, invstd = on(backend, mean), on(backend, invstd)
 
     def grads(x, dy, flat, mean, invstd):
         _, dalter = kernels.shift_alter_bwd(dy, x, *flat, a, FOLD_DIV, True)
-        _, dweight, dbias, _ = kernels.freq_batch_norm_bwd(dy, x, x, *flat, w, mean, invstd, True, False, False)
-        return dalter, dweight, dbias
+        _, dweight, dbias, _ = kernels.freq_batch_norm_bwd(dy, x, x, *flat, w, mean, invstd, True,
+                                                           False, False)
+        return dalter.cpu(), dweight.cpu(), dbias.cpu()
 
-    total = grads(x, dy, flat, mean, invstd)
+    total = grads(x, dy, flat(layout), mean, invstd)
     alone, start = [], 0
     for s, (frames, row) in enumerate(zip(layout.frames, layout.rows)):
         n = layout.clips * frames
@@ -237,22 +193,41 @@ def test_raw_backward_ops_sum_shared_rows(backend):
         assert torch.all(total[i][1] == 0), f"{name}: unused row 1"
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@cases(RAW_BACKENDS, keep=lambda backend, memory_format: backend != "triton" or
+       memory_format == torch.channels_last, memory_format=MEMORY_FORMATS)
+def test_raw_ops_with_a_shared_row_match_the_reference(backend, memory_format):
+    """Every raw op of the backend against the reference's with a row used by two segments (eval,
+    or training without running statistics): parameter gradients are the sum over those
+    segments, as in the reference (and autograd)."""
+    layout = FrameLayout(clips=2, frames=(2, 3), rows=(1, 1))
+    p = make_params(3, 16)
+    x = make_input(layout, 16, (3, 3), torch.float32, memory_format)
+    dy = make_input(layout, 16, (3, 3), torch.float32, memory_format, seed=2)
+    for training, rm, rv in ((True, None, None), (False, p["running_mean"], p["running_var"])):
+        got, want = run_raw(backend, "freq_batch_norm_fwd", x, *flat(layout), p["weight"],
+                            p["bias"], rm, rv, training, [0.1, 0.1], 1e-5, True, None)
+        check_outputs(got, want, torch.float32, backend, param_outputs=(1, 2, 3, 4),
+                      what="freq_batch_norm_fwd")
+        got, want = run_raw(backend, "freq_batch_norm_bwd", dy, x, want[0], *flat(layout),
+                            p["weight"], want[1], want[2], training, True, False)
+        check_outputs(got, want, torch.float32, backend, param_outputs=(1, 2),
+                      what="freq_batch_norm_bwd")
+    got, want = run_raw(backend, "shift_alter_bwd", dy, x, *flat(layout), p["alter"], 8, True)
+    check_outputs(got, want, torch.float32, backend, param_outputs=(1,), what="shift_alter_bwd")
+
+
+@cases(FLOAT64_BACKENDS, case=CASES)
 def test_gradcheck_shared_rows(backend, case):
-    if backend == "triton":
-        pytest.skip("gradcheck needs float64, which the Triton kernels do not take")
     layout, rows = case
-    t = _inputs(layout, rows)
+    t = {k: on(backend, v) for k, v in _inputs(layout, rows).items()}
     x, identity = (t[k].clone().requires_grad_() for k in ("x", "identity"))
     w, b, a = (t[k].clone().requires_grad_() for k in ("weight", "bias", "alter"))
     rm, rv = t["running_mean"], t["running_var"]
-    check = dict(fast_mode=True)
-    assert torch.autograd.gradcheck(
-        lambda x, a: ops.shift_alter(x, layout, a, FOLD_DIV), (x, a), **check)
-    assert torch.autograd.gradcheck(
+    assert gradcheck(lambda x, a: ops.shift_alter(x, layout, a, FOLD_DIV), (x, a))
+    assert gradcheck(
         lambda x, w, b: ops.freq_batch_norm(x, layout, w, b, None, None, True, 0.1, EPS),
-        (x, w, b), **check)
-    assert torch.autograd.gradcheck(
+        (x, w, b))
+    assert gradcheck(
         lambda z, i, w, b, a: ops.bn_add_relu_shift_alter(z, i, layout, w, b, rm, rv, False, 0.1,
                                                           EPS, a, FOLD_DIV),
-        (x, identity, w, b, a), **check)
+        (x, identity, w, b, a))
