@@ -1,8 +1,8 @@
 """The compiler stack at any frame count: torch.compile of eval over frame counts 2..20 and batch
 sizes 1..4 with one graph per branch (compile_eval) or a bounded number (plain), the fused
 ops' fake kernels on symbolic sizes, torch.export with dynamic N and T, an AOTInductor package run
-by a fresh process, ONNX of a folded branch, and function transforms refused naming the op (double backward:
-test_ops.py)."""
+by a fresh process, ONNX of a folded branch, and function transforms refused naming the op
+(double backward: test_<op>_is_differentiable_once in tests/test_<op>.py)."""
 
 import subprocess
 import sys
