@@ -3,19 +3,32 @@
 Knobs (environment): FFN_KERNELS_FORCE_CUDA=1 builds the CUDA sources even without a visible GPU
 (needs a CUDA build of torch and a toolkit in CUDA_HOME); FFN_KERNELS_NO_CUDA=1 never builds them;
 FFN_KERNELS_CUDA_ARCHS="8.0;9.0" picks the architectures; MAX_JOBS caps ninja's parallel jobs;
-FFN_KERNELS_DEBUG=1 compiles with -O0 -g. Install with `pip install --no-build-isolation .` so the
-extension is compiled against the torch already installed (an isolated build would fetch another).
+FFN_KERNELS_DEBUG=1 compiles with -O0 -g.
+
+The extension links against one torch release's C++ ABI, so it is built against the torch already
+installed (`pip install --no-build-isolation .`) and the wheel requires exactly that release, as
+torchvision's wheels do. pyproject.toml therefore does not list torch as a build requirement: an
+isolated build (plain `pip install .`) has no torch and stops at once with the line below, instead of
+downloading another torch (a CUDA build, several GB) to compile against one the user does not run.
 """
 
 import os
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.exit("ffn-kernels: no torch in this build environment. Install torch first, then build "
+             "against it with `pip install --no-build-isolation .` (the compiled ops load only with "
+             "the torch they were built against)")
 
 ROOT = Path(__file__).parent
+# the release this build links against ("2.13.0" of "2.13.0+cpu"): the wheel requires exactly it
+TORCH_RELEASE = torch.__version__.split("+")[0]
 DEBUG = os.environ.get("FFN_KERNELS_DEBUG") == "1"
 
 
@@ -57,7 +70,8 @@ def extension():
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
     for folder in ("csrc/ops", "csrc/cpu"):
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).glob("*.cpp"))
-    opt = ["-O0", "-g"] if DEBUG else ["-O3"]
+    # -g0: no debug info in a release build (Python's own CFLAGS add -g: a 33 MB extension)
+    opt = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
     # No -std flag: BuildExtension adds the standard torch's headers need (C++20 since torch 2.14).
     cxx = opt + ["-fopenmp"]
     kwargs = dict(
@@ -82,6 +96,8 @@ def extension():
 
 setup(
     packages=find_packages(include=["ffn_kernels", "ffn_kernels.*", "ffn", "ffn.*"]),
+    install_requires=[f"torch=={TORCH_RELEASE}", "numpy"],
+    package_data={"ffn": ["configs/*.toml"]},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},
 )
