@@ -134,10 +134,33 @@ def read_user_text(path: str | Path, what: str) -> str:
         raise UserError(f"{what} {path}: {e.strerror or e}") from None
 
 
+# The recipes shipped with the package (ffn/configs/*.toml): `--config NAME` finds them from anywhere
+SHIPPED = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped recipes, for ``--config NAME``."""
+    return sorted(p.stem for p in SHIPPED.glob("*.toml"))
+
+
+def config_path(name: str | Path) -> Path:
+    """The file of ``--config name``: a path, or else the name of a shipped recipe (``demo``,
+    ``ssv2_tsm_ffn``: :func:`shipped_configs`); neither raises :class:`UserError` listing both."""
+    path = Path(name)
+    if path.exists():
+        return path
+    recipe = SHIPPED / f"{name}.toml"
+    if not path.suffix and path.name == str(name) and recipe.is_file():
+        return recipe
+    raise UserError(f"config file {name} does not exist (a path, or one of the shipped configs: "
+                    f"{', '.join(shipped_configs())})")
+
+
 def read_config_file(path: str | Path) -> dict:
-    """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) file as a dict; a file that is missing,
-    unreadable, malformed or not a table at its top level raises :class:`UserError` naming it."""
-    path = Path(path)
+    """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) file, or a shipped recipe by name
+    (:func:`config_path`), as a dict; a file that is missing, unreadable, malformed or not a table
+    at its top level raises :class:`UserError` naming it."""
+    path = config_path(path)
     if path.suffix not in (".toml", ".yaml", ".yml"):
         raise UserError(f"config file {path}: use .toml, .yaml or .yml")
     text = read_user_text(path, "config file")

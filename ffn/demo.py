@@ -13,25 +13,17 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config
+from .config import config_path, load_config
 from .data import num_classes
 from .engine.evaluate import accuracy_by_frames
 from .engine.factory import load_trained
 from .engine.trainer import fit
 from .report import markdown_table, write_results
 
-# shared by both models: small enough for a 2-core CPU, big enough to show the effect. The class is
-# the speed of three bouncing shapes (see ffn.data.synthetic), so a model that learnt per-frame
-# displacements at 16 frames misreads the larger ones it sees at 4.
-SETTINGS = [
-    "data.synthetic.task=speed", "data.synthetic.num_classes=3", "data.synthetic.travel=4",
-    "data.synthetic.movers=3", "data.synthetic.noise=6", "data.synthetic.train_videos=1200",
-    "data.synthetic.val_videos=300", "data.synthetic.num_frames=48", "data.synthetic.frame_size=32",
-    "data.size=32", "data.scale_size=32", "data.batch_size=16", "data.workers=1",
-    "model.arch=resnet18", "model.width=16", "model.dropout=0.2",
-    "optim.lr=0.01", "optim.fc_lr_mult=1", "optim.weight_decay=1e-4", "optim.warmup_epochs=1",
-    "optim.schedule=cosine", "train.epochs=8", "train.seed=0",
-]
+# Both models share the settings of the shipped config `demo` (ffn/configs/demo.toml): small enough
+# for a 2-core CPU, big enough to show the effect. The class is the speed of three bouncing shapes
+# (see ffn.data.synthetic), so a model that learnt per-frame displacements at 16 frames misreads the
+# larger ones it sees at 4.
 MODELS = {
     "TSM, 16 frames": ("tsm16", ["model.frames=[16]", "model.weight_alteration=false"]),
     "FFN, 4/8/16 frames": ("ffn", ["model.frames=[4,8,16]"]),
@@ -45,7 +37,7 @@ def run_demo(out: Path, overrides: list[str] = ()) -> dict:
     start = time.perf_counter()
     results = {}
     for label, (name, extra) in MODELS.items():
-        cfg = load_config(overrides=[*SETTINGS, *extra, f"train.out={out / name}", *overrides])
+        cfg = load_config(config_path("demo"), [*extra, f"train.out={out / name}", *overrides])
         last = fit(cfg, overwrite=True)  # a demo run again starts over
         model, cfg = load_trained(last)
         with torch.no_grad():
