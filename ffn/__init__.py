@@ -6,11 +6,49 @@
 * :mod:`ffn.losses` — the temporal distillation loss;
 * :mod:`ffn.convert` — loaders for official FFN and torchvision ImageNet checkpoints;
 * :mod:`ffn.export` — one branch folded into plain convolutions for deployment.
+
+The public names below are imported on first use (PEP 562), so ``import ffn`` and the ``ffn``
+command's ``--help`` and argument errors do not import torch.
 """
 
-from .eager import EagerFFNResNet
-from .ffnify import FFNVideo, ffnify
-from .models import FFNResNet, FrameFlexible, nearest_branch, pack_clips
+import importlib
+import importlib.util
+import sys
+import types
+
+# public name -> the submodule defining it
+_EXPORTS = {
+    "FFNResNet": ".models", "EagerFFNResNet": ".eager", "FFNVideo": ".ffnify", "FrameFlexible": ".models",
+    "ffnify": ".ffnify", "nearest_branch": ".models", "pack_clips": ".models",
+}
 
 __all__ = ["FFNResNet", "EagerFFNResNet", "FFNVideo", "FrameFlexible", "ffnify", "nearest_branch",
            "pack_clips"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value  # later look-ups do not come here
+        return value
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)  # ffn.models etc., as after an eager import
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The import system binds a submodule, once loaded, as an attribute of its package. ``ffn.ffnify``
+    must stay the function (as it was when this file imported it eagerly), not the submodule of the
+    same name: such a binding of a public name is dropped, and the name resolves via ``__getattr__``."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .config import UserError, load_config  # stdlib only: no torch before the work starts
 
 MAX_FRAMES = 1024  # the largest frame count --frames takes (each is a clip of that many frames)
 
@@ -29,11 +30,38 @@ def parse_frames(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; ``argv=None`` means this process is the command line, which then gets the
-    job allocator first (:mod:`ffn.allocator`: the process re-executes itself with mimalloc)."""
-    if argv is None:
-        from .allocator import use_mimalloc
+    job allocator (:mod:`ffn.allocator`: the process re-executes itself with mimalloc) once the
+    arguments and config are found good. ``--help``, argument errors and config errors answer before
+    that, without importing torch: the re-executed process parses and checks them again (cheaply)."""
+    parser, subparsers = build_parser()
+    # positionals may follow options (ffn eval a.pt --frames 2..8 data.val_list=v.txt): collect them
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        getattr(args, "items" if args.command in ("eval", "diagnose") else "overrides").extend(extra)
+    if args.command == "train" and args.resume and args.overwrite:
+        subparsers["train"].error("--resume and --overwrite exclude each other")
+    try:
+        CHECKS[args.command](args)  # torch-free
+        if argv is None:
+            from .allocator import use_mimalloc
 
-        use_mimalloc()
+            use_mimalloc()
+        return {"train": _train, "eval": _eval, "diagnose": _diagnose, "demo": _demo}[args.command](args)
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        # the user's input is wrong: one line naming it, no traceback (tracebacks are for bugs)
+        print(f"ffn {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        if not isinstance(e, UserError):
+            print("(--skip-bad skips and counts unreadable videos)", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``ffn`` parser and its subcommands' parsers by name."""
     parser = argparse.ArgumentParser(prog="ffn", description="Frame Flexible Network: train, evaluate, demo")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -80,28 +108,77 @@ def main(argv: list[str] | None = None) -> int:
                     "accuracy.png into --out (about 8 minutes on 2 CPU cores).")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides for both models")
+    return parser, {"train": train, "eval": ev, "diagnose": diag, "demo": demo}
 
-    # positionals may follow options (ffn eval a.pt --frames 2..8 data.val_list=v.txt): collect them
-    args, extra = parser.parse_known_args(argv)
-    stray = [e for e in extra if e.startswith("-")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if extra:
-        getattr(args, "items" if args.command in ("eval", "diagnose") else "overrides").extend(extra)
-    if args.command == "train" and args.resume and args.overwrite:
-        train.error("--resume and --overwrite exclude each other")
-    from .config import UserError
-    from .data.records import BadSampleError
 
-    try:
-        return {"train": _train, "eval": _eval, "diagnose": _diagnose, "demo": _demo}[args.command](args)
-    except (UserError, BadSampleError) as e:
-        # the user's input is wrong: one line naming it, no traceback (tracebacks are for bugs)
-        print(f"ffn {args.command}: error: {_one_line(e)}", file=sys.stderr)
-        if isinstance(e, BadSampleError):
-            print("(--skip-bad skips and counts unreadable videos)", file=sys.stderr)
-        return 2
+def _user_errors() -> tuple[type, ...]:
+    """The errors that are the user's input's fault. ``BadSampleError`` lives with the data code,
+    which imports torch: it can only have been raised where that is loaded."""
+    records = sys.modules.get("ffn.data.records")
+    return (UserError,) if records is None else (UserError, records.BadSampleError)
 
+
+# --- checks before the work (and before torch): arguments, config, files named ---------------------
+
+def _train_overrides(args) -> tuple[list[str], str | None]:
+    """``(overrides, resume)`` of ``ffn train``: the config overrides its options amount to, and
+    ``--resume``'s checkpoint (``"auto"``: OUT/last.pt; None: a new run)."""
+    overrides, resume = list(args.overrides), args.resume
+    if resume and "=" in resume and not Path(resume).exists():
+        overrides.append(resume)  # `--resume optim.lr=0.5`: an override after a bare --resume
+        resume = "auto"
+    if args.out:
+        overrides.append(f"train.out={args.out}")
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.skip_bad:
+        overrides.append("data.skip_bad=true")
+    return overrides, resume
+
+
+def _check_train(args) -> None:
+    overrides, resume = _train_overrides(args)
+    if not resume:
+        load_config(args.config, overrides)
+        return
+    # the checkpoint's config will be the base: keys, types and choices can be checked without it
+    cfg = load_config(args.config, overrides, ranges=False)
+    path = Path(cfg.train.out) / "last.pt" if resume == "auto" else Path(resume)
+    if resume == "auto" and not path.exists():
+        load_config(args.config, overrides)  # a new run, of this config alone
+    else:
+        _check_checkpoint_file(path)
+
+
+def _check_checkpoint_file(path: Path) -> None:
+    """What :func:`ffn.engine.checkpoint.load` says of a missing, non-file or empty ``path``."""
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} is not a file")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes): not a checkpoint")
+
+
+def _check_checkpoints(args) -> None:
+    """``ffn eval`` / ``ffn diagnose``: labels, checkpoint files, overrides (for each checkpoint's config)."""
+    _, checkpoints, overrides = _checkpoints(args)
+    load_config(overrides=overrides, ranges=False)
+    for path in checkpoints:
+        _check_checkpoint_file(Path(path))
+    if args.command == "diagnose" and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file, not a folder")
+
+
+def _check_demo(args) -> None:
+    load_config(overrides=args.overrides, ranges=False)  # applied over the demo's own settings
+
+
+CHECKS = {"train": _check_train, "eval": _check_checkpoints, "diagnose": _check_checkpoints,
+          "demo": _check_demo}
+
+
+# --- the commands -----------------------------------------------------------------------------------
 
 def _one_line(e: Exception) -> str:
     """The message of ``e`` on one line; for an error re-raised from a DataLoader worker (its message
@@ -114,43 +191,32 @@ def _one_line(e: Exception) -> str:
 
 
 def _train(args) -> int:
-    from .config import UserError, load_config
     from .engine import checkpoint
     from .engine.trainer import fit
 
-    overrides = list(args.overrides)
-    if args.resume and "=" in args.resume and not Path(args.resume).exists():
-        overrides.append(args.resume)  # `--resume optim.lr=0.5`: an override after a bare --resume
-        args.resume = "auto"
-    if args.out:
-        overrides.append(f"train.out={args.out}")
-    if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
-    if args.skip_bad:
-        overrides.append("data.skip_bad=true")
-    cfg = load_config(args.config, overrides)
-    if not args.resume:
-        fit(cfg, overwrite=args.overwrite)
+    overrides, resume = _train_overrides(args)
+    if not resume:
+        fit(load_config(args.config, overrides), overwrite=args.overwrite)
         return 0
-    resume = Path(cfg.train.out) / "last.pt" if args.resume == "auto" else Path(args.resume)
-    if args.resume == "auto" and not resume.exists():
-        print(f"no {resume} to resume: starting a new run", file=sys.stderr)
-        fit(cfg, overwrite=True)  # anything there is from a first epoch that was never completed
+    cfg = load_config(args.config, overrides, ranges=False)  # for train.out; checked with the base below
+    path = Path(cfg.train.out) / "last.pt" if resume == "auto" else Path(resume)
+    if resume == "auto" and not path.exists():
+        print(f"no {path} to resume: starting a new run", file=sys.stderr)
+        # anything there is from a first epoch that was never completed
+        fit(load_config(args.config, overrides), overwrite=True)
         return 0
     # the checkpoint's config is the base: --config and overrides given again must agree with it
-    state = checkpoint.load(resume)
+    state = checkpoint.load(path)
     if "config" not in state:
-        raise UserError(f"--resume {resume}: not a training checkpoint of `ffn train` (no config)")
+        raise UserError(f"--resume {path}: not a training checkpoint of `ffn train` (no config)")
     cfg = load_config(args.config, overrides, base=state["config"])
     del state
-    fit(cfg, resume)
+    fit(cfg, path)
     return 0
 
 
 def _checkpoints(args) -> tuple[list[str], list[str], list[str]]:
     """``(labels, checkpoints, overrides)`` of ``ffn eval`` / ``ffn diagnose``."""
-    from .config import UserError
-
     overrides = [i for i in args.items if "=" in i] + (["data.skip_bad=true"] if args.skip_bad else [])
     checkpoints = [i for i in args.items if "=" not in i]
     if not checkpoints:
@@ -195,15 +261,12 @@ def _eval(args) -> int:
 def _diagnose(args) -> int:
     import torch
 
-    from .config import UserError
     from .data import num_classes
     from .diagnose import diagnose, write_diagnosis
     from .engine.factory import load_trained
     from .engine.trainer import AMP_DTYPES
 
     labels, checkpoints, overrides = _checkpoints(args)
-    if Path(args.out).exists() and not Path(args.out).is_dir():  # found before the work, not after
-        raise UserError(f"--out {args.out} is a file, not a folder")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as `ffn eval` picks it
     results = {}
     for label, path in zip(labels, checkpoints):
