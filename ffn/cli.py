@@ -236,6 +236,7 @@ def _eval(args) -> int:
     from .engine import distributed
     from .engine.evaluate import accuracy_by_frames
     from .engine.factory import load_trained
+    from .engine.progress import Progress
     from .engine.trainer import AMP_DTYPES
     from .report import markdown_table, write_results
 
@@ -246,9 +247,11 @@ def _eval(args) -> int:
         for label, path in zip(labels, checkpoints):
             model, cfg = load_trained(path, overrides)
             model.to(device)
-            with torch.no_grad():
+            # a bar on a terminal, else a line per frame count (on stderr: stdout is the table)
+            with torch.no_grad(), Progress(len(args.frames), f"eval {label}", unit="frame count", every=1,
+                                           enabled=d.main, file=sys.stderr) as progress:
                 results[label] = accuracy_by_frames(model, cfg.data, args.frames, device, d, args.twice,
-                                                    args.crops, AMP_DTYPES[cfg.optim.amp])
+                                                    args.crops, AMP_DTYPES[cfg.optim.amp], progress=progress)
     finally:
         distributed.teardown()
     if d.main:

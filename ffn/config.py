@@ -96,7 +96,8 @@ class TrainConfig:
     out: str = "runs/ffn"
     device: str = "auto"  # auto | cpu | cuda
     sync_bn: bool = False  # frequency-indexed BN statistics all-reduced across processes
-    progress: bool = True
+    progress: bool = True  # a tqdm bar where stdout and stderr are terminals; false: plain lines always
+    log_every: int = 50  # steps between plain progress lines (also one at least every 30 s)
     max_steps: int = 0  # cap on steps per epoch (smoke tests); 0 = whole epoch
     val_twice: bool = False
     val_crops: int = 1
@@ -282,6 +283,7 @@ def check_ranges(config: Config) -> None:
          "model.frames", m.frames, "must be frame counts >= 1 in increasing order")
     need(t.epochs >= 1, "train.epochs (--epochs)", t.epochs, "must be >= 1")
     need(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0 (0 = whole epoch)")
+    need(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1 step")
     need(t.val_crops in (1, 3), "train.val_crops", t.val_crops, "must be 1 or 3")
     need(d.size >= 1, "data.size", d.size, "must be >= 1 pixel")
     need(d.scale_size == 0 or d.scale_size >= d.size, "data.scale_size", d.scale_size,

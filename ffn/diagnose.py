@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -122,21 +123,24 @@ def diagnose(model: nn.Module, cfg: DataConfig, frames: Iterable[int], device: t
     """Accuracy and the shift of every BN layer at every count in ``frames`` on the validation split
     of ``cfg``, for an FFN ``model`` (``frames``, ``branch_for`` and the forward of
     :class:`~ffn.models.FFNResNet`); one eval pass per count yields both (the statistics come from
-    hooks, :func:`norm_layers`)."""
-    from tqdm import tqdm
+    hooks, :func:`norm_layers`). Progress: a bar on a terminal (``progress=False``: never), else
+    a plain line on stderr per frame count (or every 30 s)."""
+    from .engine.progress import Progress
 
     frames = list(frames)
     layers = norm_layers(model)
     source = build_source(cfg, "val")
     moments: dict[str, Moments] = {}
-    bar = tqdm(total=len(frames) * math.ceil(len(source) / cfg.batch_size), desc=desc, unit="batch",
-               disable=not progress, dynamic_ncols=True, leave=False)
+    batches = math.ceil(len(source) / cfg.batch_size)
+    bar = Progress(len(frames) * batches, desc, unit="batch", every=batches, bar=None if progress else False,
+                   file=sys.stderr)
+    current = {}
 
     def record(name):  # the BN's own input (a pre-hook), or the output of the conv feeding it
         return lambda m, args, out=None: moments[name].add(args[0] if out is None else out)
 
     def step(*_):  # a forward hook's non-None return value would replace the output
-        bar.update()
+        bar.update(**current)
 
     hooks = [m.register_forward_pre_hook(record(name)) if m is bn else m.register_forward_hook(record(name))
              for name, (m, bn) in layers.items()]
@@ -144,6 +148,7 @@ def diagnose(model: nn.Module, cfg: DataConfig, frames: Iterable[int], device: t
     result, reported = Diagnosis(), set()
     try:
         for n in frames:
+            current["frames"] = n
             moments.update({name: Moments() for name in layers})
             result.accuracy[n] = accuracy(model, eval_dataset(cfg, n, source=source), cfg.batch_size,
                                           cfg.workers, device, amp_dtype=amp_dtype, reported=reported)

@@ -13,6 +13,7 @@ from ..config import DataConfig, UserError
 from ..data import EvalClips, build_source, collate, eval_dataset
 from ..data.dataset import Source
 from .distributed import Dist, all_sum
+from .progress import Progress
 
 
 @torch.no_grad()
@@ -55,11 +56,17 @@ def accuracy(model: nn.Module, dataset: EvalClips, batch_size: int, workers: int
 def accuracy_by_frames(model: nn.Module, cfg: DataConfig, frames: Iterable[int], device: torch.device,
                        d: Dist = Dist(), twice: bool = False, crops: int = 1,
                        amp_dtype: Optional[torch.dtype] = None,
-                       source: Optional[Source] = None) -> dict[int, dict]:
+                       source: Optional[Source] = None,
+                       progress: Optional[Progress] = None) -> dict[int, dict]:
     """:func:`accuracy` on the validation split (``source``, or the one ``cfg`` names) at every frame
-    count in ``frames``; each skipped video is printed once."""
+    count in ``frames``; each skipped video is printed once. ``progress`` is updated after each
+    count with its top-1."""
     source = build_source(cfg, "val") if source is None else source
     reported: set = set()
-    return {n: accuracy(model, eval_dataset(cfg, n, twice, crops, source), cfg.batch_size, cfg.workers,
-                        device, d, amp_dtype, reported)
-            for n in frames}
+    results = {}
+    for n in frames:
+        results[n] = accuracy(model, eval_dataset(cfg, n, twice, crops, source), cfg.batch_size,
+                              cfg.workers, device, d, amp_dtype, reported)
+        if progress is not None:
+            progress.update(frames=n, top1=f"{results[n]['top1']:.1f}")
+    return results

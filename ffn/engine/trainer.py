@@ -22,17 +22,19 @@ from .evaluate import accuracy_by_frames
 from .factory import build_model
 from .logs import RunLog
 from .optim import build_optimizer, build_scheduler
+from .progress import Progress
 
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # Files of a run in train.out; a new run (no --resume) into a folder holding one needs overwrite=True
-RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "log.csv")
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "log.csv", "log.png")
 
 # Config keys a resumed run may change (applied and printed); any other change is refused, since the
 # restored model, optimizer, schedule and generators would not follow it
 RESUME_MAY_CHANGE = frozenset({
-    "train.epochs", "train.out", "train.device", "train.progress", "train.val_twice", "train.val_crops",
+    "train.epochs", "train.out", "train.device", "train.progress", "train.log_every", "train.val_twice",
+    "train.val_crops",
     "data.root", "data.train_list", "data.val_list", "data.workers", "data.skip_bad",
     "model.impl", "model.pretrained", "model.pretrained_format",
 })
@@ -80,6 +82,10 @@ def resume_changes(saved: dict, cfg: Config, path) -> list[str]:
             f"schedule and data order are restored as trained); drop the override, or start a new run "
             f"with --overwrite")
     return changes
+
+
+def _count(n: int, one: str, many: str = "") -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -139,14 +145,18 @@ class Trainer:
         if self.d.enabled:
             net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         log = RunLog(out, self.completed) if self.d.main else None
+        if self.d.main:
+            print(self.banner(), flush=True)
         for epoch in range(self.completed, self.cfg.train.epochs):
             self.dataset.set_epoch(epoch)
             self.sampler.set_epoch(epoch)
             row = {"epoch": epoch + 1, **self.train_epoch(net, epoch)}
             distributed.broadcast_buffers(self.model, self.d)
-            val = accuracy_by_frames(self.model, self.cfg.data, self.cfg.model.frames, self.device, self.d,
-                                     self.cfg.train.val_twice, self.cfg.train.val_crops, self.amp_dtype,
-                                     self.val_source)
+            with self.progress(len(self.cfg.model.frames), f"epoch {epoch + 1}/{self.cfg.train.epochs} "
+                               "validation", "branch", every=1) as bar:
+                val = accuracy_by_frames(self.model, self.cfg.data, self.cfg.model.frames, self.device, self.d,
+                                         self.cfg.train.val_twice, self.cfg.train.val_crops, self.amp_dtype,
+                                         self.val_source, bar)
             for n, acc in val.items():
                 row[f"val_top1@{n}"], row[f"val_top5@{n}"] = acc["top1"], acc["top5"]
             row["val_skipped"] = max(acc["skipped"] for acc in val.values())
@@ -160,6 +170,10 @@ class Trainer:
                 point = f"epoch{epoch + 1}"
                 log.write(row)
                 checkpoint.kill_point(f"{point}:log.jsonl")
+                try:
+                    log.plot()
+                except Exception as e:  # noqa: BLE001 - a plot is not worth a run
+                    print(f"could not write {out / 'log.png'}: {type(e).__name__}: {e}", file=sys.stderr)
                 if improved:  # before last.pt: a last.pt never records a best that best.pt lacks
                     checkpoint.save_atomic(state, out / "best.pt", point)
                 checkpoint.save_atomic(state, out / "last.pt", point)
@@ -167,15 +181,33 @@ class Trainer:
                       flush=True)
         return out / "last.pt"
 
-    def train_epoch(self, net: torch.nn.Module, epoch: int) -> dict:
-        from tqdm import tqdm
+    def progress(self, total: int, desc: str, unit: str = "step", every: int = 0) -> Progress:
+        """A bar on a terminal (unless ``train.progress=false``), else a plain line every
+        ``train.log_every`` (or ``every``) steps or 30 s; on the main process only."""
+        return Progress(total, desc, unit=unit, every=every or self.cfg.train.log_every,
+                        bar=None if self.cfg.train.progress else False, enabled=self.d.main)
 
+    def banner(self) -> str:
+        """What this run is: printed once, before the first step."""
+        from ..allocator import active
+
+        cfg, d = self.cfg, self.d
+        params = sum(p.numel() for p in self.model.parameters())
+        epochs = (f"epochs {self.completed + 1}..{cfg.train.epochs} of {cfg.train.epochs}" if self.completed
+                  else _count(cfg.train.epochs, "epoch"))
+        return (f"ffn train: out {self.out}, device {self.device}, {_count(torch.get_num_threads(), 'thread')}, "
+                f"allocator {active()}, {_count(d.world, 'process', 'processes')}\n"
+                f"ffn train: {cfg.model.arch} {params:,} parameters, frames per branch "
+                f"{'/'.join(map(str, cfg.model.frames))}, {len(self.dataset)} training / "
+                f"{len(self.val_source)} validation videos, {epochs}, batch size {cfg.data.batch_size}"
+                f"{f' x {d.world}' if d.enabled else ''}, {_count(self.steps, 'step')} per epoch")
+
+    def train_epoch(self, net: torch.nn.Module, epoch: int) -> dict:
         cfg, d, frames = self.cfg, self.d, self.cfg.model.frames
         net.train()
         sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0, **{f"train_top1@{t}": 0.0 for t in frames}}
         clips = skipped = 0
-        bar = tqdm(total=self.steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="step",
-                   disable=not (cfg.train.progress and d.main), dynamic_ncols=True, leave=False)
+        bar = self.progress(self.steps, f"epoch {epoch + 1}/{cfg.train.epochs}")
         start = time.perf_counter()
         for _, batch in zip(range(self.steps), self.loader):
             for bad in batch.skipped:
@@ -193,9 +225,8 @@ class Trainer:
             sums["kl"] += float(sum(loss.kl, torch.zeros(())).detach()) * n
             for t, lg in zip(frames, logits):
                 sums[f"train_top1@{t}"] += float((lg.argmax(1) == batch.labels).sum())
-            bar.update()
-            bar.set_postfix(loss=f"{float(loss.total.detach()):.3f}",
-                            clips_s=f"{clips * d.world / (time.perf_counter() - start):.1f}")
+            bar.update(**{"loss": f"{sums['loss'] / clips:.4f}",  # the epoch's mean so far
+                          "clips/s": f"{clips * d.world / (time.perf_counter() - start):.1f}"})
         bar.close()
         elapsed = time.perf_counter() - start
         *values, clips, skipped = distributed.all_sum([*sums.values(), clips, skipped], d, self.device)
