@@ -20,11 +20,22 @@ submodule whose input gets the shift and WA (``""``: ``module`` itself), or None
 not a block. The default,
 :func:`torchvision_blocks`, knows torchvision's ResNets (and ResNeXts, Wide ResNets) and
 MobileNetV2, where TSM shifts.
+
+ffnify is never silently wrong about normalisation: a ``BatchNorm2d`` subclass whose forward does
+more than BatchNorm is converted with that behaviour kept (timm's ``BatchNormAct2d``:
+:class:`FreqBatchNormAct2d`) or refused naming the module and its class; a model whose only
+normalisation layers are others (LayerNorm, GroupNorm, ...) is refused; others next to BatchNorm
+stay shared across branches, with a warning. What was converted is ``video.conversion``
+(:class:`Conversion`).
 """
 
 from __future__ import annotations
 
+import re
 import sys
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -35,6 +46,36 @@ from ffn_kernels import FrameLayout, FreqBatchNorm2d, ShiftAlter, frame_layout, 
 from .models import ConvOfShifted, FrameFlexible, clip_means
 
 BlockRule = Callable[[str, nn.Module], Optional[str]]
+
+# The op schemas defined by import_torchvision's workaround, kept for the life of the process
+_torchvision_schemas: Optional[torch.library.Library] = None
+
+
+def import_torchvision():
+    """``import torchvision``, also where its compiled ops do not load next to this torch.
+
+    The PyPI torchvision wheel is a CUDA build. Next to the CPU torch its compiled ops do not load,
+    and its ``__init__`` then fails registering fake kernels for two of them (``RuntimeError:
+    operator torchvision::nms does not exist``). The model zoo (and timm, which imports torchvision)
+    is plain Python and never calls those ops, so on exactly that error the half-imported modules
+    are dropped and the import is retried with the two schemas (``torchvision::nms``, ``qnms``)
+    defined, without kernels (calling them raises). Any other error is raised as is, and where
+    torchvision loads nothing is defined. ``ImportError`` where it is not installed.
+    """
+    global _torchvision_schemas
+    try:
+        import torchvision
+    except RuntimeError as e:
+        if "operator torchvision::nms does not exist" not in str(e) or _torchvision_schemas is not None:
+            raise
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        schemas = torch.library.Library("torchvision", "DEF")
+        schemas.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        schemas.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+        _torchvision_schemas = schemas
+        import torchvision
+    return torchvision
 
 
 def first_conv(module: nn.Module) -> str:
@@ -88,13 +129,83 @@ class ShiftedConv(nn.Module):
                 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
 
+class FreqBatchNormAct2d(FreqBatchNorm2d):
+    """timm's ``BatchNormAct2d`` made per-branch: ``act(drop(FreqBatchNorm2d(x)))``.
+
+    timm fuses the activation (and an optional dropout) into a ``BatchNorm2d`` subclass so that its
+    checkpoints keep BatchNorm's keys. This class keeps them too, which is why it is a
+    ``FreqBatchNorm2d`` subclass holding ``drop`` and ``act`` rather than a
+    ``Sequential(FreqBatchNorm2d, drop, act)`` (that would rename ``bn1.weight`` to
+    ``bn1.0.weight``): the BN's parameters and buffers keep their names (one row per branch), and
+    ``drop`` and ``act`` are timm's own modules (``bn1.act.*`` where they hold state, as a PReLU),
+    so the ffnified model's ``state_dict`` has the timm model's keys and a timm checkpoint loads
+    into it (every branch row from the BN, as ``FreqBatchNorm2d`` loads any ``BatchNorm2d``).
+    """
+
+    def __init__(self, num_features: int, num_branches: int = 3, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 drop: Optional[nn.Module] = None, act: Optional[nn.Module] = None,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, num_branches, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
+        self.drop = nn.Identity() if drop is None else drop
+        self.act = nn.Identity() if act is None else act
+
+    @classmethod
+    def from_batch_norm(cls, bn: nn.BatchNorm2d, num_branches: int) -> "FreqBatchNormAct2d":
+        """Every branch row from ``bn`` (:meth:`FreqBatchNorm2d.from_batch_norm`), and ``bn``'s own
+        ``drop`` and ``act`` modules (moved, not copied)."""
+        alone = nn.BatchNorm2d.__new__(nn.BatchNorm2d)
+        alone.__dict__.update(bn.__dict__)
+        alone.__dict__["_modules"] = {}  # bn's parameters and buffers, without its drop and act
+        new = super().from_batch_norm(alone, num_branches)
+        new.drop, new.act = bn.drop, bn.act
+        return new
+
+    def forward(self, x: Tensor, layout: Optional[FrameLayout] = None) -> Tensor:
+        """``act(drop(BN(x)))``, timm's order; ``layout`` defaults to the context's."""
+        return self.act(self.drop(super().forward(x, layout)))
+
+    def add_relu_shift_alter(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} applies its own activation: the fused "
+                                  f"residual-block boundary (BN + add + ReLU) does not apply to it")
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What :func:`ffnify` converted, as ``video.conversion``; ``str()`` is a one-line summary.
+
+    ffnify does not print it (a library does not print); ``ffn train`` prints it at model build.
+    """
+
+    model: str  # the 2D model's class name
+    frames: tuple[int, ...]  # frame counts of the branches
+    per_branch_norms: int  # BatchNorm2d (and subclasses) made FreqBatchNorm2d
+    with_activation: int  # of them, timm BatchNormAct2d -> FreqBatchNormAct2d (act and drop kept)
+    shifted_convs: int  # first convs of blocks behind the temporal shift
+    weight_alterations: int  # per-branch Weight Alteration modules (ShiftAlter with weights)
+    shared_norms: dict[str, int] = field(default_factory=dict)  # left shared by all branches, by class
+
+    def __str__(self) -> str:
+        act = f" ({self.with_activation} with timm's activation kept)" if self.with_activation else ""
+        text = (f"ffnify {self.model}: {self.per_branch_norms} per-branch BatchNorm2d{act}, "
+                f"{self.shifted_convs} shifted convs, {self.weight_alterations} Weight Alteration "
+                f"modules; branches of {', '.join(map(str, self.frames))} frames")
+        if self.shared_norms:
+            text += (f"; {sum(self.shared_norms.values())} other normalisation layers shared by all "
+                     f"branches ({_by_class(self.shared_norms)})")
+        return text
+
+
 class FFNVideo(FrameFlexible):
     """A 2D CNN converted by :func:`ffnify`: ``backbone`` maps packed frames ``[F, 3, H, W]`` to
-    per-frame logits ``[F, classes]``; ``forward`` is :class:`~ffn.models.FrameFlexible`'s."""
+    per-frame logits ``[F, classes]``; ``forward`` is :class:`~ffn.models.FrameFlexible`'s.
+    ``conversion`` (a :class:`Conversion`) says what ffnify converted."""
 
     def __init__(self, backbone: nn.Module, frames: Sequence[int]) -> None:
         super().__init__(frames)
         self.backbone = backbone
+        self.conversion: Optional[Conversion] = None
 
     def branch_logits(self, x: Tensor, layout: FrameLayout) -> tuple[Tensor, ...]:
         with frame_layout(layout):
@@ -114,7 +225,11 @@ def ffnify(model: nn.Module, frames: Sequence[int] = (4, 8, 16), weight_alterati
 
     ``model`` is converted in place and becomes the result's ``backbone``. ``shift=False`` gives a
     TSN (no temporal shift); ``weight_alteration=False`` drops WA. ``blocks`` is the rule of the
-    module docstring. An argument that is refused leaves ``model`` unchanged.
+    module docstring. An argument or model that is refused (``ValueError``: an unknown
+    ``BatchNorm2d`` subclass with its own forward, normalisation layers but no ``BatchNorm2d``, no
+    block found) leaves ``model`` unchanged. Normalisation layers other than ``BatchNorm2d`` next
+    to BatchNorm stay shared by all branches, with a warning. The result's ``conversion`` says what
+    was converted (``print(video.conversion)``).
 
     Example: ``ffnify(torchvision.models.mobilenet_v2(num_classes=10))`` takes clips
     ``[N, T, 3, H, W]``, a list of one batch per branch in training.
@@ -125,12 +240,21 @@ def ffnify(model: nn.Module, frames: Sequence[int] = (4, 8, 16), weight_alterati
     if shifted is not None:
         raise ValueError(f"ffnify: the model was ffnified already ({shifted} is a ShiftedConv)")
     video = FFNVideo(model, frames)  # checks frames
+    norms, shared = _plan_norms(model)
+    if shared and not norms:
+        raise ValueError(
+            f"ffnify: {type(model).__name__} normalises with {_by_class(shared)} and has no "
+            f"nn.BatchNorm2d. ffnify makes BatchNorm2d per-branch (FFN's private normalisation); "
+            f"there is no frequency-indexed {', '.join(sorted(shared))} yet, so every branch would "
+            f"share all of its normalisation and it would be no Frame Flexible Network. Use a model "
+            f"with BatchNorm2d (a ResNet, MobileNet, EfficientNet...)")
     targets = _find_blocks(model, blocks) if shift or weight_alteration else {}
     if (shift or weight_alteration) and not targets:
         raise ValueError(
             f"ffnify found no residual block in {type(model).__name__} for the shift and Weight "
             f"Alteration: the default rule knows torchvision's ResNets and MobileNetV2; for another "
-            f"model pass blocks=(name, module) -> path of the block's first conv, or None")
+            f"model pass blocks=(name, module) -> path of the block's first conv, or None, or "
+            f"shift=False, weight_alteration=False (per-branch BatchNorm alone, a TSN)")
     alters = {}
     for path, conv in targets.items():
         channels = next(m for m in conv.modules() if isinstance(m, nn.Conv2d)).in_channels
@@ -140,7 +264,20 @@ def ffnify(model: nn.Module, frames: Sequence[int] = (4, 8, 16), weight_alterati
     for path, alter in alters.items():  # all checked: now change the model
         parent, _, leaf = path.rpartition(".")
         setattr(model.get_submodule(parent), leaf, ShiftedConv(alter, targets[path]))
-    _freq_batch_norms(model, video.num_branches)
+    # by parent module, not by path: a block's first conv (and what it holds) moved into a ShiftedConv
+    for parent, name, cls in norms:
+        setattr(parent, name, cls.from_batch_norm(getattr(parent, name), video.num_branches))
+    video.conversion = Conversion(
+        model=type(model).__name__, frames=video.frames, per_branch_norms=len(norms),
+        with_activation=sum(cls is FreqBatchNormAct2d for _, _, cls in norms),
+        shifted_convs=len(alters) if shift else 0,
+        weight_alterations=len(alters) if weight_alteration else 0, shared_norms=dict(shared))
+    if shared:
+        warnings.warn(
+            f"ffnify: {sum(shared.values())} normalisation layers of {type(model).__name__} are not "
+            f"BatchNorm2d and stay shared by all branches ({_by_class(shared)}): only BatchNorm2d "
+            f"becomes per-branch (there is no frequency-indexed LayerNorm or GroupNorm yet)",
+            stacklevel=2)
     return video
 
 
@@ -173,10 +310,67 @@ def _find_blocks(model: nn.Module, rule: BlockRule) -> dict[str, nn.Module]:
     return found
 
 
-def _freq_batch_norms(module: nn.Module, branches: int) -> None:
-    """Every ``nn.BatchNorm2d`` under ``module`` -> a ``FreqBatchNorm2d`` with ``branches`` rows."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, FreqBatchNorm2d.from_batch_norm(child, branches))
-        else:
-            _freq_batch_norms(child, branches)
+# Normalisation layers of torch other than BatchNorm2d: _NormBase holds BatchNorm1d/3d,
+# SyncBatchNorm and the InstanceNorms
+_TORCH_NORMS = tuple(c for c in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+                                 getattr(nn, "RMSNorm", None)) if c is not None)
+
+
+def _is_other_norm(m: nn.Module) -> bool:
+    """Whether ``m`` is a normalisation layer that ffnify does not make per-branch and that has
+    something to share (parameters or statistics of its own; an affine-free LayerNorm or
+    InstanceNorm computes the same for any branch). Layers of other libraries count by their class
+    name (timm's LayerNorm2d subclasses LayerNorm, but its RmsNorm2d and EvoNorm2d, or torchvision's
+    FrozenBatchNorm2d, subclass no torch norm): a ``...Norm...`` class, not ``Normalize``, that
+    holds no conv or linear layer (which a head or block named so, as timm's NormMlpClassifierHead,
+    does; its own norm counts)."""
+    if not (isinstance(m, _TORCH_NORMS) or (
+            re.search(r"Norm(?!alize)", type(m).__name__)
+            and not any(isinstance(c, (nn.modules.conv._ConvNd, nn.Linear)) for c in m.modules()))):
+        return False
+    return (next(m.parameters(recurse=False), None) is not None
+            or any(b is not None for b in m.buffers(recurse=False)))
+
+
+def _plan_norms(model: nn.Module) -> tuple[list[tuple[nn.Module, str, type]], Counter]:
+    """``[(parent, name, FreqBatchNorm2d class)]`` for every ``nn.BatchNorm2d`` under ``model``, and
+    the classes of the other normalisation layers (:func:`_is_other_norm`) with their counts. An
+    unknown ``BatchNorm2d`` subclass whose forward is its own raises ``ValueError``."""
+    norms, shared = [], Counter()
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, nn.BatchNorm2d):
+                norms.append((module, name, _freq_class(path, child)))
+            elif _is_other_norm(child):
+                shared[type(child).__name__] += 1
+            else:
+                visit(path + ".", child)
+
+    visit("", model)
+    return norms, shared
+
+
+def _freq_class(path: str, bn: nn.BatchNorm2d) -> type:
+    """The per-branch class for ``bn``: a BatchNorm2d (or a subclass keeping its forward) becomes a
+    FreqBatchNorm2d, timm's BatchNormAct2d a FreqBatchNormAct2d; a subclass whose forward does
+    something else would lose it: refused."""
+    cls = type(bn)
+    if cls.forward is nn.BatchNorm2d.forward:
+        return FreqBatchNorm2d
+    # timm is optional: a model of its classes has imported their module
+    norm_act = sys.modules.get("timm.layers.norm_act")
+    if norm_act is not None and isinstance(bn, norm_act.BatchNormAct2d) \
+            and cls.forward is norm_act.BatchNormAct2d.forward:
+        return FreqBatchNormAct2d
+    raise ValueError(
+        f"ffnify: module {path!r} ({cls.__module__}.{cls.__qualname__}) is a BatchNorm2d "
+        f"subclass with a forward of its own, which ffnify does not know: a FreqBatchNorm2d in its "
+        f"place would drop whatever that forward does beyond BatchNorm. ffnify converts "
+        f"nn.BatchNorm2d, subclasses that keep its forward, and timm's BatchNormAct2d; replace "
+        f"{path!r} by an nn.BatchNorm2d followed by what its forward adds before calling ffnify")
+
+
+def _by_class(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items()))

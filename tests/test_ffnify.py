@@ -1,12 +1,20 @@
 """``ffn.ffnify``: a 2D CNN as a Frame Flexible video model (docs/design.md §5.7). A torchvision
 ResNet-18 made so equals ``FFNResNet(18)`` with the same weights; a MobileNetV2 trains and evaluates
-at any frame count; ``ffn train model.arch=torchvision:...`` runs; any module tree converts by a
-rule. The torchvision tests skip where torchvision is absent or does not load against this torch."""
+at any frame count; ``ffn train model.arch=torchvision:...`` runs, in this process and from a shell;
+any module tree converts by a rule; timm's ResNet, EfficientNet and MobileNetV3 (activation-fused
+BN) equal the 2D model frame by frame; what would be silently wrong is refused (unknown BN
+subclasses, LayerNorm-only models) or warned about, and ``video.conversion`` says what was
+converted. The torchvision and timm tests skip where they are absent."""
 
+import copy
 import json
 import math
+import os
 import re
+import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,37 +26,34 @@ from ffn.config import UserError, load_config
 from ffn.convert import load_torchvision
 from ffn.engine.checkpoint import load as load_checkpoint
 from ffn.engine.factory import build_model, load_trained
-from ffn.ffnify import ShiftedConv, first_conv
+from ffn.ffnify import FreqBatchNormAct2d, ShiftedConv, first_conv, import_torchvision
 from ffn.losses import temporal_distillation_loss
 from ffn_kernels import FrameLayout, FreqBatchNorm2d, ShiftAlter
 
 FRAMES = (2, 4, 8)
 
 
-_torchvision_ops = None  # see the torchvision fixture
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def torchvision():
-    """torchvision's model zoo. The PyPI torchvision wheel is a CUDA build: next to the CPU torch
-    its compiled ops do not load, and its import then fails registering fake kernels for two of
-    them (``torchvision::nms``, ``qnms``). The models are plain Python and never call those ops,
-    so the import is retried with the two schemas defined (never done when torchvision loads)."""
-    global _torchvision_ops
+    """torchvision's model zoo, through the library's import (ffn.ffnify.import_torchvision: the
+    PyPI wheel's compiled ops do not load next to the CPU torch; the models do)."""
     try:
-        import torchvision
+        return import_torchvision()
     except ImportError:
         pytest.skip("torchvision is not installed (pip install 'ffn-kernels[torchvision]')")
-    except RuntimeError as e:
-        if "torchvision::nms" not in str(e):
-            raise
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        _torchvision_ops = torch.library.Library("torchvision", "DEF")
-        _torchvision_ops.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _torchvision_ops.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-        import torchvision
-    return torchvision
+
+
+@pytest.fixture(scope="module")
+def timm(torchvision):
+    """timm (which imports torchvision: after the fixture above)."""
+    try:
+        import timm
+    except ImportError:
+        pytest.skip("timm is not installed (pip install -r requirements-test.txt)")
+    return timm
 
 
 def clips(frames, n=2, hw=32, dtype=torch.float32, seed=0):
@@ -170,7 +175,21 @@ def test_ffn_train_and_eval_a_torchvision_arch(tmp_path, torchvision, capsys):
     saved = load_checkpoint(run / "last.pt")["model"]
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     assert model.backbone.classifier[0].p == 0.5  # model.dropout, in front of the classifier
-    capsys.readouterr()
+    out = capsys.readouterr().out  # what ffnify converted, printed once, at the model's build
+    line = ("ffnify MobileNetV2: 52 per-branch BatchNorm2d, 10 shifted convs, 10 Weight Alteration "
+            "modules; branches of 1, 2 frames")
+    assert out.count(line) == 1, out
+    assert str(model.conversion) == line
+
+
+def test_ffn_train_a_torchvision_arch_from_a_shell(tmp_path, torchvision):
+    """A fresh process imports torchvision through ffn.ffnify.import_torchvision, as the tests do."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "ffn", "train", *SMALL, "--out", str(tmp_path / "run")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ffnify MobileNetV2: 52 per-branch BatchNorm2d" in proc.stdout
+    assert (tmp_path / "run" / "last.pt").is_file()
 
 
 # --- any module tree, by a rule ------------------------------------------------------------------------
@@ -281,7 +300,6 @@ def test_a_model_that_does_not_return_logits_is_refused():
     ("model.impl=eager", "model.impl: must be 'fused' with model.arch=torchvision:mobilenet_v2"),
     ("model.width=16", "model.width: must stay 64"),
     ("model.pretrained=w.pth", "model.pretrained: is not supported with model.arch=torchvision"),
-    ("train.sync_bn=true", "train.sync_bn: must be false"),
 ])
 def test_config_refuses_what_a_torchvision_arch_cannot_do(override, match):
     with pytest.raises(UserError, match=match):
@@ -327,3 +345,95 @@ def test_compiled_fullgraph_ffnified_model_equals_eager():
     with torch.no_grad():
         (x,) = clips((7,), hw=16)
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-6)
+
+
+# --- timm models, normalisation rules, the conversion report -------------------------------------------
+
+@pytest.mark.parametrize("name,act_bns", [("resnet18", 0), ("efficientnet_b0", 49), ("mobilenetv3_small_100", 34)])
+def test_timm_models_equal_the_2d_model_frame_by_frame(timm, name, act_bns):
+    """Without shift and WA, in eval, every branch row is the 2D model's BN: the video model's logits
+    are the 2D model's per-frame logits averaged over each clip's frames (FFNVideo's consensus)."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3)
+    randomize(model)  # statistics that are not the identity (BatchNormAct2d is a BatchNorm2d)
+    model.eval()
+    image = copy.deepcopy(model)
+    video = ffnify(model, (2, 4), weight_alteration=False, shift=False).eval()
+    c = video.conversion
+    assert (c.with_activation, c.shifted_convs, c.weight_alterations, c.shared_norms) == (act_bns, 0, 0, {})
+    assert c.per_branch_norms == sum(isinstance(m, nn.BatchNorm2d) for m in image.modules()) > 0
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    # timm's activation and drop are kept, under the timm model's state_dict keys
+    assert sum(isinstance(m, FreqBatchNormAct2d) for m in model.modules()) == act_bns
+    assert [k.removeprefix("backbone.") for k in video.state_dict()] == list(image.state_dict())
+    with torch.no_grad():
+        for t in (2, 3, 4):  # 3: the nearest branch, 4 frames, over 3
+            (x,) = clips((t,), hw=32, seed=t)
+            frames = image(x.flatten(0, 1)).view(2, t, -1).mean(1)
+            torch.testing.assert_close(video(x), frames, rtol=1e-5, atol=1e-5)
+        if act_bns:  # a timm checkpoint (BatchNorm2d's [C] entries) loads into every branch row
+            video.backbone.load_state_dict(image.state_dict())
+    if act_bns:  # and it trains, timm's in-place activations after the per-branch BN included
+        video.train()
+        temporal_distillation_loss(video(clips((2, 4), hw=32)), torch.tensor([0, 2])).total.backward()
+        bn = next(m for m in model.modules() if isinstance(m, FreqBatchNormAct2d))
+        assert bn.weight.grad is not None and not isinstance(bn.act, nn.Identity)
+
+
+class LayerNorm2d(nn.LayerNorm):  # as timm's: LayerNorm over channels of [B, C, H, W]
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def layer_norm_cnn() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), LayerNorm2d(8), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.GroupNorm(2, 8), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+def test_a_model_normalised_by_other_norms_than_batch_norm_is_refused(timm):
+    model = layer_norm_cnn()
+    before = repr(model)
+    with pytest.raises(ValueError, match=r"Sequential normalises with GroupNorm x1, LayerNorm2d x1 and has no "
+                                          r"nn.BatchNorm2d.*no frequency-indexed GroupNorm, LayerNorm2d yet"):
+        ffnify(model, FRAMES, shift=False, weight_alteration=False)
+    assert repr(model) == before
+    with pytest.raises(ValueError, match=r"ConvNeXt normalises with LayerNorm2d x\d+ and has no nn.BatchNorm2d"):
+        ffnify(timm.create_model("convnext_atto", num_classes=3), FRAMES)
+
+
+def test_other_norms_next_to_batch_norm_stay_shared_with_a_warning():
+    model = tiny_cnn()
+    model[3].body.append(nn.GroupNorm(2, 8))
+    model.insert(5, nn.LayerNorm([8, 8, 8], elementwise_affine=False))  # nothing to share: not counted
+    with pytest.warns(UserWarning, match=r"1 normalisation layers of Sequential are not BatchNorm2d and stay "
+                                         r"shared by all branches \(GroupNorm x1\)"):
+        video = ffnify(model, FRAMES, blocks=residual_blocks)
+    assert str(video.conversion) == (
+        "ffnify Sequential: 5 per-branch BatchNorm2d, 2 shifted convs, 2 Weight Alteration modules; "
+        "branches of 2, 4, 8 frames; 1 other normalisation layers shared by all branches (GroupNorm x1)")
+    assert isinstance(model[3].body[5], nn.GroupNorm)
+
+
+class ScaledBatchNorm2d(nn.BatchNorm2d):  # does more than BatchNorm: refused
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class NamedBatchNorm2d(nn.BatchNorm2d):  # BatchNorm's own forward: converted
+    pass
+
+
+def test_batch_norm_subclasses_convert_when_they_keep_its_forward_and_are_refused_otherwise():
+    model = tiny_cnn()
+    model[3].body[1] = NamedBatchNorm2d(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: nothing is left shared
+        video = ffnify(model, FRAMES, shift=False, weight_alteration=False)
+    assert type(model[3].body[1]) is FreqBatchNorm2d and video.conversion.per_branch_norms == 5
+    model = tiny_cnn()
+    model[4].body[4] = ScaledBatchNorm2d(8)
+    before = repr(model)
+    with pytest.raises(ValueError, match=r"module '4.body.4' \(test_ffnify.ScaledBatchNorm2d\) is a BatchNorm2d "
+                                         r"subclass with a forward of its own"):
+        ffnify(model, FRAMES, blocks=residual_blocks)
+    assert repr(model) == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from torch import nn
@@ -11,7 +12,7 @@ from ..convert import load_official, load_torchvision
 from ..data import num_classes
 from ..data.build import num_classes_key
 from ..eager import EagerFFNResNet
-from ..ffnify import FFNVideo, ffnify
+from ..ffnify import FFNVideo, ffnify, import_torchvision
 from ..models import DEPTHS, FFNResNet, FrameFlexible
 from . import checkpoint
 
@@ -24,11 +25,15 @@ def depth_of(arch: str) -> int:
     return int(depth)
 
 
-def build_model(cfg: ModelConfig, classes: int, pretrained: bool = True) -> FrameFlexible:
-    """The FFN (several frame counts) or single-frame-count TSM described by ``cfg``."""
+def build_model(cfg: ModelConfig, classes: int, pretrained: bool = True, report: bool = True) -> FrameFlexible:
+    """The FFN (several frame counts) or single-frame-count TSM described by ``cfg``. ``report``:
+    a ``torchvision:NAME`` arch prints what ffnify converted (on the main process only)."""
     name = torchvision_arch(cfg.arch)
     if name is not None:
-        return build_torchvision(name, cfg, classes)
+        video = build_torchvision(name, cfg, classes)
+        if report and int(os.environ.get("RANK", 0)) == 0:  # torchrun's rank: one line per run
+            print(video.conversion, flush=True)
+        return video
     cls = FFNResNet if cfg.impl == "fused" else EagerFFNResNet
     model = cls(depth_of(cfg.arch), cfg.frames, classes, dropout=cfg.dropout,
                 weight_alteration=cfg.weight_alteration, width=cfg.width)
@@ -49,7 +54,7 @@ def build_torchvision(name: str, cfg: ModelConfig, classes: int) -> FFNVideo:
     through :func:`ffn.ffnify` (config checks: :func:`ffn.config.check_ranges`)."""
     arch = f"model.arch={cfg.arch}"
     try:
-        import torchvision
+        torchvision = import_torchvision()
     except Exception as e:  # noqa: BLE001 - not installed, or a build for another torch
         raise UserError(f"config {arch} needs torchvision, built for this torch (pip install "
                         f"'ffn-kernels[torchvision]'): {type(e).__name__}: "
@@ -109,7 +114,7 @@ def load_trained(path: str | Path, overrides: list[str] = ()) -> tuple[FrameFlex
     if old != new:
         raise UserError(f"{num_classes_key(cfg.data)}={new} contradicts checkpoint {path}, whose classifier "
                         f"has {old} classes")
-    model = build_model(cfg.model, new, pretrained=False)
+    model = build_model(cfg.model, new, pretrained=False, report=False)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
