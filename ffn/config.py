@@ -276,9 +276,6 @@ def check_ranges(config: Config) -> None:
         need(not m.pretrained, "model.pretrained", m.pretrained, f"is not supported with model.arch="
              f"{m.arch} yet: load the ImageNet weights into the torchvision model, then call "
              "ffn.ffnify in Python")
-        need(not t.sync_bn, "train.sync_bn", t.sync_bn, f"must be false with model.arch={m.arch}: "
-             "SyncFreqBatchNorm2d takes the layout as an argument, which a torchvision model's "
-             "forward does not pass")
     need(bool(m.frames) and m.frames[0] >= 1 and all(a < b for a, b in zip(m.frames, m.frames[1:])),
          "model.frames", m.frames, "must be frame counts >= 1 in increasing order")
     need(t.epochs >= 1, "train.epochs (--epochs)", t.epochs, "must be >= 1")

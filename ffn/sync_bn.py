@@ -6,6 +6,11 @@ normalisation in plain PyTorch: per branch and channel, the sum and count are al
 for all branches), then the centred sum of squares (two-pass, float32), both through the
 differentiable all-reduce (its backward all-reduces the gradient) so gradients flow through the
 global statistics as in ``nn.SyncBatchNorm``. Evaluation, and training in a single process, use the fused op.
+
+Like :class:`~ffn_kernels.FreqBatchNorm2d`, it takes the layout as an argument or, without one,
+from the ``ffn_kernels.frame_layout`` context, so an ffnified model (``ffn.ffnify``) converts too;
+timm's activation-fused BN (:class:`~ffn.ffnify.FreqBatchNormAct2d`) becomes
+:class:`SyncFreqBatchNormAct2d`.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ffn_kernels import FrameLayout, FreqBatchNorm2d, ops
+from ffn_kernels import FrameLayout, FreqBatchNorm2d, ops, resolve_layout
 from ffn_kernels.validation import memory_format_of, momenta
+
+from .ffnify import FreqBatchNormAct2d
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -44,14 +51,17 @@ class SyncFreqBatchNorm2d(FreqBatchNorm2d):
         return (self.training and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size(self.process_group) > 1)
 
-    def forward(self, x: Tensor, layout: FrameLayout, residual: Optional[Tensor] = None,
+    def forward(self, x: Tensor, layout: Optional[FrameLayout] = None, residual: Optional[Tensor] = None,
                 activation: Optional[str] = None) -> Tensor:
+        """As :meth:`FreqBatchNorm2d.forward`: ``layout`` defaults to the context's."""
+        layout = resolve_layout(layout, type(self).__name__)
         if not self._syncing():
             return super().forward(x, layout, residual, activation)
         return self._sync_norm(x, layout, residual, activation)
 
-    def add_relu_shift_alter(self, z: Tensor, identity: Tensor, layout: FrameLayout,
+    def add_relu_shift_alter(self, z: Tensor, identity: Tensor, layout: Optional[FrameLayout] = None,
                              alter_next: Optional[Tensor] = None, fold_div: int = 8) -> tuple[Tensor, Tensor]:
+        layout = resolve_layout(layout, type(self).__name__)
         if not self._syncing():
             return super().add_relu_shift_alter(z, identity, layout, alter_next, fold_div)
         out = self._sync_norm(z, layout, identity, "relu")
@@ -90,15 +100,39 @@ class SyncFreqBatchNorm2d(FreqBatchNorm2d):
         return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
 
+class SyncFreqBatchNormAct2d(FreqBatchNormAct2d, SyncFreqBatchNorm2d):
+    """Drop-in :class:`~ffn.ffnify.FreqBatchNormAct2d`: ``act(drop(SyncFreqBatchNorm2d(x)))``
+    (its forward calls this class's BN, the synchronised one, by the method order)."""
+
+
+_SYNC = {FreqBatchNorm2d: SyncFreqBatchNorm2d, FreqBatchNormAct2d: SyncFreqBatchNormAct2d}
+
+
 def convert_sync_freq_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """Replace every :class:`FreqBatchNorm2d` in ``module`` by a :class:`SyncFreqBatchNorm2d` that
-    shares its parameters and buffers (``state_dict`` keys unchanged)."""
-    for name, child in module.named_children():
-        if type(child) is FreqBatchNorm2d:
-            sync = SyncFreqBatchNorm2d.__new__(SyncFreqBatchNorm2d)
-            sync.__dict__.update(child.__dict__)  # the same Parameter and buffer objects
-            sync.process_group = process_group
-            setattr(module, name, sync)
-        else:
-            convert_sync_freq_batchnorm(child, process_group)
+    """Replace every :class:`FreqBatchNorm2d` in ``module`` by a :class:`SyncFreqBatchNorm2d` (a
+    :class:`~ffn.ffnify.FreqBatchNormAct2d` by a :class:`SyncFreqBatchNormAct2d`) that shares its
+    parameters, buffers and submodules (``state_dict`` keys unchanged). Modules synchronised
+    already are kept; another ``FreqBatchNorm2d`` subclass raises ``ValueError`` naming it (left
+    as it is, it would normalise with this process's frames alone)."""
+    found = []  # all checked before any is replaced
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for name, child in parent.named_children():
+            sync_class = _SYNC.get(type(child))
+            if sync_class is not None:
+                found.append((parent, name, sync_class))
+            elif isinstance(child, FreqBatchNorm2d) and not isinstance(child, SyncFreqBatchNorm2d):
+                cls = type(child)
+                raise ValueError(f"convert_sync_freq_batchnorm: module {prefix + name!r} "
+                                 f"({cls.__module__}.{cls.__qualname__}) is a FreqBatchNorm2d "
+                                 f"subclass with no synchronised counterpart")
+            elif not isinstance(child, FreqBatchNorm2d):
+                visit(child, f"{prefix}{name}.")
+
+    visit(module, "")
+    for parent, name, sync_class in found:
+        sync = sync_class.__new__(sync_class)
+        sync.__dict__.update(getattr(parent, name).__dict__)  # the same Parameter, buffer, module objects
+        sync.process_group = process_group
+        setattr(parent, name, sync)
     return module
