@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import UserError, load_config  # stdlib only: no torch before the work starts
+from .config import UserError, check_checkpoint_file, load_config  # stdlib only: no torch before the work starts
 
 MAX_FRAMES = 1024  # the largest frame count --frames takes (each is a clip of that many frames)
 
@@ -147,17 +147,7 @@ def _check_train(args) -> None:
     if resume == "auto" and not path.exists():
         load_config(args.config, overrides)  # a new run, of this config alone
     else:
-        _check_checkpoint_file(path)
-
-
-def _check_checkpoint_file(path: Path) -> None:
-    """What :func:`ffn.engine.checkpoint.load` says of a missing, non-file or empty ``path``."""
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} is not a file")
-    if path.stat().st_size == 0:
-        raise UserError(f"checkpoint {path} is empty (0 bytes): not a checkpoint")
+        check_checkpoint_file(path)
 
 
 def _check_checkpoints(args) -> None:
@@ -165,7 +155,7 @@ def _check_checkpoints(args) -> None:
     _, checkpoints, overrides = _checkpoints(args)
     load_config(overrides=overrides, ranges=False)
     for path in checkpoints:
-        _check_checkpoint_file(Path(path))
+        check_checkpoint_file(Path(path))
     if args.command == "diagnose" and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a file, not a folder")
 

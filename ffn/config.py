@@ -135,6 +135,19 @@ def read_user_text(path: str | Path, what: str) -> str:
         raise UserError(f"{what} {path}: {e.strerror or e}") from None
 
 
+def check_checkpoint_file(path: str | Path) -> Path:
+    """``path`` as a checkpoint file to read: missing, not a file, or empty raises :class:`UserError`
+    naming it (torch-free, so the ``ffn`` command checks its arguments before importing torch)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} is not a file")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes): not a checkpoint")
+    return path
+
+
 # The recipes shipped with the package (ffn/configs/*.toml): `--config NAME` finds them from anywhere
 SHIPPED = Path(__file__).resolve().parent / "configs"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import UserError
+from ..config import UserError, check_checkpoint_file
 
 # Environment variable of the kill tests: a point name (see :func:`kill_point`) at which the process
 # SIGKILLs itself, to check what a kill at that moment leaves behind.
@@ -42,13 +42,7 @@ def load(path: str | Path) -> dict:
     """The dict saved at ``path``. A missing, empty or foreign file, or one holding objects other than
     tensors and plain containers, raises :class:`~ffn.config.UserError` naming it; the file is only
     ever unpickled with ``weights_only=True``."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} is not a file")
-    if path.stat().st_size == 0:
-        raise UserError(f"checkpoint {path} is empty (0 bytes): not a checkpoint")
+    path = check_checkpoint_file(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types; none of its advice is wanted
