@@ -289,6 +289,14 @@ class FFNResNet(FrameFlexible):
         """The last block's output for packed frames ``x`` (one conv call per layer per step)."""
         x = self.maxpool(self.bn1(self.conv1(x), layout, activation="relu"))
         blocks = self.blocks()
+        # Each block's shift + WA (its `alter`) acts on the block's input, i.e. on the previous
+        # block's output: so it is applied where that output is made, inside the previous block's
+        # boundary op (bn_add_relu_shift_alter fuses BN + add + ReLU + the next block's
+        # shift_alter in one pass over the activation, instead of writing the output and reading
+        # it back). The first block's alter has no previous block: it runs here, on the stem's
+        # output. Each block thus gets `x` (unshifted: its identity and downsample input) and
+        # `x_in` (shifted and altered: its conv1 input) and is handed the following block's
+        # alter; the last block gets None (nothing follows, no shift to compute).
         x_in = blocks[0].alter(x, layout)
         for block, following in zip(blocks, blocks[1:] + [None]):
             x, x_in = block(x, x_in, layout, following.alter if following is not None else None)
