@@ -23,7 +23,7 @@ MobileNetV2, where TSM shifts.
 
 ffnify is never silently wrong about normalisation: a ``BatchNorm2d`` subclass whose forward does
 more than BatchNorm is converted with that behaviour kept (timm's ``BatchNormAct2d``:
-:class:`FreqBatchNormAct2d`) or refused naming the module and its class; a model whose only
+:class:`~ffn_kernels.FreqBatchNormAct2d`) or refused naming the module and its class; a model whose only
 normalisation layers are others (LayerNorm, GroupNorm, ...) is refused; others next to BatchNorm
 stay shared across branches, with a warning. What was converted is ``video.conversion``
 (:class:`Conversion`).
@@ -41,7 +41,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ffn_kernels import FrameLayout, FreqBatchNorm2d, ShiftAlter, frame_layout, resolve_layout
+from ffn_kernels import (FrameLayout, FreqBatchNorm2d, FreqBatchNormAct2d, ShiftAlter, frame_layout,
+                         resolve_layout)
 
 from .models import ConvOfShifted, FrameFlexible, clip_means
 
@@ -127,48 +128,6 @@ class ShiftedConv(nn.Module):
         conv = self.conv
         return (self.alter.shift and type(conv) is nn.Conv2d and conv.bias is None
                 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
-
-
-class FreqBatchNormAct2d(FreqBatchNorm2d):
-    """timm's ``BatchNormAct2d`` made per-branch: ``act(drop(FreqBatchNorm2d(x)))``.
-
-    timm fuses the activation (and an optional dropout) into a ``BatchNorm2d`` subclass so that its
-    checkpoints keep BatchNorm's keys. This class keeps them too, which is why it is a
-    ``FreqBatchNorm2d`` subclass holding ``drop`` and ``act`` rather than a
-    ``Sequential(FreqBatchNorm2d, drop, act)`` (that would rename ``bn1.weight`` to
-    ``bn1.0.weight``): the BN's parameters and buffers keep their names (one row per branch), and
-    ``drop`` and ``act`` are timm's own modules (``bn1.act.*`` where they hold state, as a PReLU),
-    so the ffnified model's ``state_dict`` has the timm model's keys and a timm checkpoint loads
-    into it (every branch row from the BN, as ``FreqBatchNorm2d`` loads any ``BatchNorm2d``).
-    """
-
-    def __init__(self, num_features: int, num_branches: int = 3, eps: float = 1e-5,
-                 momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
-                 drop: Optional[nn.Module] = None, act: Optional[nn.Module] = None,
-                 device=None, dtype=None) -> None:
-        super().__init__(num_features, num_branches, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype)
-        self.drop = nn.Identity() if drop is None else drop
-        self.act = nn.Identity() if act is None else act
-
-    @classmethod
-    def from_batch_norm(cls, bn: nn.BatchNorm2d, num_branches: int) -> "FreqBatchNormAct2d":
-        """Every branch row from ``bn`` (:meth:`FreqBatchNorm2d.from_batch_norm`), and ``bn``'s own
-        ``drop`` and ``act`` modules (moved, not copied)."""
-        alone = nn.BatchNorm2d.__new__(nn.BatchNorm2d)
-        alone.__dict__.update(bn.__dict__)
-        alone.__dict__["_modules"] = {}  # bn's parameters and buffers, without its drop and act
-        new = super().from_batch_norm(alone, num_branches)
-        new.drop, new.act = bn.drop, bn.act
-        return new
-
-    def forward(self, x: Tensor, layout: Optional[FrameLayout] = None) -> Tensor:
-        """``act(drop(BN(x)))``, timm's order; ``layout`` defaults to the context's."""
-        return self.act(self.drop(super().forward(x, layout)))
-
-    def add_relu_shift_alter(self, *args, **kwargs):
-        raise NotImplementedError(f"{type(self).__name__} applies its own activation: the fused "
-                                  f"residual-block boundary (BN + add + ReLU) does not apply to it")
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,48 @@ class FreqBatchNorm2d(nn.Module):
         )
 
 
+class FreqBatchNormAct2d(FreqBatchNorm2d):
+    """timm's ``BatchNormAct2d`` made per-branch: ``act(drop(FreqBatchNorm2d(x)))``.
+
+    timm fuses the activation (and an optional dropout) into a ``BatchNorm2d`` subclass so that its
+    checkpoints keep BatchNorm's keys. This class keeps them too, which is why it is a
+    ``FreqBatchNorm2d`` subclass holding ``drop`` and ``act`` rather than a
+    ``Sequential(FreqBatchNorm2d, drop, act)`` (that would rename ``bn1.weight`` to
+    ``bn1.0.weight``): the BN's parameters and buffers keep their names (one row per branch), and
+    ``drop`` and ``act`` are timm's own modules (``bn1.act.*`` where they hold state, as a PReLU),
+    so the ffnified model's ``state_dict`` has the timm model's keys and a timm checkpoint loads
+    into it (every branch row from the BN, as ``FreqBatchNorm2d`` loads any ``BatchNorm2d``).
+    """
+
+    def __init__(self, num_features: int, num_branches: int = 3, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 drop: Optional[nn.Module] = None, act: Optional[nn.Module] = None,
+                 device=None, dtype=None) -> None:
+        super().__init__(num_features, num_branches, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
+        self.drop = nn.Identity() if drop is None else drop
+        self.act = nn.Identity() if act is None else act
+
+    @classmethod
+    def from_batch_norm(cls, bn: nn.BatchNorm2d, num_branches: int) -> "FreqBatchNormAct2d":
+        """Every branch row from ``bn`` (:meth:`FreqBatchNorm2d.from_batch_norm`), and ``bn``'s own
+        ``drop`` and ``act`` modules (moved, not copied)."""
+        alone = nn.BatchNorm2d.__new__(nn.BatchNorm2d)
+        alone.__dict__.update(bn.__dict__)
+        alone.__dict__["_modules"] = {}  # bn's parameters and buffers, without its drop and act
+        new = super().from_batch_norm(alone, num_branches)
+        new.drop, new.act = bn.drop, bn.act
+        return new
+
+    def forward(self, x: Tensor, layout: Optional[FrameLayout] = None) -> Tensor:
+        """``act(drop(BN(x)))``, timm's order; ``layout`` defaults to the context's."""
+        return self.act(self.drop(super().forward(x, layout)))
+
+    def add_relu_shift_alter(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} applies its own activation: the fused "
+                                  f"residual-block boundary (BN + add + ReLU) does not apply to it")
+
+
 class ShiftAlter(nn.Module):
     """Temporal shift followed by per-branch Weight Alteration ``y = (1 + weight[p]) * shift(x)``.
 

@@ -26,9 +26,9 @@ from ffn.config import UserError, load_config
 from ffn.convert import load_torchvision
 from ffn.engine.checkpoint import load as load_checkpoint
 from ffn.engine.factory import build_model, load_trained
-from ffn.ffnify import FreqBatchNormAct2d, ShiftedConv, first_conv, import_torchvision
+from ffn.ffnify import ShiftedConv, first_conv, import_torchvision
 from ffn.losses import temporal_distillation_loss
-from ffn_kernels import FrameLayout, FreqBatchNorm2d, ShiftAlter
+from ffn_kernels import FrameLayout, FreqBatchNorm2d, FreqBatchNormAct2d, ShiftAlter
 
 FRAMES = (2, 4, 8)
 

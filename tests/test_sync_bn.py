@@ -1,4 +1,4 @@
-"""Synchronised frequency-indexed BN (``ffn.sync_bn``) on ffnified models, which call ``bn(x)`` and
+"""Synchronised frequency-indexed BN (``ffn_kernels.sync_batchnorm``) on ffnified models, which call ``bn(x)`` and
 leave the layout to the ``frame_layout`` context: 2 gloo processes with half the clips each equal
 one process with all of them (outputs, running statistics, summed gradients), timm's
 activation-fused BN included; ``ffn train model.arch=torchvision:... train.sync_bn=true`` under
@@ -17,9 +17,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from ffn.ffnify import FreqBatchNormAct2d, ffnify, first_conv, import_torchvision
-from ffn.sync_bn import SyncFreqBatchNorm2d, SyncFreqBatchNormAct2d, convert_sync_freq_batchnorm
-from ffn_kernels import FrameLayout, FreqBatchNorm2d, frame_layout
+from ffn.ffnify import ffnify, first_conv, import_torchvision
+from ffn_kernels import (FrameLayout, FreqBatchNorm2d, FreqBatchNormAct2d, SyncFreqBatchNorm2d,
+                         SyncFreqBatchNormAct2d, convert_sync_freq_batchnorm, frame_layout)
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMES = (2, 4)

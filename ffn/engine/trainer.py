@@ -12,10 +12,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ffn_kernels import convert_sync_freq_batchnorm
+
 from ..config import Config, UserError
 from ..data import build_source, collate, num_classes, train_dataset
 from ..losses import temporal_distillation_loss
-from ..sync_bn import convert_sync_freq_batchnorm
 from . import checkpoint, distributed
 from .distributed import Dist
 from .evaluate import accuracy_by_frames

@@ -9,8 +9,9 @@ global statistics as in ``nn.SyncBatchNorm``. Evaluation, and training in a sing
 
 Like :class:`~ffn_kernels.FreqBatchNorm2d`, it takes the layout as an argument or, without one,
 from the ``ffn_kernels.frame_layout`` context, so an ffnified model (``ffn.ffnify``) converts too;
-timm's activation-fused BN (:class:`~ffn.ffnify.FreqBatchNormAct2d`) becomes
-:class:`SyncFreqBatchNormAct2d`.
+the activation-fused BN (:class:`~ffn_kernels.FreqBatchNormAct2d`, what timm's ``BatchNormAct2d``
+becomes) becomes :class:`SyncFreqBatchNormAct2d`. The pair sits beside the module it subclasses,
+as ``nn.SyncBatchNorm`` does in torch.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ffn_kernels import FrameLayout, FreqBatchNorm2d, ops, resolve_layout
-from ffn_kernels.validation import memory_format_of, momenta
-
-from .ffnify import FreqBatchNormAct2d
+from . import ops
+from .layout import FrameLayout, resolve_layout
+from .modules import FreqBatchNorm2d, FreqBatchNormAct2d
+from .validation import memory_format_of, momenta
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -101,7 +102,7 @@ class SyncFreqBatchNorm2d(FreqBatchNorm2d):
 
 
 class SyncFreqBatchNormAct2d(FreqBatchNormAct2d, SyncFreqBatchNorm2d):
-    """Drop-in :class:`~ffn.ffnify.FreqBatchNormAct2d`: ``act(drop(SyncFreqBatchNorm2d(x)))``
+    """Drop-in :class:`~ffn_kernels.FreqBatchNormAct2d`: ``act(drop(SyncFreqBatchNorm2d(x)))``
     (its forward calls this class's BN, the synchronised one, by the method order)."""
 
 
@@ -110,7 +111,7 @@ _SYNC = {FreqBatchNorm2d: SyncFreqBatchNorm2d, FreqBatchNormAct2d: SyncFreqBatch
 
 def convert_sync_freq_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """Replace every :class:`FreqBatchNorm2d` in ``module`` by a :class:`SyncFreqBatchNorm2d` (a
-    :class:`~ffn.ffnify.FreqBatchNormAct2d` by a :class:`SyncFreqBatchNormAct2d`) that shares its
+    :class:`~ffn_kernels.FreqBatchNormAct2d` by a :class:`SyncFreqBatchNormAct2d`) that shares its
     parameters, buffers and submodules (``state_dict`` keys unchanged). Modules synchronised
     already are kept; another ``FreqBatchNorm2d`` subclass raises ``ValueError`` naming it (left
     as it is, it would normalise with this process's frames alone)."""
