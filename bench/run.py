@@ -14,19 +14,19 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ffn_kernels
+from ffn import allocator
 
-import ffn_kernels  # noqa: E402
-from ffn import allocator  # noqa: E402
-from op_cases import OPS, STAGES, make_case  # noqa: E402
-from report import Report  # noqa: E402
-from timing import measure  # noqa: E402
+# bench/'s modules import each other by plain name: `python bench/run.py` puts bench/ first on
+# sys.path (they are scripts and their helpers, not a package)
+from op_cases import OPS, STAGES, make_case
+from report import Report
+from timing import measure
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -2,7 +2,7 @@
 
 This is a lower bound of what eager PyTorch moves (each op reads its inputs and writes its outputs
 at least once); views move nothing and are skipped. The fused side is counted from the Triton
-kernels' own loads and stores (``ffn_kernels.triton.traffic``).
+kernels' own loads and stores (the traffic meter, ``bench/triton_traffic.py``).
 """
 
 from __future__ import annotations

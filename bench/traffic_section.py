@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -24,14 +25,14 @@ LAYER1_ELEMENTS = 2 * sum(FRAMES) * 256 * 56 * 56
 
 
 def fused_rows(dtype: str) -> list[dict]:
-    """Run ``ffn_kernels.triton.traffic.report`` in a child process with ``TRITON_INTERPRET=1``
-    (the variable must be set before triton is imported)."""
-    code = ("import json, torch; from ffn_kernels.triton.traffic import report; "
-            f"print(json.dumps(report(clips={CLIPS}, frames={FRAMES}, channels={CHANNELS}, "
-            f"hw={HW}, dtype=torch.{dtype})))")
+    """Run the traffic meter's ``report`` (``bench/triton_traffic.py``) in a child process with
+    ``TRITON_INTERPRET=1`` (the variable must be set before triton is imported)."""
+    meter = Path(__file__).with_name("triton_traffic.py")
+    cmd = [sys.executable, str(meter), "--json", dtype, "--clips", str(CLIPS),
+           "--frames", ",".join(map(str, FRAMES)), "--channels", str(CHANNELS),
+           "--hw", ",".join(map(str, HW))]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ffn.data.sampling import eval_indices  # noqa: E402
-from ffn.data.video import VideoFileSource, _frame_index  # noqa: E402
+from ffn.data.sampling import eval_indices
+from ffn.data.video import VideoFileSource, _frame_index
 
 CLIPS = ["bigbuckbunny.mp4", "bikes.mp4"]
 

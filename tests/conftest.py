@@ -18,8 +18,11 @@ cases use the small shapes and fewer dtype combinations (each test's ``keep``).
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -31,6 +34,21 @@ if not torch.cuda.is_available():
 
 import ffn_kernels  # noqa: E402
 from ffn_kernels import FrameLayout, reference  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(path: str):
+    """The module of one of the repository's scripts (``bench/*.py``, ``.ci/*.py``: run as
+    scripts, not installed), loaded from its file as ``sys.modules[<file stem>]`` (dataclasses
+    look their module up there). Only for scripts that import no sibling of theirs."""
+    file = ROOT / path
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[file.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 # ---------------------------------------------------------------------------------------------
 # Backends

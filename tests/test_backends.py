@@ -14,8 +14,8 @@ import torch
 import ffn_kernels
 from ffn_kernels import backend as backends
 from ffn_kernels import ops
-from conftest import (DEVICE, LAYOUTS, TWO_SEGMENTS, cases, check_outputs, flat, make_input,
-                      make_params, on, only)
+from conftest import (DEVICE, LAYOUTS, TWO_SEGMENTS, cases, check_outputs, flat, load_script,
+                      make_input, make_params, on, only)
 
 EXPECT_CUDA = os.environ.get("FFN_KERNELS_EXPECT_CUDA") == "1"
 
@@ -151,7 +151,7 @@ def test_triton_refuses_float64():
 @pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="the traffic meter runs the Triton interpreter")
 def test_triton_traffic_meter():
     import ffn_kernels.triton as tk
-    from ffn_kernels.triton import traffic
+    traffic = load_script("bench/triton_traffic.py")  # the benchmark's traffic meter
     layout = LAYOUTS[0]
     x = _triton_input(layout, 16)
     with traffic.meter() as m:

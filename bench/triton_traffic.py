@@ -1,4 +1,6 @@
-"""Memory traffic of the Triton kernels, counted from their own loads and stores (docs/design.md §6).
+"""The traffic meter: memory traffic of the Triton kernels, counted from their own loads and stores
+(docs/design.md §6). A measuring tool of the benchmark (``bench/traffic_section.py``), not part
+of the library.
 
 Under ``TRITON_INTERPRET=1`` every ``tl.load``/``tl.store`` goes through the interpreter's
 builder; :func:`meter` wraps its masked load/store (plain ones route through them) and adds
@@ -7,7 +9,7 @@ forward and backward on one packed input and sets the bytes per element of ``x``
 minimum: every big input read once and every big output written once (parameters, statistics and
 the layout table are ignored by the minimum, but counted in the measurement).
 
-Measured with ``TRITON_INTERPRET=1 python -m ffn_kernels.triton.traffic`` (float32, 4 bytes per
+Measured with ``TRITON_INTERPRET=1 python bench/triton_traffic.py`` (float32, 4 bytes per
 element; clips=2, frames=(4, 8, 16), C=32, 8x8, alter given, ``d alter`` requested; bytes per
 element of ``x``, read and written in units of ``x``'s size):
 
@@ -98,7 +100,7 @@ def measure(fn, *args, **kwargs) -> tuple[int, int]:
 def report(clips=2, frames=(4, 8, 16), channels=32, hw=(8, 8), dtype=torch.float32) -> list[dict]:
     """Bytes per element of ``x`` moved by each op's forward and backward (training and eval for
     the BN ops) next to the minimum. Rows: ``op``, ``pass``, ``mode``, ``minimum``, ``measured``."""
-    from .. import triton as api
+    import ffn_kernels.triton as api
 
     frames, rows = list(frames), list(range(len(frames)))
     P = len(frames)
@@ -148,5 +150,26 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def main(argv=None) -> None:
+    """The table of :func:`report` at its defaults, or with ``--json DTYPE`` its rows as one JSON
+    line (how ``bench/traffic_section.py`` reads them from a child process)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description="Memory traffic of the Triton kernels (TRITON_INTERPRET=1)")
+    p.add_argument("--json", metavar="DTYPE", help="print report(dtype=DTYPE)'s rows as JSON")
+    p.add_argument("--clips", type=int, default=2)
+    p.add_argument("--frames", default="4,8,16", help="comma-separated frame counts")
+    p.add_argument("--channels", type=int, default=32)
+    p.add_argument("--hw", default="8,8", help="H,W")
+    args = p.parse_args(argv)
+    shape = dict(clips=args.clips, frames=tuple(int(f) for f in args.frames.split(",")),
+                 channels=args.channels, hw=tuple(int(v) for v in args.hw.split(",")))
+    if args.json:
+        print(json.dumps(report(**shape, dtype=getattr(torch, args.json))))
+    else:
+        print(format_table(report(**shape)))
+
+
 if __name__ == "__main__":
-    print(format_table(report()))
+    main()
