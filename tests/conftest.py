@@ -5,7 +5,7 @@ Every op has its module, ``tests/test_<op>.py``, whose tests take the backend as
 (:func:`cases`): ids ``reference``, ``cpu``, ``triton``, ``cuda``, then the shape, dtype
 (``float32`` ...), memory format (``contiguous`` / ``channels_last``) and the op's own axes, so
 ``-k "bn_add_relu_shift_alter and channels_last"`` selects that case on every backend. Each backend
-param carries a mark of its name (``-m cuda``, ``-m triton``: how ``bench/gpu_check.py`` and
+param carries a mark of its name (``-m cuda``, ``-m triton``: how ``.ci/gpu_check.py`` and
 ``.ci/cuda_build.sh`` select them) and skips, saying why, where it cannot run: ``cpu`` without the
 compiled extension, ``cuda`` without a GPU or without CUDA kernels in the extension, ``triton``
 when Triton does not import.

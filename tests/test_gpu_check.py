@@ -1,11 +1,11 @@
-"""bench/gpu_check.py without a GPU: the dry run prints every step's exact command and needs
+""".ci/gpu_check.py without a GPU: the dry run prints every step's exact command and needs
 nothing (not even torch), the runner keeps going past failures and timeouts and respects the time
-budget, the judges and tool lookups behave, and the child scripts run their logic on CPU. Also
-the ptxas gate of .ci/cuda_build.sh on synthetic ptxas reports."""
+budget, the judges and tool lookups behave, and the env probe runs (the checks it runs are tests:
+tests/test_gpu_runtime.py). Also the ptxas gate of .ci/cuda_build.sh on synthetic ptxas reports."""
 
-import importlib.util
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -15,19 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "bench" / "gpu_check.py"
+SCRIPT = ROOT / ".ci" / "gpu_check.py"
 
-
-def load():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gc = load()
+gc = load_script(".ci/gpu_check.py")
 
 
 def dry_run(tmp_path, *extra):
@@ -63,15 +56,22 @@ def test_dry_run_prints_every_step_without_torch_or_a_gpu(tmp_path):
     assert "FFN_KERNELS_EXPECT_CUDA=1" in cmds["test_cuda"]
     assert cmds["test_triton"].endswith(f"-m triton {op_tests}")
     assert "-u TRITON_INTERPRET" in cmds["test_triton"]
-    # sanitizers over the ops script, only our kernels checked
+    # the run-time checks are pytest tests marked cuda, one per step, selected by node id
+    def runtime(test):
+        return "-m pytest -q -p no:cacheprovider -rs -m cuda " + shlex.quote(
+            f"tests/test_gpu_runtime.py::{test}")
+
+    # sanitizers over the op sweep, only our kernels checked
     for tool in ("memcheck", "racecheck"):
-        assert f"--tool {tool}" in cmds[tool] and cmds[tool].endswith("bench/gpu_check.py --child ops")
+        assert f"--tool {tool}" in cmds[tool]
+        assert cmds[tool].endswith(runtime("test_ops_under_sanitizer"))
         assert "--error-exitcode 1" in cmds[tool] and "kns=ffn_kernels" in cmds[tool]
         assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in cmds[tool]
-    assert cmds["sync_debug"].endswith("--child sync-step --backend cuda")
-    assert cmds["sync_debug_triton"].endswith("--child sync-step --backend triton")
-    assert cmds["cuda_graph"].endswith("--child graph-step --backend cuda")
-    assert cmds["cuda_graph_triton"].endswith("--child graph-step --backend triton")
+    assert cmds["sync_debug"].endswith(runtime("test_sync_free_training_step[cuda]"))
+    assert cmds["sync_debug_triton"].endswith(runtime("test_sync_free_training_step[triton]"))
+    assert cmds["cuda_graph"].endswith(runtime("test_cuda_graph_training_step[cuda]"))
+    assert cmds["cuda_graph_triton"].endswith(runtime("test_cuda_graph_training_step[triton]"))
+    assert cmds["env"].endswith(".ci/gpu_check.py --child env")
     # the benchmark: fp32, and bf16 channels_last, into the given folder
     res = tmp_path / "res"
     assert "bench/run.py --device cuda" in cmds["bench_fp32"]
@@ -149,6 +149,10 @@ def test_judges(tmp_path):
         True, "12 passed, 3 skipped in 4.0s")
     assert gc.pytest_judge(1, "1 failed, 2 passed in 1s", tmp_path)[0] is False
     assert gc.pytest_judge(0, "no tests ran in 0.1s", tmp_path)[0] is False
+    # a GPU check that skips on the GPU machine fails its step
+    assert gc.gpu_test_judge(0, "1 passed in 3.0s", tmp_path) == (True, "1 passed in 3.0s")
+    ok, note = gc.gpu_test_judge(0, "SKIPPED [1] needs a CUDA device\n1 skipped in 0.5s", tmp_path)
+    assert not ok and "skipped" in note
     judge = gc.bench_judge("bench-fp32")
     assert judge(1, "ModuleNotFoundError: No module named 'matplotlib'", tmp_path) == (False, "")
     (tmp_path / "bench-fp32").mkdir()
@@ -181,24 +185,8 @@ def test_toolkit_lookup(tmp_path):
     assert gc.sanitizer_kernel_filter("") == []
 
 
-@pytest.fixture
-def restore_backend():
-    import ffn_kernels
-
-    previous = ffn_kernels.get_backend()
-    yield
-    ffn_kernels.set_backend(previous)
-
-
-def test_children_run_on_cpu(restore_backend, capsys):
-    """The sanitizer's op script and the training steps are valid code: on CPU they run with the
-    CPU backend (no sync mode, no graph capture there)."""
-    assert gc.child_ops("cpu") == 0
-    small = dict(depth=18, width=8, size=16)
-    assert gc.child_sync_step("cuda", "cpu", **small) == 0
-    assert gc.child_graph_step("cuda", "cpu", **small) == 0
-    out = capsys.readouterr().out
-    assert "ops ok" in out and "sync-free training step ok" in out and "eager training step ok" in out
+def test_env_probe_runs(capsys):
+    """The env step's probe (the checks' code runs on CPU in tests/test_gpu_runtime.py)."""
     assert gc.child_env() in (0, 1)
     assert '"torch"' in capsys.readouterr().out
 

@@ -3,9 +3,14 @@
 training steps, and the benchmark, on a machine with one NVIDIA GPU and PyTorch, Triton and nvcc
 preinstalled. Nothing is downloaded (no pip, no network).
 
-    python bench/gpu_check.py --out bench/results/<gpu>    # everything, about 8 min on an H100
-    python bench/gpu_check.py --dry-run                    # print the plan (the exact commands)
-    python bench/gpu_check.py --only build,test_cuda       # a subset (steps by name)
+    python .ci/gpu_check.py --out bench/results/<gpu>    # everything, about 8 min on an H100
+    python .ci/gpu_check.py --dry-run                    # print the plan (the exact commands)
+    python .ci/gpu_check.py --only build,test_cuda       # a subset (steps by name)
+
+This file is the runner: the plan, the processes, timeouts, budget and summary. What the steps
+check is pytest tests marked `cuda` (they skip without a GPU): the op tests' cases, and
+tests/test_gpu_runtime.py (the op sweep run under compute-sanitizer, the sync-free and the
+CUDA-graph training steps), each selected by node id with `python -m pytest -m cuda`.
 
 Steps, each in its own process with its own timeout (a failure does not stop the others):
 
@@ -19,12 +24,14 @@ Steps, each in its own process with its own timeout (a failure does not stop the
                    (TRITON_INTERPRET unset)
   memcheck         compute-sanitizer memcheck over every op's forward and backward, NCHW and
                    channels_last, fp32 and fp16, train and eval, vectorised and scalar paths,
-                   through ffn_kernels.ops with the cuda backend
+                   through ffn_kernels.ops with the cuda backend (test_ops_under_sanitizer)
   racecheck        compute-sanitizer racecheck over the same
   sync_debug       one fused FFNResNet training step under torch.cuda.set_sync_debug_mode("error")
-                   (cuda backend; sync_debug_triton: the Triton backend)
+                   (cuda backend; sync_debug_triton: the Triton backend;
+                   test_sync_free_training_step)
   cuda_graph       one training step captured in a CUDA graph (warm-up on a side stream first),
-                   replayed and compared with the same step run eagerly (cuda_graph_triton: Triton)
+                   replayed and compared with the same step run eagerly (cuda_graph_triton: Triton;
+                   test_cuda_graph_training_step)
   bench_fp32       bench/run.py --device cuda --dtype float32
   bench_bf16_cl    bench/run.py --device cuda --dtype bfloat16 --channels-last
 
@@ -101,6 +108,8 @@ class Context:
 OP_TESTS = ["tests/test_shift_alter.py", "tests/test_freq_batch_norm.py",
             "tests/test_bn_add_relu_shift_alter.py", "tests/test_shared_rows.py",
             "tests/test_backends.py"]
+# the run-time checks: tests marked cuda, each step runs one (tests/test_gpu_runtime.py)
+RUNTIME_TESTS = "tests/test_gpu_runtime.py"
 
 
 def pytest_judge(returncode: int, log: str, out: Path) -> tuple[bool, str]:
@@ -126,6 +135,15 @@ def bench_judge(folder: str) -> Callable[[int, str, Path], tuple[bool, str]]:
         return False, ""
 
     return judge
+
+
+def gpu_test_judge(returncode: int, log: str, out: Path) -> tuple[bool, str]:
+    """pytest_judge, and the selected GPU test ran: on the GPU machine a skip is a failure (its
+    reason is in the log: no CUDA device, no CUDA kernels after a failed build, ...)."""
+    ok, note = pytest_judge(returncode, log, out)
+    if ok and re.search(r"\b[1-9]\d* skipped", note):
+        return False, f"{note} (skipped on the GPU machine: the reason is in the log)"
+    return ok, note
 
 
 def last_line_judge(returncode: int, log: str, out: Path) -> tuple[bool, str]:
@@ -154,6 +172,11 @@ def plan(ctx: Context) -> list[Step]:
         build_env["CPATH"] = os.pathsep.join(ctx.cpath + [p for p in [os.environ.get("CPATH")] if p])
     sanitize_env = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1", **threads_env(2)}
     sanitize = [ctx.sanitizer, "--error-exitcode", "1", "--print-limit", "20", *ctx.kernel_filter]
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs"]
+
+    def gpu_test(name: str) -> list[str]:  # one test of tests/test_gpu_runtime.py, by node id
+        return pytest + ["-m", "cuda", f"{RUNTIME_TESTS}::{name}"]
+
     build = [py, "setup.py", "build_ext", "--inplace"]
     if ctx.arch == ARCH_PLACEHOLDER and not ctx.dry:  # the env step found no GPU
         build = [py, "-c", "raise SystemExit('no GPU architecture to build for: the env step found "
@@ -167,30 +190,24 @@ def plan(ctx: Context) -> list[Step]:
              + ("" if ctx.arch == ARCH_PLACEHOLDER else f" (sm_{ctx.arch.replace('.', '')})"),
              build, 360, "setup", env=build_env),
         Step("test_cuda", "the op tests' cuda cases on the GPU",
-             [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-m", "cuda", *OP_TESTS],
+             pytest + ["-m", "cuda", *OP_TESTS],
              300, "checks", env={"FFN_KERNELS_EXPECT_CUDA": "1", **threads_env(2 * share)},
              judge=pytest_judge),
         Step("test_triton", "the op tests' triton cases on the GPU",
-             [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-m", "triton", *OP_TESTS],
+             pytest + ["-m", "triton", *OP_TESTS],
              300, "checks", env=threads_env(share), unset=("TRITON_INTERPRET",), judge=pytest_judge),
-        Step("memcheck", "compute-sanitizer memcheck: every op fwd+bwd, NCHW and channels_last",
-             sanitize + ["--tool", "memcheck"] + child + ["ops"], 300, "checks", env=sanitize_env,
-             judge=last_line_judge),
-        Step("racecheck", "compute-sanitizer racecheck: every op fwd+bwd, NCHW and channels_last",
-             sanitize + ["--tool", "racecheck"] + child + ["ops"], 300,
-             "checks", env=sanitize_env, judge=last_line_judge),
-        Step("sync_debug", "FFNResNet training step under set_sync_debug_mode('error'), cuda",
-             child + ["sync-step", "--backend", "cuda"], 180, "checks", env=threads_env(2),
-             judge=last_line_judge),
-        Step("sync_debug_triton", "the same step on the Triton backend",
-             child + ["sync-step", "--backend", "triton"], 180, "checks", env=threads_env(2),
-             unset=("TRITON_INTERPRET",), judge=last_line_judge),
-        Step("cuda_graph", "training step captured in a CUDA graph vs eager, cuda",
-             child + ["graph-step", "--backend", "cuda"], 180, "checks", env=threads_env(2),
-             judge=last_line_judge),
-        Step("cuda_graph_triton", "the same on the Triton backend",
-             child + ["graph-step", "--backend", "triton"], 180, "checks", env=threads_env(2),
-             unset=("TRITON_INTERPRET",), judge=last_line_judge),
+        *[Step(tool, f"compute-sanitizer {tool}: every op fwd+bwd, NCHW and channels_last",
+               sanitize + ["--tool", tool] + gpu_test("test_ops_under_sanitizer"), 300, "checks",
+               env=sanitize_env, judge=gpu_test_judge) for tool in ("memcheck", "racecheck")],
+        *[Step(name + ("" if backend == "cuda" else "_triton"), f"{what}, {backend} backend",
+               gpu_test(f"{test}[{backend}]"), 180, "checks", env=threads_env(2),
+               unset=() if backend == "cuda" else ("TRITON_INTERPRET",), judge=gpu_test_judge)
+          for name, test, what in (
+              ("sync_debug", "test_sync_free_training_step",
+               "FFNResNet training step under set_sync_debug_mode('error')"),
+              ("cuda_graph", "test_cuda_graph_training_step",
+               "training step captured in a CUDA graph vs eager"))
+          for backend in ("cuda", "triton")],
         Step("bench_fp32", "bench/run.py fp32, NCHW",
              bench + ["--dtype", "float32", "--out", str(out / "bench-fp32")], 240, "bench",
              unset=("TRITON_INTERPRET",), judge=bench_judge("bench-fp32")),
@@ -428,7 +445,7 @@ def table(results: list[Result], title: str = "") -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Children: the scripts the steps run (python bench/gpu_check.py --child NAME)
+# The env probe (python .ci/gpu_check.py --child env); the checks are tests (tests/test_gpu_runtime.py)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -470,189 +487,6 @@ def child_env() -> int:
     return 0 if ok else 1
 
 
-def _use_backend(backend: str, device: str):
-    import ffn_kernels
-
-    ffn_kernels.set_backend(backend if device == "cuda" else "auto")
-    name = ffn_kernels.backend_name(device)
-    if device == "cuda" and name != backend:
-        raise SystemExit(f"backend for cuda tensors is {name!r}, wanted {backend!r}")
-    if device == "cuda" and backend == "cuda" and not ffn_kernels.backend.extension_has_cuda():
-        raise SystemExit("ffn_kernels._C has no CUDA kernels (build step failed?)")
-    return name
-
-
-def child_ops(device: str = "cuda") -> int:
-    """Every op forward + backward through ffn_kernels.ops on the cuda backend: NCHW and
-    channels_last, fp32 and fp16 (4- and 8-wide vectors), a vectorisable shape, a scalar-path
-    shape (C*H*W not a multiple of the vector width) and a multi-chunk reduction, train and eval
-    (eval BN backward: the one-pass kernel). Small on purpose: it runs under compute-sanitizer."""
-    import torch
-
-    from ffn_kernels import FrameLayout, ops
-
-    name = _use_backend("cuda", device)
-    cases = [  # (layout, C, (H, W))
-        (FrameLayout(clips=2, frames=(2, 3, 4), rows=(0, 1, 2)), 16, (5, 4)),
-        (FrameLayout(clips=1, frames=(1, 3, 5), rows=(2, 0, 1)), 10, (3, 3)),
-        (FrameLayout(clips=4, frames=(2, 4, 8), rows=(0, 1, 2)), 16, (16, 16)),
-    ]
-    g = torch.Generator().manual_seed(0)
-
-    def rand(*shape, dtype=torch.float32):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-
-    calls = 0
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        for dtype in (torch.float32, torch.float16):
-            for layout, C, hw in cases:
-                F = layout.total_frames
-
-                def act():
-                    return rand(F, C, *hw, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
-
-                def param(base=0.0):
-                    return (base + 0.3 * rand(3, C)).requires_grad_()
-
-                x, res = act(), act()
-                w, b, alter, alter_next = param(1.0), param(), param(), param()
-                y = ops.shift_alter(x, layout, alter, 8)
-                torch.autograd.backward(y, torch.randn_like(y))
-                calls += 1
-                for training in (True, False):
-                    rm, rv = 0.1 * rand(3, C), 0.5 + rand(3, C).abs()
-                    y = ops.freq_batch_norm(x, layout, w, b, rm, rv, training, 0.1, 1e-5, "relu", res)
-                    torch.autograd.backward(y, torch.randn_like(y))
-                    y = ops.freq_batch_norm(x, layout, w, b, rm, rv, training, 0.1, 1e-5)
-                    torch.autograd.backward(y, torch.randn_like(y))
-                    out, nxt = ops.bn_add_relu_shift_alter(x, res, layout, w, b, rm, rv, training,
-                                                           0.1, 1e-5, alter_next, 8)
-                    torch.autograd.backward((out, nxt), (torch.randn_like(out), torch.randn_like(nxt)))
-                    calls += 3
-                for t in (x, res, w, b, alter, alter_next):
-                    if t.grad is None or not torch.isfinite(t.grad.float()).all():
-                        raise SystemExit(f"bad gradient ({fmt}, {dtype}, C={C}, hw={hw})")
-    if device == "cuda":
-        torch.cuda.synchronize()
-    print(f"ops ok: {calls} fwd+bwd calls on the {name} backend")
-    return 0
-
-
-def _model_step(backend: str, device: str, depth: int = 50, width: int = 16, size: int = 32):
-    """A small fused FFN model (by default ResNet-50 bottlenecks, width 16, 3 branches, 32x32) with its
-    inputs, an SGD optimiser and a training-step function (forward, distillation loss, backward,
-    step)."""
-    import torch
-
-    from ffn import FFNResNet
-    from ffn.losses import temporal_distillation_loss
-
-    name = _use_backend(backend, device)
-    torch.manual_seed(0)
-    frames = (2, 4, 8)
-    model = FFNResNet(depth=depth, frames=frames, num_classes=5, dropout=0.0, width=width).to(device)
-    clips = [torch.randn(2, t, 3, size, size, device=device) for t in frames]
-    target = torch.randint(5, (2,), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-    def step(model=model, opt=opt):
-        opt.zero_grad(set_to_none=True)
-        loss = temporal_distillation_loss(model(clips), target).total
-        loss.backward()
-        opt.step()
-        return loss
-
-    return name, model, clips, target, opt, step
-
-
-def child_sync_step(backend: str, device: str = "cuda", **model_kw) -> int:
-    """One training step with every synchronising CUDA call an error (after one warm-up step,
-    which may create cuDNN/cuBLAS handles and load modules)."""
-    import torch
-
-    name, model, clips, target, opt, step = _model_step(backend, device, **model_kw)
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-    try:
-        loss = step()
-    finally:
-        if device == "cuda":
-            torch.cuda.set_sync_debug_mode("default")
-    if device == "cuda":
-        torch.cuda.synchronize()
-    if not torch.isfinite(loss):
-        raise SystemExit(f"loss is {loss.item()}")
-    print(f"sync-free training step ok on the {name} backend (loss {loss.item():.4f})")
-    return 0
-
-
-def child_graph_step(backend: str, device: str = "cuda", **model_kw) -> int:
-    """A training step captured in a CUDA graph (as torch.cuda.graph's docs: warm up on a side
-    stream, grads set to None before capture), replayed on new data, against an eager copy of the
-    model and optimiser taking the same step. On CPU (tests) only the eager part runs."""
-    import copy
-
-    import torch
-
-    name, model, clips, target, opt, step = _model_step(backend, device, **model_kw)
-    use_graph = device == "cuda"
-    if use_graph:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-    else:
-        step()
-    twin = copy.deepcopy(model)
-    twin_opt = torch.optim.SGD(twin.parameters(), lr=1e-3, momentum=0.9)
-    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
-    if use_graph:
-        graph = torch.cuda.CUDAGraph()
-        opt.zero_grad(set_to_none=True)  # grads are then allocated from the graph's pool
-        with torch.cuda.graph(graph):
-            static_loss = step()
-    gen = torch.Generator().manual_seed(1)
-    for c in clips:  # new data into the static inputs
-        c.copy_(torch.randn(c.shape, generator=gen).to(device))
-    if use_graph:
-        graph.replay()
-        loss = static_loss.detach().clone()
-    else:
-        loss = step().detach()
-    from ffn.losses import temporal_distillation_loss
-
-    twin_opt.zero_grad(set_to_none=True)
-    twin_loss = temporal_distillation_loss(twin(clips), target).total
-    twin_loss.backward()
-    twin_opt.step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    torch.testing.assert_close(loss, twin_loss.detach(), rtol=1e-3, atol=1e-4,
-                               msg=lambda m: f"graph loss vs eager: {m}")
-    worst = 0.0
-    for (pn, p), q in zip(model.named_parameters(), twin.parameters()):
-        rel = float((p - q).detach().norm() / q.detach().norm().clamp_min(1e-12))
-        worst = max(worst, rel)
-        if rel > 1e-3:
-            raise SystemExit(f"parameter {pn} after the graph step differs from eager by {rel:.2e}")
-    for (bn, b), c in zip(model.named_buffers(), twin.buffers()):
-        if b.is_floating_point() and not torch.allclose(b, c, rtol=1e-3, atol=1e-5):
-            raise SystemExit(f"buffer {bn} after the graph step differs from eager")
-    if use_graph:
-        for _ in range(2):  # replays keep training
-            graph.replay()
-        torch.cuda.synchronize()
-        if not torch.isfinite(static_loss):
-            raise SystemExit("loss after replays is not finite")
-    print(f"{'CUDA-graph' if use_graph else 'eager'} training step ok on the {name} backend "
-          f"(loss {loss.item():.4f}, eager {twin_loss.item():.4f}, params within {worst:.1e})")
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
@@ -683,8 +517,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also time torch.compile of the model in the benchmark (slow to compile)")
     p.add_argument("--python", default=sys.executable, help="interpreter for every step")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--backend", default="cuda", help=argparse.SUPPRESS)
-    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     return args
 
@@ -731,15 +563,9 @@ def print_plan(steps: list[Step], ctx: Context, budget: float) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
-        children = {
-            "env": child_env,
-            "ops": lambda: child_ops(args.device),
-            "sync-step": lambda: child_sync_step(args.backend, args.device),
-            "graph-step": lambda: child_graph_step(args.backend, args.device),
-        }
-        if args.child not in children:
+        if args.child != "env":
             raise SystemExit(f"unknown child {args.child!r}")
-        return children[args.child]()
+        return child_env()
 
     ctx = make_context(args, dry=args.dry_run)
     steps = select(plan(ctx), args.only, args.skip)
