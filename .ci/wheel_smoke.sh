@@ -29,12 +29,12 @@ python -m build --sdist --no-isolation -o "$WORK/dist" "$ROOT" >/dev/null
 python -m pip wheel -q --no-build-isolation --no-deps -w "$WORK/dist" "$WORK"/dist/*.tar.gz
 WHEEL="$(ls "$WORK"/dist/*.whl)"
 python - "$WHEEL" "$TORCH_RELEASE" <<'EOF'
-import sys, zipfile
+import re, sys, zipfile
 wheel, release = sys.argv[1], sys.argv[2]
 with zipfile.ZipFile(wheel) as z:
     names = z.namelist()
     meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-requires = [l for l in meta.splitlines() if l.startswith("Requires-Dist: torch")]
+requires = [l for l in meta.splitlines() if re.match(r"Requires-Dist: torch($|[ =<>!~;])", l)]
 assert requires == [f"Requires-Dist: torch=={release}"], requires
 for need in ("ffn/engine/__init__.py", "ffn/configs/demo.toml", "ffn_kernels/triton/kernels.py"):
     assert need in names, f"{need} missing from the wheel"
