@@ -77,7 +77,7 @@ def extension():
     kwargs = dict(
         name="ffn_kernels._C",
         include_dirs=[str(ROOT / "csrc")],
-        # reported by `python -m ffn_kernels.info` (stringified in csrc/ops.cpp)
+        # reported by `python -m ffn_kernels.info` (stringified in csrc/module.cpp)
         define_macros=[("FFN_TORCH_VERSION", torch.__version__)],
         extra_link_args=["-fopenmp"],
     )
