@@ -77,13 +77,15 @@ def extension():
     kwargs = dict(
         name="ffn_kernels._C",
         include_dirs=[str(ROOT / "csrc")],
-        # reported by `python -m ffn_kernels.info` (stringified in csrc/ops.cpp)
+        # reported by `python -m ffn_kernels.info` (stringified in csrc/module.cpp)
         define_macros=[("FFN_TORCH_VERSION", torch.__version__)],
         extra_link_args=["-fopenmp"],
     )
     if build_cuda():
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cuda").glob("*.cu"))
-        nvcc = opt + ["--use_fast_math", "-lineinfo"] + cuda_arch_flags()
+        # nvcc has no -g0 (it stops with "Unknown option"); host code gets it through -Xcompiler
+        nvcc_opt = opt if DEBUG else ["-O3", "-Xcompiler", "-g0"]
+        nvcc = nvcc_opt + ["--use_fast_math", "-lineinfo"] + cuda_arch_flags()
         if os.environ.get("FFN_KERNELS_PTXAS_VERBOSE") == "1":
             nvcc.append("-Xptxas=-v")
         return CUDAExtension(

@@ -2,10 +2,11 @@
 """CI gate: the Triton kernels compile for sm_90 (H100) within 128 registers and without stack.
 
 No GPU needed. A fake active Triton driver reports ``GPUTarget("cuda", 90, 32)`` and every
-``JITFunction.run`` is turned into ``warmup=True`` (compile, launch nothing); the real
-:mod:`ffn_kernels.triton.api` is then called with CPU tensors (``torch.empty``, never read) at the
-ResNet-50 stage shapes x float16/float32 x NCHW/channels_last, for the forward and backward of
-each op in training and eval, with and without alter / ReLU / residual. That compiles exactly
+``JITFunction.run`` is turned into ``warmup=True`` (compile, launch nothing); the real entry
+points of :mod:`ffn_kernels.triton` (one module per op) are then called with CPU tensors
+(``torch.empty``, never read) at the ResNet-50 stage shapes x float16/float32 x
+NCHW/channels_last, for the forward and backward of each op in training and eval, with and
+without alter / ReLU / residual. That compiles exactly
 the variants a GPU run would. ``cuobjdump --dump-resource-usage`` (shipped in the Triton wheel)
 on each cubin gives registers and stack; ``metadata.shared`` gives shared memory.
 

@@ -1,12 +1,14 @@
 """Which kernels run an op (docs/design.md §4).
 
 Every backend is a module-like object with the raw API of :mod:`ffn_kernels.reference`
-(``shift_alter_fwd``, ``freq_batch_norm_fwd``, ...). The public ops dispatch in C++
-(``csrc/ops/``): for each device type they call either the compiled raw ops
-``torch.ops.ffn_kernels_C.*`` or their Python twins ``torch.ops.ffn_kernels_py.*`` defined here,
-which run :func:`kernels_for` (Triton, the reference, or an error naming the problem).
-:func:`set_backend` sets that route. The choice comes from ``FFN_KERNELS_BACKEND``
-(``auto|cuda|triton|cpu|reference``, read at import) or :func:`set_backend`:
+(``shift_alter_fwd``, ``freq_batch_norm_fwd``, ...), the signatures of ``csrc/ops/<op>.h``. The
+public ops check and normalise their arguments in C++ (``csrc/ops/``), then call the raw op
+``torch.ops.ffn_kernels.<op>_fwd`` / ``_bwd`` through the dispatcher, whose kernel for the
+tensor's device type is the route: the compiled kernels (``csrc/cpu``, ``csrc/cuda``), or the
+Python kernel registered here, which runs :func:`kernels_for` (Triton, the reference, or an error
+naming the problem). :func:`set_backend` sets those registrations; no route flag lives in C++.
+The choice comes from ``FFN_KERNELS_BACKEND`` (``auto|cuda|triton|cpu|reference``, read at
+import) or :func:`set_backend`:
 
 * ``auto``: CUDA tensors use the CUDA extension if it was built with CUDA kernels, else Triton;
   CPU tensors use the C++ CPU kernels. (Without the extension the public ops do not exist; the raw
@@ -33,7 +35,7 @@ RAW_OPS = (
 
 _extension_error: str | None = None
 try:
-    importlib.import_module("ffn_kernels._C")  # registers torch.ops.ffn_kernels_C.*
+    importlib.import_module("ffn_kernels._C")  # registers torch.ops.ffn_kernels.*
 except ImportError as exc:  # the package must import without its compiled part
     _extension_error = str(exc)
 
@@ -42,15 +44,31 @@ def extension_loaded() -> bool:
     return _extension_error is None
 
 
+def _compiled_keys() -> frozenset:
+    """The dispatch keys (``CPU``, ``CUDA``) with compiled kernels of every raw op, asked of the
+    dispatcher at import, before any Python kernel is registered (no GPU needed)."""
+    if not extension_loaded():
+        return frozenset()
+    return frozenset(key for key in ("CPU", "CUDA") if all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"ffn_kernels::{op}", key)
+        for op in RAW_OPS))
+
+
+_compiled_for = _compiled_keys()
+
+
+def compiled_kernels(dispatch_key: str) -> bool:
+    """Whether the compiled extension carries kernels for ``dispatch_key`` (``CPU``, ``CUDA``)."""
+    return dispatch_key in _compiled_for
+
+
 def extension_has_cuda() -> bool:
     """Whether the compiled extension carries CUDA kernels (a dispatcher query, no GPU needed)."""
-    return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "ffn_kernels_C::freq_batch_norm_fwd", "CUDA"
-    )
+    return compiled_kernels("CUDA")
 
 
 def _compiled() -> SimpleNamespace:
-    ops = torch.ops.ffn_kernels_C
+    ops = torch.ops.ffn_kernels
     return SimpleNamespace(name="compiled", **{n: getattr(ops, n) for n in RAW_OPS})
 
 
@@ -132,33 +150,55 @@ def missing_extension(*args, **kwargs):
     )
 
 
-def _define_python_routes() -> torch.library.Library:
-    """``ffn_kernels_py::<raw>``: the raw ops' schemas, run by the backend :func:`kernels_for`
-    picks (the C++ dispatch calls them when the chosen backend is not compiled)."""
-    lib = torch.library.Library("ffn_kernels_py", "DEF")
+def _python_kernel(name: str):
+    def run(*args):
+        return getattr(kernels_for(args[0]), name)(*args)
+
+    run.__name__ = name
+    return run
+
+
+def _register(lib: torch.library.Library, dispatch_key: str) -> torch.library.Library:
     for name in RAW_OPS:
-        lib.define(str(getattr(torch.ops.ffn_kernels_C, name).default._schema).split("::", 1)[1])
-
-        def run(*args, _name=name):
-            return getattr(kernels_for(args[0]), _name)(*args)
-
-        lib.impl(name, run, "CompositeExplicitAutograd")
+        lib.impl(name, _python_kernel(name), dispatch_key)
     return lib
 
 
+# Device types without compiled kernels (CUDA in a CPU-only build, any other device type) run the
+# raw ops' CompositeExplicitAutograd kernel: the Python backends.
+_python_fallback = (_register(torch.library.Library("ffn_kernels", "IMPL"),
+                              "CompositeExplicitAutograd") if _extension_error is None else None)
+# Where a Python backend is chosen for a device type that has compiled kernels, its Python
+# kernels stand in for them (the dispatcher keeps the compiled ones and restores them when this
+# library is destroyed).
+_python_override: torch.library.Library | None = None
+
+
+def _python_keys() -> list[str]:
+    """The dispatch keys with compiled kernels whose tensors the current choice runs in Python."""
+    if _choice is None:  # the Python route raises the variable's error at the first op call
+        return sorted(_compiled_for)
+    return [key for key in sorted(_compiled_for) if backend_name(key.lower()) != key.lower()]
+
+
 def _set_routes() -> None:
+    global _python_override
     if not extension_loaded():
         return
-    if _choice is None:  # the Python route raises the variable's error at the first op call
-        torch.ops.ffn_kernels_C.set_python_route(True, True)
-        return
-    torch.ops.ffn_kernels_C.set_python_route(
-        backend_name("cpu") != "cpu", backend_name("cuda") != "cuda" or not extension_has_cuda()
-    )
+    if _python_override is not None:
+        _python_override._destroy()
+        _python_override = None
+    keys = _python_keys()
+    if keys:
+        lib = torch.library.Library("ffn_kernels", "IMPL")
+        with warnings.catch_warnings():  # the dispatcher notes that a kernel is overridden
+            warnings.filterwarnings("ignore", message="Warning only once for all operators")
+            for key in keys:
+                _register(lib, key)
+        _python_override = lib
 
 
 if _extension_error is None:
-    _python_routes = _define_python_routes()
     _set_routes()
 else:
     warnings.warn(

@@ -25,7 +25,7 @@ from . import __version__, backend
 def _has_kernels(dispatch_key: str) -> dict[str, bool]:
     if not backend.extension_loaded():
         return {op: False for op in backend.RAW_OPS}
-    return {op: torch._C._dispatch_has_kernel_for_dispatch_key(f"ffn_kernels_C::{op}", dispatch_key)
+    return {op: torch._C._dispatch_has_kernel_for_dispatch_key(f"ffn_kernels::{op}", dispatch_key)
             for op in backend.RAW_OPS}
 
 
@@ -48,7 +48,7 @@ def _triton_version() -> str:
 def _build_info() -> str:
     if not backend.extension_loaded():
         return "-"
-    return torch.ops.ffn_kernels_C.build_info()
+    return torch.ops.ffn_kernels.build_info()
 
 
 def _usable() -> str:

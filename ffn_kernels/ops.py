@@ -7,9 +7,9 @@ Public functions (take a :class:`~ffn_kernels.FrameLayout`):
 * :func:`bn_add_relu_shift_alter` — the residual-block boundary, ``out = relu(BN(z) + identity)``
   and ``next_in = shift_alter(out)`` in one pass.
 
-Each is ``torch.ops.ffn_kernels.<name>``, defined in C++ (``csrc/ops.cpp``) with its argument
-checks, Meta (fake) kernel, autograd formula (backward op ``<name>_backward``) and backend dispatch
-in ``csrc/ops/<name>.cpp``, so a call costs one dispatcher trip, not a Python autograd path;
+Each is ``torch.ops.ffn_kernels.<name>``, defined in C++ with its schemas, argument checks, Meta
+(fake) kernel, autograd formula (backward op ``<name>_backward``) and backend dispatch in
+``csrc/ops/<name>.cpp`` (signatures in ``csrc/ops/<name>.h``), so a call costs one dispatcher trip, not a Python autograd path;
 ``torch.compile`` traces them and ``torch.library.opcheck`` passes. These wrappers only unpack the
 layout, spell out defaults and, for the BatchNorm ops, write the updated running statistics back
 in place (the ops themselves are functional), as ``nn.BatchNorm2d`` does.

@@ -10,22 +10,18 @@ parts:
   reference) implements with the same signature; the reference versions derive their backward
   passes from the semantics with ``torch.autograd.grad``.
 
-Raw backend API (``frames``/``rows`` are lists of ints, ``clips`` an int; ``S`` segments, ``P``
-parameter rows; "acc" dtype is float64 for float64 input, else float32; an unused output is an
-empty tensor):
+Raw backend API: the functions below, with the signatures of the ops' contracts
+(``csrc/ops/<op>.h``); ``frames``/``rows`` are lists of ints, ``clips`` an int; ``S`` segments,
+``P`` parameter rows; "acc" dtype as in :mod:`.validation`. They return:
 
-``shift_alter_fwd(x, clips, frames, rows, alter, fold_div) -> y``
-``shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad) -> (dx, dalter[P,C])``
-``freq_batch_norm_fwd(x, clips, frames, rows, weight, bias, running_mean, running_var, training,
-    momentum[S], eps, relu, residual)
-    -> (y, mean[S,C], invstd[S,C], new_running_mean[P,C], new_running_var[P,C])``
-``freq_batch_norm_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu,
-    has_residual) -> (dx, dweight[P,C], dbias[P,C], dresidual)``
-``bn_add_relu_shift_alter_fwd(z, identity, clips, frames, rows, weight, bias, running_mean,
-    running_var, training, momentum[S], eps, alter_next, fold_div)
-    -> (out, next_in, mean, invstd, new_rm, new_rv)``
-``bn_add_relu_shift_alter_bwd(dout, dnext, z, out, clips, frames, rows, weight, mean, invstd,
-    training, alter_next, fold_div) -> (dz, didentity, dweight, dbias, dalter)``
+* ``shift_alter_fwd -> y`` and ``shift_alter_bwd -> (dx, dalter[P,C])``;
+* ``freq_batch_norm_fwd -> (y, mean[S,C], invstd[S,C], new_running_mean[P,C],
+  new_running_var[P,C])`` and ``freq_batch_norm_bwd -> (dx, dweight[P,C], dbias[P,C], dresidual)``;
+* ``bn_add_relu_shift_alter_fwd -> (out, next_in, mean, invstd, new_rm, new_rv)`` and
+  ``bn_add_relu_shift_alter_bwd -> (dz, didentity, dweight, dbias, dalter)``.
+
+An output a call does not produce is an empty tensor of the dtype it has when produced
+(:func:`.validation.unused_acc`, :func:`.validation.unused_activation`).
 
 ``mean``/``invstd`` are per segment: batch statistics in training (biased variance), the running
 statistics of the segment's row in eval. ``new_running_*`` are updated copies of the running
@@ -47,6 +43,7 @@ from .layout import FrameLayout
 from .validation import acc_dtype as _acc
 from .validation import memory_format_of as _format_of
 from .validation import momenta as _momenta
+from .validation import unused_acc, unused_activation
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +150,7 @@ def shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad):
     layout = FrameLayout(clips, tuple(frames), tuple(rows))
     acc = _acc(x)
     dx = torch.empty_like(dy)
-    dalter = torch.zeros(alter.shape, dtype=acc, device=x.device) if alter_grad else x.new_empty(0)
+    dalter = torch.zeros(alter.shape, dtype=acc, device=x.device) if alter_grad else unused_acc(x)
     for seg, dys, xs in zip(layout.segments(), layout.split(dy), layout.split(x)):
         g = dys if alter is None else dys * (1 + alter[seg.row]).to(dys.dtype).view(1, -1, 1, 1)
         dx[seg.start : seg.stop] = temporal_shift(g, seg.frames, fold_div, reverse=True)
@@ -166,8 +163,8 @@ def shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad):
 def freq_batch_norm_fwd(x, clips, frames, rows, weight, bias, running_mean, running_var, training,
                         momentum, eps, relu, residual):
     layout = FrameLayout(clips, tuple(frames), tuple(rows))
-    new_rm = running_mean.clone() if running_mean is not None else x.new_empty(0, dtype=_acc(x))
-    new_rv = running_var.clone() if running_var is not None else x.new_empty(0, dtype=_acc(x))
+    new_rm = running_mean.clone() if running_mean is not None else unused_acc(x)
+    new_rv = running_var.clone() if running_var is not None else unused_acc(x)
     mean, invstd = _stats(x, layout, running_mean, running_var, training, eps)
     y = freq_batch_norm(
         x, layout, weight, bias, new_rm if running_mean is not None else None,
@@ -183,7 +180,7 @@ def freq_batch_norm_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, tra
     layout = FrameLayout(clips, tuple(frames), tuple(rows))
     acc = _acc(x)
     dx = torch.empty_like(x)
-    dres = torch.empty_like(x) if has_residual else x.new_empty(0)
+    dres = torch.empty_like(x) if has_residual else unused_activation(x)
     dweight = torch.zeros(weight.shape, dtype=acc, device=x.device)
     dbias = torch.zeros(weight.shape, dtype=acc, device=x.device)
     ys = layout.split(y) if relu else [None] * layout.num_segments

@@ -1,6 +1,8 @@
-"""Conventions shared by the Python side of the ops and the reference: memory format, accumulation
-dtype and per-segment momenta. The ops' argument checks (errors naming the argument, nothing
-silently broadcast or truncated, docs/design.md §3.5) are in C++, ``csrc/ops/dispatch.cpp``."""
+"""The tensor conventions of the ops (docs/design.md §3.4) for the Python side (the reference, the
+Triton kernels, the wrappers): memory format, accumulation dtype and the dtype of an unused output,
+plus the per-segment momenta. ``csrc/conventions.h`` is the C++ twin of the first three; the two
+must say the same. The ops' argument checks (errors naming the argument, nothing silently
+broadcast or truncated, docs/design.md §3.5) are in C++, ``csrc/ops/dispatch.cpp``."""
 
 from __future__ import annotations
 
@@ -21,6 +23,19 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
 def acc_dtype(x: Tensor) -> torch.dtype:
     """Dtype of statistics, reductions and per-branch parameters for input ``x``."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def unused_acc(x: Tensor) -> Tensor:
+    """The empty tensor standing for a per-row or per-segment output a call does not produce
+    (``d alter`` without alter, the running statistics without them): x's acc dtype, the dtype
+    that output has when it is produced."""
+    return x.new_empty(0, dtype=acc_dtype(x))
+
+
+def unused_activation(x: Tensor) -> Tensor:
+    """The empty tensor standing for an activation-sized output a call does not produce
+    (``dresidual`` without a residual): x's dtype."""
+    return x.new_empty(0)
 
 
 def momenta(momentum, layout: FrameLayout) -> list[float]:

@@ -7,6 +7,7 @@ data per call, the device guard, a second GPU. The ops on each backend: tests/te
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,8 +15,8 @@ import torch
 import ffn_kernels
 from ffn_kernels import backend as backends
 from ffn_kernels import ops
-from conftest import (DEVICE, LAYOUTS, TWO_SEGMENTS, cases, check_outputs, flat, load_script,
-                      make_input, make_params, on, only)
+from conftest import (DEVICE, FOLD_DIV, LAYOUTS, TWO_SEGMENTS, cases, check_outputs, flat,
+                      load_script, make_input, make_params, on, only)
 
 EXPECT_CUDA = os.environ.get("FFN_KERNELS_EXPECT_CUDA") == "1"
 
@@ -72,7 +73,7 @@ def test_every_raw_op_has_a_cuda_kernel():
         if EXPECT_CUDA:
             pytest.fail(f"ffn_kernels._C did not load: {backends._extension_error}")
         pytest.skip("ffn_kernels._C is not built; nothing to query")
-    has = {op: torch._C._dispatch_has_kernel_for_dispatch_key(f"ffn_kernels_C::{op}", "CUDA")
+    has = {op: torch._C._dispatch_has_kernel_for_dispatch_key(f"ffn_kernels::{op}", "CUDA")
            for op in backends.RAW_OPS}
     if not any(has.values()) and not EXPECT_CUDA:
         pytest.skip("ffn_kernels._C was built without CUDA kernels (CPU-only build); "
@@ -96,10 +97,11 @@ def _ran_kernels(fn):
 
 
 @cases()
-def test_ops_run_the_chosen_backend(backend):
-    """Forward and backward of the three public ops reach every raw op of the chosen backend:
-    the compiled ``ffn_kernels_C`` ones for cpu and cuda, the Python twins ``ffn_kernels_py``
-    (running Triton or the reference) otherwise."""
+def test_ops_run_the_chosen_backend(backend, monkeypatch):
+    """Forward and backward of the three public ops reach every raw op ``ffn_kernels::<raw>``,
+    and its kernel is the chosen backend's: the compiled one for cpu and cuda (the Python
+    kernels, which run :func:`kernels_for`, never run), the Python one, running Triton or the
+    reference, otherwise."""
     layout = TWO_SEGMENTS
     p = {k: on(backend, v).requires_grad_() for k, v in make_params(2, 16).items()}
     x = on(backend, make_input(layout, 16, (3, 3))).requires_grad_()
@@ -107,6 +109,15 @@ def test_ops_run_the_chosen_backend(backend):
     expected = {"reference": "ffn_kernels.reference", "triton": "ffn_kernels.triton"}
     assert getattr(backends.kernels_for(x), "__name__", "compiled") == expected.get(backend,
                                                                                     "compiled")
+    in_python = []
+    kernels_for = backends.kernels_for
+
+    def spy(t):
+        module = kernels_for(t)
+        return type("Spy", (), {n: (lambda *a, _n=n: in_python.append(_n) or getattr(module, _n)(*a))
+                                for n in backends.RAW_OPS})
+
+    monkeypatch.setattr(backends, "kernels_for", spy)
 
     def step():
         h = ops.freq_batch_norm(ops.shift_alter(x, layout, p["alter"]), layout, p["weight"],
@@ -116,11 +127,12 @@ def test_ops_run_the_chosen_backend(backend):
         (out.sum() + nxt.sum()).backward()
 
     names = _ran_kernels(step)
-    library, other = (("ffn_kernels_C", "ffn_kernels_py") if backend in ("cpu", "cuda")
-                      else ("ffn_kernels_py", "ffn_kernels_C"))
     for raw in backends.RAW_OPS:
-        assert f"{library}::{raw}" in names, f"{raw} did not run through {library}"
-        assert f"{other}::{raw}" not in names, f"{raw} ran through {other}"
+        assert f"ffn_kernels::{raw}" in names, f"{raw} did not run"
+        if backend in ("cpu", "cuda"):
+            assert raw not in in_python, f"{raw} ran through the Python kernels"
+        else:
+            assert raw in in_python, f"{raw} did not run through the Python kernels"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,3 +290,59 @@ def test_triton_second_gpu():
         check_outputs(tk.bn_add_relu_shift_alter_fwd(x, res, *args),
                       ref.bn_add_relu_shift_alter_fwd(x, res, *args), torch.float32, "triton",
                       param_outputs=(2, 3, 4, 5))
+
+
+# ---------------------------------------------------------------------------------------------
+# The conventions every backend keeps (csrc/conventions.h, ffn_kernels/validation.py)
+# ---------------------------------------------------------------------------------------------
+
+ALL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+              "float64": torch.float64}
+
+
+def _unused_outputs(kernels, x, acc):
+    """The outputs that a call of each raw op does not produce, with the dtype each has when it
+    is produced: ``[(what, tensor, dtype)]``."""
+    layout = TWO_SEGMENTS
+    p = {k: v.to(device=x.device, dtype=acc) for k, v in make_params(2, x.shape[1]).items()}
+    w, b = p["weight"], p["bias"]
+    _, dalter = kernels.shift_alter_bwd(x, x, *flat(layout), None, FOLD_DIV, False)
+    _, dalter_frozen = kernels.shift_alter_bwd(x, x, *flat(layout), p["alter"], FOLD_DIV, False)
+    y, mean, invstd, rm, rv = kernels.freq_batch_norm_fwd(
+        x, *flat(layout), w, b, None, None, True, [0.1, 0.1], 1e-5, False, None)
+    dres = kernels.freq_batch_norm_bwd(x, x, y, *flat(layout), w, mean, invstd, True, False,
+                                       False)[3]
+    out, _, mean, invstd, _, _ = kernels.bn_add_relu_shift_alter_fwd(
+        x, x, *flat(layout), w, b, None, None, True, [0.1, 0.1], 1e-5, None, FOLD_DIV)
+    dalter_next = kernels.bn_add_relu_shift_alter_bwd(x, x, x, out, *flat(layout), w, mean,
+                                                      invstd, True, None, FOLD_DIV)[4]
+    return [("shift_alter_bwd d alter without alter", dalter, acc),
+            ("shift_alter_bwd d alter with alter_grad=False", dalter_frozen, acc),
+            ("freq_batch_norm_fwd new_running_mean", rm, acc),
+            ("freq_batch_norm_fwd new_running_var", rv, acc),
+            ("freq_batch_norm_bwd dresidual", dres, x.dtype),
+            ("bn_add_relu_shift_alter_bwd d alter_next", dalter_next, acc)]
+
+
+@cases(dtype=ALL_DTYPES, keep=lambda backend, dtype: not (backend == "triton"
+                                                         and dtype == torch.float64))
+def test_an_unused_output_is_empty_in_the_dtype_it_has_when_produced(backend, dtype):
+    """docs/design.md §3.4: per-row outputs (d alter, running statistics) in the acc dtype,
+    activations (dresidual) in the input's dtype, on every backend."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = on(backend, make_input(TWO_SEGMENTS, 16, (3, 3), dtype))
+    for what, t, want in _unused_outputs(backends.kernels_for(x), x, acc):
+        assert t.numel() == 0 and t.dtype == want, f"{backend} {what}: {t.dtype}{tuple(t.shape)}"
+
+
+@pytest.mark.skipif(not backends.extension_loaded(), reason="needs ffn_kernels._C")
+@pytest.mark.parametrize("dtype", ALL_DTYPES.values(), ids=ALL_DTYPES.keys())
+def test_meta_kernels_give_unused_outputs_the_same_dtype(dtype):
+    """The Meta kernels of the public forward and backward ops (what torch.compile traces)
+    follow the same rule."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    public = SimpleNamespace(**{raw: getattr(torch.ops.ffn_kernels, raw.replace(
+        "_fwd", "").replace("_bwd", "_backward")) for raw in backends.RAW_OPS})
+    x = make_input(TWO_SEGMENTS, 16, (3, 3), dtype).to("meta")
+    for what, t, want in _unused_outputs(public, x, acc):
+        assert t.numel() == 0 and t.dtype == want, f"meta {what}: {t.dtype}{tuple(t.shape)}"

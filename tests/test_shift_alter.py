@@ -85,7 +85,7 @@ def test_shift_alter_raw_cpu_kernels_refuse_empty_planes_instead_of_crashing():
         pytest.skip("needs the compiled CPU kernels")
     x = torch.randn(10, 0, 4, 4)
     with pytest.raises(ValueError, match="at least one channel"):
-        torch.ops.ffn_kernels_C.shift_alter_bwd(x, x, 2, [2, 3], [0, 1], None, 8, False)
+        torch.ops.ffn_kernels.shift_alter_bwd(x, x, 2, [2, 3], [0, 1], None, 8, False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,7 @@
 // CPU kernels of bn_add_relu_shift_alter (docs/design.md §3.3): at the residual-block boundary,
 // out = relu(BN(z) + identity) and the shift_alter of out for the next block, in one pass.
-#include <torch/library.h>
-
 #include "cpu/batch_norm_common.h"
+#include "ops/bn_add_relu_shift_alter.h"
 
 namespace ffn_kernels {
 namespace cpu {
@@ -78,7 +77,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_shift_alter_bwd(
   check_stat(invstd, z, L.S, "invstd");
   Tensor dz = empty_activation(z, g), didentity = empty_activation(z, g);
   Tensor dweight = at::zeros_like(weight), dbias = at::zeros_like(weight);
-  Tensor dalter = alter_next.has_value() ? at::zeros_like(weight) : weight.new_empty({0});
+  Tensor dalter = alter_next.has_value() ? at::zeros_like(weight) : unused_acc(z);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, z.scalar_type(), "bn_add_relu_shift_alter_bwd", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -129,10 +128,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_shift_alter_bwd(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ffn_kernels_C, CPU, m) {
-  m.impl("bn_add_relu_shift_alter_fwd", &bn_add_relu_shift_alter_fwd);
-  m.impl("bn_add_relu_shift_alter_bwd", &bn_add_relu_shift_alter_bwd);
-}
+FFN_REGISTER_KERNELS(bn_add_relu_shift_alter, CPU, bn_add_relu_shift_alter_fwd,
+                     bn_add_relu_shift_alter_bwd)
 
 }  // namespace cpu
 }  // namespace ffn_kernels

@@ -28,6 +28,7 @@
 #include <utility>
 #include <vector>
 
+#include "conventions.h"
 #include "ffn_math.h"
 
 namespace ffn_kernels {
@@ -104,9 +105,9 @@ inline Geom make_geom(const Tensor& x, int64_t fold_div) {
   g.C = x.size(1);
   g.HW = x.size(2) * x.size(3);
   g.chw = g.C * g.HW;
-  const bool channels_last = !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK(channels_last || x.is_contiguous(), "activations must be NCHW or channels_last contiguous");
-  g.format = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  g.format = format_of(x);
+  const bool channels_last = g.format == at::MemoryFormat::ChannelsLast;
+  TORCH_CHECK(x.is_contiguous(g.format), "activations must be NCHW or channels_last contiguous");
   // 1x1 frames are the same memory in both formats; walked as channels_last a frame is three runs
   // instead of C one-element planes (and the sums are the same: one element per channel and frame)
   g.channels_last = channels_last || g.HW == 1;
@@ -133,10 +134,6 @@ inline void check_activation(const Tensor& t, const Tensor& x, const Geom& g, co
               ", expected ", x.scalar_type());
   TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), ", expected ", x.device());
   TORCH_CHECK(t.is_contiguous(g.format), name, " is not in the memory format of the input");
-}
-
-inline at::ScalarType acc_type(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // A per-parameter-row tensor: [P, C] contiguous in the acc dtype of x.

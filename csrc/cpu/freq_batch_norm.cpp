@@ -1,8 +1,7 @@
 // CPU kernels of freq_batch_norm (docs/design.md §3.2): per-segment BatchNorm with parameter row
 // p_s, optional residual and ReLU.
-#include <torch/library.h>
-
 #include "cpu/batch_norm_common.h"
+#include "ops/freq_batch_norm.h"
 
 namespace ffn_kernels {
 namespace cpu {
@@ -40,7 +39,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> freq_batch_norm_bwd(
   check_stat(mean, x, L.S, "mean");
   check_stat(invstd, x, L.S, "invstd");
   Tensor dx = empty_activation(x, g);
-  Tensor dres = has_residual ? empty_activation(x, g) : x.new_empty({0});
+  Tensor dres = has_residual ? empty_activation(x, g) : unused_activation(x);
   Tensor dweight = at::zeros_like(weight), dbias = at::zeros_like(weight);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "freq_batch_norm_bwd", [&] {
@@ -68,10 +67,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> freq_batch_norm_bwd(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ffn_kernels_C, CPU, m) {
-  m.impl("freq_batch_norm_fwd", &freq_batch_norm_fwd);
-  m.impl("freq_batch_norm_bwd", &freq_batch_norm_bwd);
-}
+FFN_REGISTER_KERNELS(freq_batch_norm, CPU, freq_batch_norm_fwd, freq_batch_norm_bwd)
 
 }  // namespace cpu
 }  // namespace ffn_kernels

@@ -1,7 +1,6 @@
 // CPU kernels of shift_alter (docs/design.md §3.1): y[f, c] = (1 + alter[p_s, c]) * x[src(f, c)].
-#include <torch/library.h>
-
 #include "cpu/common.h"
+#include "ops/shift_alter.h"
 
 namespace ffn_kernels {
 namespace cpu {
@@ -52,7 +51,7 @@ std::tuple<Tensor, Tensor> shift_alter_bwd(const Tensor& dy, const Tensor& x, in
   const int64_t P = alter.has_value() ? alter->size(0) : INT64_MAX;
   const FrameLayout L = make_frame_layout(g.F, clips, frames, rows, P);
   Tensor dx = empty_activation(dy, g);
-  Tensor dalter = alter_grad ? at::zeros({P, g.C}, alter->options()) : dy.new_empty({0}, dy.options().dtype(acc_type(dy)));
+  Tensor dalter = alter_grad ? at::zeros({P, g.C}, alter->options()) : unused_acc(dy);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "shift_alter_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const std::vector<acc_t> factor = alter_factors<scalar_t>(L, alter, g.C);
@@ -98,10 +97,7 @@ std::tuple<Tensor, Tensor> shift_alter_bwd(const Tensor& dy, const Tensor& x, in
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ffn_kernels_C, CPU, m) {
-  m.impl("shift_alter_fwd", &shift_alter_fwd);
-  m.impl("shift_alter_bwd", &shift_alter_bwd);
-}
+FFN_REGISTER_KERNELS(shift_alter, CPU, shift_alter_fwd, shift_alter_bwd)
 
 }  // namespace cpu
 }  // namespace ffn_kernels

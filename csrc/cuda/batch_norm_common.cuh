@@ -248,11 +248,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
 
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
   at::Tensor dres = has_residual ? at::empty(x.sizes(), x.options().memory_format(fmt))
-                                 : at::empty({0}, x.options());
+                                 : unused_activation(x);
   at::Tensor dweight = at::empty(w.sizes(), acc_opts);
   at::Tensor dbias = at::empty(w.sizes(), acc_opts);
-  at::Tensor dalter = kShift && a.defined() ? at::empty(a.sizes(), acc_opts)
-                                            : at::empty({0}, (kShift ? y : x).options());
+  at::Tensor dalter = kShift && a.defined() ? at::empty(a.sizes(), acc_opts) : unused_acc(x);
   const int fields = kShift ? 3 : 2;
   const ReducePlan plan = plan_reduce(seg, g);
   at::Tensor partials = at::empty({fields, plan.num_chunks, g.C}, acc_opts);

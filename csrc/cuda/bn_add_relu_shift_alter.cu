@@ -1,8 +1,7 @@
 // CUDA kernels of bn_add_relu_shift_alter (docs/design.md §3.3): the shared BatchNorm with the
 // shift of its output for the next block.
-#include <torch/library.h>
-
 #include "batch_norm_common.cuh"
+#include "ops/bn_add_relu_shift_alter.h"
 
 namespace ffn_kernels {
 namespace cuda {
@@ -32,10 +31,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_add_re
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ffn_kernels_C, CUDA, m) {
-  m.impl("bn_add_relu_shift_alter_fwd", &bn_add_relu_shift_alter_fwd);
-  m.impl("bn_add_relu_shift_alter_bwd", &bn_add_relu_shift_alter_bwd);
-}
+FFN_REGISTER_KERNELS(bn_add_relu_shift_alter, CUDA, bn_add_relu_shift_alter_fwd,
+                     bn_add_relu_shift_alter_bwd)
 
 }  // namespace cuda
 }  // namespace ffn_kernels

@@ -8,16 +8,6 @@
 namespace ffn_kernels {
 namespace cuda {
 
-at::ScalarType acc_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-at::MemoryFormat format_of(const at::Tensor& x) {
-  if (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
-    return at::MemoryFormat::ChannelsLast;
-  return at::MemoryFormat::Contiguous;
-}
-
 at::Tensor in_format(const at::Tensor& t, at::MemoryFormat fmt, const at::Tensor& x,
                      const char* name) {
   TORCH_CHECK(t.sizes() == x.sizes(), name, " has shape ", t.sizes(), " but x has ", x.sizes());

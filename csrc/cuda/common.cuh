@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "conventions.h"
 #include "ffn_math.h"
 
 namespace ffn_kernels {
@@ -368,14 +369,11 @@ FrameLayout make_frame_layout(const at::Tensor& x, int64_t clips, at::IntArrayRe
                               at::IntArrayRef rows);
 // Geometry of x (its memory format decides channels_last).
 Geom make_geom(const at::Tensor& x, int64_t fold_div = 0);
-// The memory format the kernels use for x: NCHW if contiguous, else channels_last if so.
-at::MemoryFormat format_of(const at::Tensor& x);
 // `t` in memory format `fmt` (no copy when it already is).
 at::Tensor in_format(const at::Tensor& t, at::MemoryFormat fmt, const at::Tensor& x, const char* name);
 // A [P, C] parameter in acc dtype, contiguous, on x's device; rows of the layout < P.
 at::Tensor param(const c10::optional<at::Tensor>& p, const at::Tensor& x, const FrameLayout& seg,
                  const char* name);
-at::ScalarType acc_type(const at::Tensor& x);
 
 // Statistics pass of freq_batch_norm_fwd / bn_add_relu_shift_alter_fwd: per-segment mean/invstd
 // ([S, C]) and updated copies of the running statistics (empty when not given).

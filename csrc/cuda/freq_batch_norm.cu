@@ -1,7 +1,6 @@
 // CUDA kernels of freq_batch_norm (docs/design.md §3.2): the shared BatchNorm without the shift.
-#include <torch/library.h>
-
 #include "batch_norm_common.cuh"
+#include "ops/freq_batch_norm.h"
 
 namespace ffn_kernels {
 namespace cuda {
@@ -30,10 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> freq_batch_norm_bwd(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ffn_kernels_C, CUDA, m) {
-  m.impl("freq_batch_norm_fwd", &freq_batch_norm_fwd);
-  m.impl("freq_batch_norm_bwd", &freq_batch_norm_bwd);
-}
+FFN_REGISTER_KERNELS(freq_batch_norm, CUDA, freq_batch_norm_fwd,
+                     freq_batch_norm_bwd)
 
 }  // namespace cuda
 }  // namespace ffn_kernels

@@ -1,7 +1,6 @@
 // shift_alter_fwd / shift_alter_bwd: temporal shift + Weight Alteration (docs/design.md §3.1).
-#include <torch/library.h>
-
 #include "common.cuh"
+#include "ops/shift_alter.h"
 
 namespace ffn_kernels {
 namespace cuda {
@@ -100,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> shift_alter_bwd(const at::Tensor& dy_, const 
                                  a.defined() ? a.data_ptr<acc_t>() : nullptr, /*reverse=*/true};
       launch_frame_map<scalar_t>(op, seg, g, can_vectorize<scalar_t>(g, {&dy, &dx}));
     });
-    return {dx, at::empty({0}, x_.options())};  // like the reference: x.new_empty(0)
+    return {dx, unused_acc(dy)};
   }
   const at::Tensor x = in_format(x_, fmt, dy, "x");
   FrameLayout rseg = seg;
@@ -124,10 +123,8 @@ std::tuple<at::Tensor, at::Tensor> shift_alter_bwd(const at::Tensor& dy_, const 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ffn_kernels_C, CUDA, m) {
-  m.impl("shift_alter_fwd", &shift_alter_fwd);
-  m.impl("shift_alter_bwd", &shift_alter_bwd);
-}
+FFN_REGISTER_KERNELS(shift_alter, CUDA, shift_alter_fwd,
+                     shift_alter_bwd)
 
 }  // namespace cuda
 }  // namespace ffn_kernels

@@ -1,28 +1,17 @@
-// Route table and argument checks of the public ops (see dispatch.h).
+// The shared parts of the public ops' entries and their argument checks (see dispatch.h).
 #include "ops/dispatch.h"
 
 #include <ATen/FuncTorchTLS.h>
 #include <ATen/core/grad_mode.h>
 
-#include <atomic>
-
 namespace ffn_kernels {
 namespace ops {
 
-namespace {
-std::atomic<bool> g_python_cpu{false};
-std::atomic<bool> g_python_cuda{true};  // until the extension's CUDA kernels are known to exist
-}  // namespace
-
-bool python_route(const at::Device& device) {
-  if (device.is_cpu()) return g_python_cpu.load(std::memory_order_relaxed);
-  if (device.is_cuda()) return g_python_cuda.load(std::memory_order_relaxed);
-  return true;
-}
-
-void set_python_route(bool cpu, bool cuda) {
-  g_python_cpu.store(cpu);
-  g_python_cuda.store(cuda);
+void define_op(torch::Library& m, const std::string& name, const char* fwd, const char* bwd) {
+  m.def((name + fwd).c_str());
+  m.def((name + "_backward" + bwd).c_str());
+  m.def((name + "_fwd" + fwd).c_str());
+  m.def((name + "_bwd" + bwd).c_str());
 }
 
 void refuse_double_backward(const char* op, at::ArrayRef<Tensor> inputs) {

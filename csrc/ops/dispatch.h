@@ -1,70 +1,33 @@
-// The dispatch-facing layer of the public ops (docs/design.md §4.1): argument checks whose errors name the
-// argument, memory-format/dtype normalisation, and the route from a public op to the raw kernels of
-// the chosen backend.
+// The dispatch layer of the public ops (docs/design.md §4.1): argument checks whose errors name
+// the argument, memory-format/dtype normalisation, the Meta outputs, and the generic parts of the
+// Autograd kernels. Each op's own part is in csrc/ops/<op>.cpp, its signatures in csrc/ops/<op>.h.
 //
-// Routes: the raw ops `ffn_kernels_C::<raw>` hold the compiled kernels (csrc/cpu, csrc/cuda);
-// `ffn_kernels_py::<raw>` (same schemas, defined by ffn_kernels/backend.py) run the Python
-// backends (Triton, reference). ffn_kernels.backend.set_backend tells this layer, per device type,
-// which one to call (set_python_route below); nothing on the hot path goes through Python unless a
-// Python backend is chosen.
+// Route: a public op's CPU/CUDA kernel checks and normalises its arguments, then calls the raw op
+// ffn_kernels::<op>_fwd / _bwd through the dispatcher. The dispatcher picks that op's kernel: the
+// compiled kernels (csrc/cpu, csrc/cuda) or, where ffn_kernels/backend.py registered it for the
+// chosen backend, the Python one (Triton, reference). No route flag lives in C++.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
+
+#include "conventions.h"
+#include "ops/contract.h"
 
 namespace ffn_kernels {
 namespace ops {
-
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
-
-// Whether ops on `device` go to the Python backends (every device type but CPU and CUDA does).
-bool python_route(const at::Device& device);
-void set_python_route(bool cpu, bool cuda);
 
 // The dispatcher handle of op `name` ("namespace::op"), to be kept in a function-local static.
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Sig>();
-}
-
-// A raw op of both routes, looked up once (the Python one on first use: it is defined after the
-// extension loads).
-template <typename Sig>
-class RawOp {
- public:
-  explicit RawOp(const char* name) : name_(name) {}
-
-  const c10::TypedOperatorHandle<Sig>& operator()(const at::Device& device) const {
-    const int py = python_route(device) ? 1 : 0;
-    std::call_once(once_[py], [&] {
-      const std::string full = std::string(py ? "ffn_kernels_py::" : "ffn_kernels_C::") + name_;
-      handle_[py] = op_handle<Sig>(full.c_str());
-    });
-    return *handle_[py];
-  }
-
- private:
-  const char* name_;
-  mutable std::once_flag once_[2];
-  mutable std::optional<c10::TypedOperatorHandle<Sig>> handle_[2];
-};
-
-// channels_last if x is stored that way (and not also plain contiguous), else NCHW; a tensor that
-// is both (C == 1, 1x1 frames) counts as NCHW, as in the kernels.
-inline at::MemoryFormat format_of(const Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
-             ? at::MemoryFormat::ChannelsLast
-             : at::MemoryFormat::Contiguous;
-}
-
-inline at::ScalarType acc_type(const Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // An activation in `fmt` (no copy when it already is).
@@ -84,8 +47,7 @@ inline OptTensor param(const OptTensor& p, const Tensor& x) {
 // A per-row [P, C] tensor in x's acc dtype shaped like `like`, or the empty tensor the kernels
 // return in its place when there is none.
 inline Tensor acc_like(const Tensor& x, const OptTensor& like) {
-  const auto acc = x.options().dtype(acc_type(x));
-  return like ? at::empty_symint(like->sym_sizes(), acc) : at::empty({0}, acc);
+  return like ? at::empty_symint(like->sym_sizes(), x.options().dtype(acc_type(x))) : unused_acc(x);
 }
 
 // An activation-sized output in x's memory format.
@@ -117,26 +79,95 @@ void refuse_double_backward(const char* op, at::ArrayRef<Tensor> inputs);
 // op, not give zero tangents or a message about C++ autograd functions.
 void refuse_transforms(const char* op, at::ArrayRef<Tensor> inputs);
 
-// Registers an op's implementations, written in its file's anonymous namespace as `forward` /
-// `backward` (CPU and CUDA: checks, formats, route to the backend), `forward_meta` /
-// `backward_meta` (checks and output shapes, for FakeTensor and torch.compile) and
-// `forward_autograd` / `backward_autograd` (the autograd formula; the backward op refuses a graph).
-#define FFN_REGISTER_OP(op)                               \
-  TORCH_LIBRARY_IMPL(ffn_kernels, CPU, m) {               \
-    m.impl(#op, &forward);                                \
-    m.impl(#op "_backward", &backward);                   \
-  }                                                       \
-  TORCH_LIBRARY_IMPL(ffn_kernels, CUDA, m) {              \
-    m.impl(#op, &forward);                                \
-    m.impl(#op "_backward", &backward);                   \
-  }                                                       \
-  TORCH_LIBRARY_IMPL(ffn_kernels, Meta, m) {              \
-    m.impl(#op, &forward_meta);                           \
-    m.impl(#op "_backward", &backward_meta);              \
-  }                                                       \
-  TORCH_LIBRARY_IMPL(ffn_kernels, Autograd, m) {          \
-    m.impl(#op, &forward_autograd);                       \
-    m.impl(#op "_backward", &backward_autograd);          \
+// ---- an op's entries ------------------------------------------------------------------------
+//
+// Each op file (csrc/ops/<op>.cpp) defines, in its anonymous namespace:
+//   - `Op`, its autograd Function (an OpFunction of the contract's `Fwd` and `Bwd`), with
+//     `kName` and the autograd formula (what forward saves, what backward returns);
+//   - `forward<kMeta>` and `backward<kMeta>`: the argument checks, then for kMeta the output
+//     shapes (FakeTensor, torch.compile), else the normalised call of the raw op (CPU, CUDA);
+// and registers them with FFN_REGISTER_OP. The Autograd kernels below are generic.
+
+// The base of an op's autograd Function `Op`: the contract's signatures of its two entries.
+template <class Self, class FwdSig, class BwdSig>
+struct OpFunction : torch::autograd::Function<Self> {
+  using Fwd = FwdSig;
+  using Bwd = BwdSig;
+};
+
+// Defines op `name`: the public op and its backward, and the raw ops <name>_fwd and <name>_bwd,
+// which take the same arguments (`fwd` and `bwd`: "(arguments) -> results").
+void define_op(torch::Library& m, const std::string& name, const char* fwd, const char* bwd);
+
+// The dispatcher handle of op Fn's public (kRaw = false) or raw entry, forward or backward.
+template <class Fn, bool kRaw, bool kBackward>
+const auto& handle() {
+  using Sig = std::conditional_t<kBackward, typename Fn::Bwd, typename Fn::Fwd>;
+  static const auto op = op_handle<Sig>(
+      (std::string("ffn_kernels::") + Fn::kName +
+       (kRaw ? (kBackward ? "_bwd" : "_fwd") : (kBackward ? "_backward" : "")))
+          .c_str());
+  return op;
+}
+
+namespace detail {
+inline void collect(std::vector<Tensor>& out, const Tensor& t) { out.push_back(t); }
+inline void collect(std::vector<Tensor>& out, const OptTensor& t) {
+  if (t) out.push_back(*t);
+}
+template <class T>
+void collect(std::vector<Tensor>&, const T&) {}
+
+template <class R, size_t... I>
+R unpack(const std::vector<Tensor>& v, std::index_sequence<I...>) {
+  return R{v[I]...};
+}
+template <class R>
+R unpack(const std::vector<Tensor>& v) {
+  if constexpr (std::is_same_v<R, Tensor>)
+    return v[0];
+  else
+    return unpack<R>(v, std::make_index_sequence<std::tuple_size_v<R>>{});
+}
+
+template <class Fn, class Sig>
+struct Autograd;
+template <class Fn, class R, class... A>
+struct Autograd<Fn, R(A...)> {
+  // the public op: reverse-mode autograd only (the transforms are refused, naming the op)
+  static R forward(A... args) {
+    std::vector<Tensor> tensors;
+    (collect(tensors, args), ...);
+    refuse_transforms(Fn::kName, tensors);
+    return unpack<R>(Fn::apply(args...));
+  }
+  // the backward op: no graph through it
+  static R backward(A... args) {
+    std::vector<Tensor> tensors;
+    (collect(tensors, args), ...);
+    refuse_double_backward(Fn::kName, tensors);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return handle<Fn, false, true>().call(args...);
+  }
+};
+}  // namespace detail
+
+#define FFN_REGISTER_OP(op)                                                                    \
+  TORCH_LIBRARY_IMPL(ffn_kernels, CPU, m) {                                                    \
+    m.impl(#op, &forward<false>);                                                              \
+    m.impl(#op "_backward", &backward<false>);                                                 \
+  }                                                                                            \
+  TORCH_LIBRARY_IMPL(ffn_kernels, CUDA, m) {                                                   \
+    m.impl(#op, &forward<false>);                                                              \
+    m.impl(#op "_backward", &backward<false>);                                                 \
+  }                                                                                            \
+  TORCH_LIBRARY_IMPL(ffn_kernels, Meta, m) {                                                   \
+    m.impl(#op, &forward<true>);                                                               \
+    m.impl(#op "_backward", &backward<true>);                                                  \
+  }                                                                                            \
+  TORCH_LIBRARY_IMPL(ffn_kernels, Autograd, m) {                                               \
+    m.impl(#op, &detail::Autograd<Op, Op::Fwd>::forward);                                      \
+    m.impl(#op "_backward", &detail::Autograd<Op, Op::Bwd>::backward);                         \
   }
 
 // ---- argument checks (ValueError / TypeError naming the argument) ----------------------------

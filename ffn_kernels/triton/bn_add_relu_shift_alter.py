@@ -5,6 +5,7 @@ block; the backward is the generic BN backward with the shift terms (``dnext``, 
 
 import torch
 
+from ..validation import unused_acc
 from .common import Plan, backward, forward, on_device, stats, zeros
 
 
@@ -28,5 +29,5 @@ def bn_add_relu_shift_alter_bwd(dout, dnext, z, out, clips, frames, rows, weight
     grads = [zeros(weight), zeros(weight)] + ([] if alter_next is None else [zeros(alter_next)])
     backward(plan, dz, grads, dy=dout, dnext=dnext, x=z, y=out, dres=didentity, weight=weight,
              mean=mean, invstd=invstd, training=training, relu=True, alter=alter_next)
-    dalter = out.new_empty(0) if alter_next is None else grads[2]
+    dalter = unused_acc(z) if alter_next is None else grads[2]
     return dz, didentity, grads[0], grads[1], dalter

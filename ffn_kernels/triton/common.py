@@ -15,6 +15,7 @@ import functools
 import torch
 import triton
 
+from ..validation import memory_format_of, unused_acc
 from . import kernels as K
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -66,8 +67,9 @@ class Plan:
                 f"ffn_kernels.triton: x has dtype {x.dtype}; the Triton kernels take float32, "
                 "float16 or bfloat16 (use the reference or C++ backend for float64)"
             )
-        self.channels_last = not x.is_contiguous()
-        if self.channels_last and not x.is_contiguous(memory_format=torch.channels_last):
+        self.fmt = memory_format_of(x)
+        self.channels_last = self.fmt == torch.channels_last
+        if not x.is_contiguous(memory_format=self.fmt):
             raise ValueError("ffn_kernels.triton: x must be NCHW contiguous or channels_last")
         _, C, H, W = x.shape
         hw = H * W
@@ -92,7 +94,6 @@ class Plan:
         self.layout, self.nch = _frame_layout_table(int(clips), tuple(frames), tuple(rows),
                                                    chunk_frames, x.device)
         self.C, self.S = C, len(frames)
-        self.fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.grid = (self.nch, nblocks)
         self.combine_block = min(triton.next_power_of_2(C), 256)
         self.combine_grid = (triton.cdiv(C, self.combine_block),)
@@ -117,7 +118,7 @@ def stats(plan, x, running_mean, running_var, training, momentum, eps):
     if has_running:
         new_rm, new_rv = running_mean.clone(), running_var.clone()
     else:
-        new_rm, new_rv = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+        new_rm, new_rv = unused_acc(x), unused_acc(x)
     part = mean
     if batch:
         part = x.new_empty((3, plan.nch, C), dtype=torch.float32)

@@ -5,6 +5,7 @@ is the generic BN backward without the shift terms.
 
 import torch
 
+from ..validation import unused_activation
 from .common import Plan, backward, forward, on_device, stats, zeros
 
 
@@ -29,4 +30,4 @@ def freq_batch_norm_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, tra
     grads = [zeros(weight), zeros(weight)]
     backward(plan, dx, grads, dy=dy, x=x, y=y if relu else None, dres=dres, weight=weight,
              mean=mean, invstd=invstd, training=training, relu=relu)
-    return dx, grads[0], grads[1], x.new_empty(0) if dres is None else dres
+    return dx, grads[0], grads[1], unused_activation(x) if dres is None else dres

@@ -5,6 +5,7 @@ reverse shift (``dnext``) and, for ``d alter``, the input ``x`` as ``y``.
 
 import torch
 
+from ..validation import unused_acc
 from .common import Plan, backward, forward, on_device, zeros
 
 
@@ -22,4 +23,4 @@ def shift_alter_bwd(dy, x, clips, frames, rows, alter, fold_div, alter_grad):
     dx = torch.empty_like(x)
     grads = [zeros(alter)] if alter_grad else []
     backward(plan, dx, grads, dnext=dy, y=x if alter_grad else None, alter=alter)
-    return dx, grads[0] if alter_grad else x.new_empty(0)
+    return dx, grads[0] if alter_grad else unused_acc(x)
