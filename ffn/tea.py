@@ -7,10 +7,10 @@ per branch (a :class:`~ffn_kernels.FreqBatchNorm2d` row per branch) through the 
 has no Weight Alteration and no TSM shift at block inputs: its temporal modelling is ME and MTA.
 
 The two temporal operations act within each clip of each segment. They read the
-:class:`~ffn_kernels.FrameLayout`: segment ``s`` is ``[N, T_s, C, H, W]`` (clip-major, frame-minor,
-contiguous in dim 0), so no frame of another clip or branch is ever read. They are written in plain
-PyTorch on those per-segment views for now; a fused op (one pass over the packed tensor for the
-temporal conv, and ME's difference and gate) is planned (docs/design.md §9).
+:class:`~ffn_kernels.FrameLayout` (segment ``s`` is ``N`` clips of ``T_s`` frames, clip-major and
+contiguous in dim 0): each frame's neighbour in the packed tensor is masked out where it belongs to
+another clip or branch. They are plain PyTorch for now; a fused op (one pass for the temporal conv,
+and ME's difference and gate) is planned (docs/design.md §9).
 
 ``forward`` is :class:`~ffn.models.FrameFlexible`'s: eval at any frame count ``n`` uses the nearest
 branch's BatchNorms and runs ME and the temporal conv over the ``n`` given frames.
@@ -44,42 +44,50 @@ def fused_norm(bn: FreqBatchNorm2d, x: Tensor, layout: FrameLayout,
     return bn(x, layout, activation=activation, residual=residual)
 
 
-def segment_views(x: Tensor, layout: FrameLayout) -> list[Tensor]:
-    """``[F, ...]`` packed frames -> one ``[N, T_s, ...]`` view per segment."""
-    return [xs.view(seg.clips, seg.frames, *x.shape[1:])
-            for xs, seg in zip(layout.split(x), layout.segments())]
+def frame_masks(layout: FrameLayout, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(has_prev, has_next)``, ``[F]`` booleans: frame f is not the first / not the last frame of
+    its clip (``t > 0`` / ``t < T_s - 1``, from the layout: segment s is ``N`` clips of ``T_s``
+    frames, clip-major)."""
+    prev, nxt = [], []
+    for seg in layout.segments():
+        t = torch.arange(seg.frames, device=device).repeat(seg.clips)
+        prev.append(t > 0)
+        nxt.append(t < seg.frames - 1)
+    if len(prev) == 1:
+        return prev[0], nxt[0]
+    return torch.cat(prev), torch.cat(nxt)
 
 
-def unpack(views: Sequence[Tensor]) -> Tensor:
-    flat = [v.flatten(0, 1) for v in views]
-    return flat[0] if len(flat) == 1 else torch.cat(flat)
+def neighbours(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` moved by one packed frame: ``(x[f-1], x[f+1])`` at ``f`` (zero beyond the ends).
+    Across a clip or segment boundary these read another clip: :func:`frame_masks` zeroes those."""
+    zero = torch.zeros_like(x[:1])
+    return torch.cat([zero, x[:-1]]), torch.cat([x[1:], zero])
+
+
+def _per_frame(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
 def temporal_conv(x: Tensor, weight: Tensor, layout: FrameLayout) -> Tensor:
     """Depthwise conv1d over time with 3 taps per channel (``weight [C, 1, 3]``), zero-padded at
-    each clip's ends: ``y[t] = w0*x[t-1] + w1*x[t] + w2*x[t+1]``, within each clip of each segment
-    (a fused op is planned)."""
-    w0, w1, w2 = (tap.view(1, 1, -1, *([1] * (x.dim() - 2))) for tap in weight.view(-1, 3).unbind(1))
-    out = []
-    for v in segment_views(x, layout):  # [N, T, C, H, W]
-        y = v * w1
-        if v.shape[1] > 1:
-            prev = v[:, :-1] * w0  # x[t-1] feeds y[t], t >= 1
-            nxt = v[:, 1:] * w2  # x[t+1] feeds y[t], t <= T-2
-            y = y + F.pad(prev, (0, 0) * (v.dim() - 2) + (1, 0)) + F.pad(
-                nxt, (0, 0) * (v.dim() - 2) + (0, 1))
-        out.append(y)
-    return unpack(out)
+    each clip's ends: ``y[t] = w0*x[t-1] + w1*x[t] + w2*x[t+1]``, within each clip of each segment.
+    One pass over the packed tensor (the neighbouring packed frame, masked at clip boundaries); a
+    fused op is planned."""
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    w0, w1, w2 = (tap.view(shape) for tap in weight.view(-1, 3).unbind(1))
+    has_prev, has_next = frame_masks(layout, x.device)
+    before, after = neighbours(x)
+    # the masks go on the [F, C, 1, 1] taps, not on the activations
+    return x * w1 + before * (w0 * _per_frame(has_prev, x)) + after * (w2 * _per_frame(has_next, x))
 
 
 def motion_difference(feat: Tensor, moved: Tensor, layout: FrameLayout) -> Tensor:
     """ME's temporal difference ``moved[t+1] - feat[t]`` for ``t < T-1`` and 0 at each clip's last
-    frame, within each clip of each segment (``[F, C, ...]`` in, ``[F, C, ...]`` out)."""
-    out = []
-    for f, m in zip(segment_views(feat, layout), segment_views(moved, layout)):
-        d = m[:, 1:] - f[:, :-1]
-        out.append(F.pad(d, (0, 0) * (d.dim() - 2) + (0, 1)))
-    return unpack(out)
+    frame, within each clip of each segment (``[F, ...]`` in and out)."""
+    _, has_next = frame_masks(layout, feat.device)
+    _, moved_next = neighbours(moved)
+    return (moved_next - feat) * _per_frame(has_next, feat)
 
 
 class TemporalConv(nn.Module):

@@ -302,3 +302,65 @@ def test_parameter_counts():
 # TEA-FFN, 3 branches (README): 1000 classes 26,293,810; 174 (Something-Something) 24,601,336.
 # Plain TEA (one branch) 26,148,754: the two extra BN rows add 145,056 parameters.
 TEA50_FFN_1000, TEA50_FFN_174, TEA50_PLAIN_1000 = 26_293_810, 24_601_336, 26_148_754
+
+
+# --- everywhere the TSM model goes: compile_eval, export, ffn train/eval/diagnose --------------
+
+def small_tea():
+    torch.manual_seed(0)
+    return FFNTEA(frames=FRAMES, num_classes=6, width=8).eval()
+
+
+def test_compile_eval_one_graph_per_branch():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from ffn.compiled import compile_eval
+
+    torch._dynamo.reset()
+    model = small_tea()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = compile_eval(model, backend=counter)
+    with torch.no_grad():
+        for n, t in [(2, 2), (1, 3), (3, 5), (2, 7), (1, 11), (2, 13), (3, 20), (1, 4)]:
+            x = clips_of([t], n=n, hw=16, seed=t, dtype=torch.float32)[0]
+            torch.testing.assert_close(compiled(x), model(x), msg=f"N={n}, T={t}")
+    assert counter.frame_count == len(FRAMES)
+    torch._dynamo.reset()
+
+
+def test_export_dynamic_batch_and_frames_per_branch():
+    from ffn.export import export_model
+
+    model = small_tea()
+    programs = export_model(model, 16, max_clips=4, max_frames=20)
+    assert sorted(programs) == [0, 1, 2]
+    with torch.no_grad():
+        for n, t in [(1, 2), (3, 5), (2, 9), (1, 20)]:
+            x = clips_of([t], n=n, hw=16, seed=t, dtype=torch.float32)[0]
+            torch.testing.assert_close(programs[model.branch_for(t)].module()(x), model(x))
+
+
+TINY = [
+    "data.synthetic.train_videos=4", "data.synthetic.val_videos=3", "data.synthetic.num_frames=4",
+    "data.synthetic.frame_size=20", "data.size=16", "data.batch_size=2", "data.workers=0",
+    "model.arch=tea50", "model.width=8", "model.frames=[2,4]", "model.dropout=0",
+    "train.epochs=1", "train.progress=false",
+]
+
+
+def test_ffn_train_eval_and_diagnose_tea50(tmp_path, capsys):
+    import json
+
+    from ffn.cli import main
+
+    run = tmp_path / "tea"
+    assert main(["train", *TINY, f"train.out={run}"]) == 0
+    assert "tea50" in capsys.readouterr().out
+    out = tmp_path / "eval"
+    assert main(["eval", str(run / "last.pt"), "--frames", "1..5", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["tea"]) == ["1", "2", "3", "4", "5"]
+    assert main(["diagnose", str(run / "last.pt"), "--frames", "2,4", "--out",
+                 str(tmp_path / "diag")]) == 0
+    rows = (tmp_path / "diag" / "shift.csv").read_text()
+    assert "layer1.0.me.bn3" in rows and "layer4.2.bns.2" in rows
