@@ -133,11 +133,19 @@ class MotionExcitation(nn.Module):
 
     def forward(self, x: Tensor, layout: FrameLayout, norm: Norm = fused_norm) -> Tensor:
         b = norm(self.bn1, self.conv1(x), layout)
-        # the spatial average commutes with the difference: pool first, subtract [F, C, 1, 1]
-        pooled = motion_difference(b.mean((2, 3), keepdim=True),
-                                   self.conv2(b).mean((2, 3), keepdim=True), layout)
-        y = norm(self.bn3, self.conv3(pooled), layout)
-        return torch.addcmul(x, x, torch.sigmoid(y) - 0.5)
+        y = norm(self.bn3, self.conv3(motion_pool(b, self.conv2(b), layout)), layout)
+        return excite(x, y)
+
+
+def motion_pool(b: Tensor, moved: Tensor, layout: FrameLayout) -> Tensor:
+    """``avgpool(moved[t+1] - b[t])`` ``[F, C, 1, 1]``: the spatial average commutes with the
+    difference, so both are pooled first and the difference is taken on ``[F, C, 1, 1]``."""
+    return motion_difference(b.mean((2, 3), keepdim=True), moved.mean((2, 3), keepdim=True), layout)
+
+
+def excite(x: Tensor, y: Tensor) -> Tensor:
+    """ME's gate: ``x + x * (sigmoid(y) - 0.5)``, ``y [F, C, 1, 1]``."""
+    return torch.addcmul(x, x, torch.sigmoid(y) - 0.5)
 
 
 class TEABlock(nn.Module):
