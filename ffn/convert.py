@@ -1,10 +1,16 @@
-"""Checkpoint converters into :class:`ffn.FFNResNet` (and its eager twin, which shares its keys).
+"""Checkpoint converters into :class:`ffn.FFNResNet` and :class:`ffn.FFNTEA` (and their eager
+twins, which share their keys).
 
 * :func:`load_official` — checkpoints of the official FFN code (BeSpontaneous/FFN-pytorch,
   ``2D_Network``): ``module.base_model.layer1.0.bn1_4.weight``, ``...adaconv_8.weight``
   (``[C, 1, 1, 1]`` depthwise WA conv), ``...downsample_conv.weight``, ``...downsample_bn_16.*``,
   ``module.new_fc.*`` (or ``base_model.fc.*`` when trained without dropout). Branch suffixes
   ``_4, _8, _16`` map to parameter rows 0, 1, 2.
+  For :class:`ffn.tea.FFNTEA` it reads TEA-FFN checkpoints (``resnet_TEA_FFN.py``: ``bn1_4``,
+  ``bns_8.0``, ``me.bn3_16``, ``shifts.0.conv.weight``, ...) and plain TEA ones (``resnet_TEA.py``,
+  every branch row from its one BN).
+* :func:`load_res2net` — ImageNet Res2Net-50 26w x 4s in timm's ``res2net50_26w_4s`` naming, for
+  :class:`ffn.tea.FFNTEA` (ME and the temporal convs keep their initialisation).
 * :func:`load_torchvision` — torchvision ImageNet ResNets: every branch's BN starts from the same
   ImageNet BN; WA and the classifier keep the model's fresh initialisation (a new head).
 
