@@ -19,7 +19,7 @@ def system_allocator_rows(args, task: str, key: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, str(Path(__file__).with_name("run.py")), "--model", "--train-only",
                "--out", out, "--device", args.device, "--dtype", args.dtype,
-               "--depth", str(args.depth), "--size", str(args.size), "--clips", str(args.clips),
+               "--depth", str(args.depth), "--arch", args.arch, "--width", str(args.width), "--size", str(args.size), "--clips", str(args.clips),
                "--classes", str(args.classes), "--repeats", str(args.repeats)]
         if args.quick:
             cmd.append("--quick")

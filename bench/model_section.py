@@ -1,7 +1,7 @@
-"""Benchmark section: TSM-ResNet FFN, the packed fused model vs its eager twin (the official
+"""Benchmark section: TSM-ResNet FFN (``--arch resnet --depth D``) or TEA-FFN (``--arch tea50``), the packed fused model vs its eager twin (the official
 branch-by-branch structure), each in NCHW and channels_last, vs ``torch.compile`` of the twin: one
 three-branch training step (forward, distillation loss, backward), selected-branch inference and
-the folded single branch (``export_branch``) as the inference floor. Every ratio is taken against
+the folded single branch (``export_branch``, TSM only) as the inference floor. Every ratio is taken against
 the best eager configuration measured in this run; rows carry min/median/max."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 import torch
 
 from ffn import EagerFFNResNet, FFNResNet
+from ffn.tea import EagerFFNTEA, FFNTEA
 from ffn.export import export_branch
 from ffn.losses import temporal_distillation_loss
 from timing import measure, peak_memory, saved_tensor_bytes
@@ -20,15 +21,31 @@ EVAL_FRAMES = 8
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
+def _arch(args):
+    """(packed model class, its keyword arguments, the eager twin's class) of ``--arch``."""
+    if getattr(args, "arch", "resnet") == "tea50":
+        return FFNTEA, dict(frames=FRAMES, num_classes=args.classes, width=args.width), EagerFFNTEA
+    return (FFNResNet, dict(depth=args.depth, frames=FRAMES, num_classes=args.classes,
+                            width=getattr(args, "width", 64)), EagerFFNResNet)
+
+
+def _title(args) -> str:
+    width = "" if getattr(args, "width", 64) == 64 else f" width {args.width}"
+    if getattr(args, "arch", "resnet") == "tea50":
+        return f"TEA-FFN (Res2Net-50 26w x 4s, ME + MTA){width}"
+    return f"TSM-ResNet-{args.depth} FFN{width}"
+
+
 def _models(args, device) -> dict:
+    cls, kw, twin = _arch(args)
     torch.manual_seed(0)
-    base = FFNResNet(depth=args.depth, frames=FRAMES, num_classes=args.classes).to(device)
+    base = cls(**kw).to(device)
     models = {}
     for name, fmt in FORMATS.items():
-        fused = FFNResNet(depth=args.depth, frames=FRAMES, num_classes=args.classes).to(device)
+        fused = cls(**kw).to(device)
         fused.load_state_dict(base.state_dict())
         models[f"fused {name}"] = fused.to(memory_format=fmt)
-        models[f"eager {name}"] = EagerFFNResNet.twin(base).to(memory_format=fmt)
+        models[f"eager {name}"] = twin.twin(base).to(memory_format=fmt)
     return models
 
 
@@ -76,7 +93,8 @@ def inference(args, device, test_clip, models: dict, report) -> None:
     row = models["fused nchw"].branch_for(EVAL_FRAMES)
     runs = dict(models)
     for name, fmt in FORMATS.items():  # the folded branch: plain convs, the floor for a branch
-        runs[f"folded {name}"] = export_branch(models["fused nchw"], row).to(memory_format=fmt)
+        if isinstance(models["fused nchw"], FFNResNet):  # TEA has no folded export (yet)
+            runs[f"folded {name}"] = export_branch(models["fused nchw"], row).to(memory_format=fmt)
     for name, model in runs.items():
         getattr(model, "_orig_mod", model).eval()
 
@@ -133,7 +151,7 @@ def model_section(args, report) -> None:
     if args.compile_model:
         # the twin compiled in the format a user would pick: the faster eager one
         fmt = FORMATS[_best(report.sections["model"], task, "eager")["impl"].split(" ", 1)[1]]
-        twin = EagerFFNResNet.twin(models["fused nchw"]).to(memory_format=fmt)
+        twin = _arch(args)[2].twin(models["fused nchw"]).to(memory_format=fmt)
         compiled = {"compile eager": torch.compile(twin)}
         train_steps(args, device, clips, target, compiled, report, task)
         models.update(compiled)
@@ -144,7 +162,7 @@ def model_section(args, report) -> None:
     add_ratios(rows)
     report.print_section(
         "model",
-        f"TSM-ResNet-{args.depth} FFN, {args.clips} clips x {FRAMES} frames, {size}x{size}, "
+        f"{_title(args)}, {args.clips} clips x {FRAMES} frames, {size}x{size}, "
         f"allocator {report.meta['allocator']}: median, min, max of {args.repeats} runs; "
         "best_eager/ms > 1 means faster than the best eager configuration of the same task",
         ["task", "impl", "ms", "min_ms", "max_ms", "clips_per_s", "best_eager/ms", "ms/folded",

@@ -64,14 +64,14 @@ TORCHVISION_ARCH = "torchvision:"
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"  # resnet18/34/50/101 (FFNResNet) | torchvision:NAME (a ResNet or mobilenet_v2)
-    width: int = 64  # first-stage channels (64 = standard ResNet; smaller for quick CPU runs); resnetN only
+    arch: str = "resnet18"  # resnet18/34/50/101 (FFNResNet) | tea50 (FFNTEA) | torchvision:NAME (a ResNet or mobilenet_v2)
+    width: int = 64  # first-stage channels (64 = standard ResNet; smaller for quick CPU runs); resnetN and tea50
     impl: str = "fused"  # fused: FFNResNet on the ffn_kernels ops | eager: EagerFFNResNet (same weights)
     frames: list[int] = field(default_factory=lambda: [4, 8, 16])  # one entry = single-frame-count model
     weight_alteration: bool = True  # False with one frame count = a plain TSM baseline
     dropout: float = 0.5  # before the classifier (torchvision:NAME: the dropout before its last Linear)
     pretrained: str = ""  # initial weights, loaded via ffn.convert
-    pretrained_format: str = "torchvision"  # torchvision (ImageNet ResNet) | official (FFN-pytorch)
+    pretrained_format: str = "torchvision"  # torchvision (ImageNet ResNet; tea50: timm's res2net50_26w_4s) | official (FFN-pytorch; tea50: TEA-FFN or plain TEA)
     distill_weight: float = 1.0  # lambda of the temporal distillation loss
 
 

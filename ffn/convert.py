@@ -1,10 +1,16 @@
-"""Checkpoint converters into :class:`ffn.FFNResNet` (and its eager twin, which shares its keys).
+"""Checkpoint converters into :class:`ffn.FFNResNet` and :class:`ffn.FFNTEA` (and their eager
+twins, which share their keys).
 
 * :func:`load_official` — checkpoints of the official FFN code (BeSpontaneous/FFN-pytorch,
   ``2D_Network``): ``module.base_model.layer1.0.bn1_4.weight``, ``...adaconv_8.weight``
   (``[C, 1, 1, 1]`` depthwise WA conv), ``...downsample_conv.weight``, ``...downsample_bn_16.*``,
   ``module.new_fc.*`` (or ``base_model.fc.*`` when trained without dropout). Branch suffixes
   ``_4, _8, _16`` map to parameter rows 0, 1, 2.
+  For :class:`ffn.tea.FFNTEA` it reads TEA-FFN checkpoints (``resnet_TEA_FFN.py``: ``bn1_4``,
+  ``bns_8.0``, ``me.bn3_16``, ``shifts.0.conv.weight``, ...) and plain TEA ones (``resnet_TEA.py``,
+  every branch row from its one BN).
+* :func:`load_res2net` — ImageNet Res2Net-50 26w x 4s in timm's ``res2net50_26w_4s`` naming, for
+  :class:`ffn.tea.FFNTEA` (ME and the temporal convs keep their initialisation).
 * :func:`load_torchvision` — torchvision ImageNet ResNets: every branch's BN starts from the same
   ImageNet BN; WA and the classifier keep the model's fresh initialisation (a new head).
 
@@ -15,6 +21,7 @@ unused key or a shape mismatch raises ``ValueError`` naming the key, before the 
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -23,6 +30,7 @@ from torch import Tensor, nn
 from ffn_kernels import FreqBatchNorm2d, ShiftAlter
 
 from .models import FFNResNet
+from .tea import FFNTEA, TemporalConv
 
 Checkpoint = Union[str, os.PathLike, Mapping[str, Tensor]]
 # checkpoint module path(s) for one of our modules: None keeps the model's own tensors, a string
@@ -40,17 +48,17 @@ def read_state_dict(checkpoint: Checkpoint) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 
-def load_official(model: FFNResNet, checkpoint: Checkpoint,
-                  suffixes: Sequence[str] = ("4", "8", "16")) -> FFNResNet:
+def load_official(model: FFNResNet | FFNTEA, checkpoint: Checkpoint,
+                  suffixes: Sequence[str] = ("4", "8", "16")) -> FFNResNet | FFNTEA:
     """Load an official FFN checkpoint; branch row ``p`` reads the modules ending in
-    ``_{suffixes[p]}``."""
+    ``_{suffixes[p]}``. For :class:`~ffn.tea.FFNTEA`: a TEA-FFN checkpoint
+    (``resnet_TEA_FFN.py``), or a plain TEA one (``resnet_TEA.py``, one BN per layer: every branch
+    row starts from it), told apart by its stem BN key (``bn1_4.weight`` or ``bn1.weight``)."""
+    if isinstance(model, FFNTEA):
+        return _load_official_tea(model, checkpoint, suffixes)
     if len(suffixes) != model.num_branches:
         raise ValueError(f"the model has {model.num_branches} branches but suffixes={tuple(suffixes)}")
-    sd, origin = {}, {}  # origin: our spelling of a key -> the checkpoint's, for error messages
-    for key, v in read_state_dict(checkpoint).items():
-        k = key.removeprefix("base_model.")
-        k = "fc." + k.removeprefix("new_fc.") if k.startswith("new_fc.") else k
-        sd[k], origin[k] = v, key
+    sd, origin = _official_keys(checkpoint)  # origin: ours -> the checkpoint's, for messages
 
     def source(path: str, module: nn.Module) -> Source:
         # our names differ from the official ones only in these parts
@@ -74,6 +82,65 @@ def load_torchvision(model: FFNResNet, checkpoint: Checkpoint) -> FFNResNet:
         return [name] * model.num_branches if isinstance(module, FreqBatchNorm2d) else name
 
     return _load(model, sd, source, "torchvision")
+
+
+def _official_keys(checkpoint: Checkpoint) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The official state dict with ``base_model.`` dropped and ``new_fc`` as ``fc``, and each of
+    our spellings' original key."""
+    sd, origin = {}, {}
+    for key, v in read_state_dict(checkpoint).items():
+        k = key.removeprefix("base_model.")
+        k = "fc." + k.removeprefix("new_fc.") if k.startswith("new_fc.") else k
+        sd[k], origin[k] = v, key
+    return sd, origin
+
+
+def _load_official_tea(model: FFNTEA, checkpoint: Checkpoint, suffixes: Sequence[str]) -> FFNTEA:
+    if len(suffixes) != model.num_branches:
+        raise ValueError(f"the model has {model.num_branches} branches but suffixes={tuple(suffixes)}")
+    sd, origin = _official_keys(checkpoint)
+    if "bn1.weight" in sd:  # plain TEA (one branch): every row starts from its BN
+        return _load(model, sd, _res2net_source(model, temporal=True, fc=True), "official TEA",
+                     origin)
+
+    def source(path: str, module: nn.Module) -> Source:
+        # TEA-FFN's names: downsample_conv, downsample_bn_4, bns_4.0, bn1_4, me.bn3_4
+        name = path.replace("downsample.conv", "downsample_conv")
+        if isinstance(module, FreqBatchNorm2d):
+            if re.search(r"(^|\.)bns\.\d+$", name):
+                head, _, i = name.rpartition(".")
+                return [f"{head}_{s}.{i}" for s in suffixes]
+            name = name.replace("downsample.bn", "downsample_bn")
+            return [f"{name}_{s}" for s in suffixes]
+        return name
+
+    return _load(model, sd, source, "official TEA-FFN", origin)
+
+
+def _res2net_source(model: FFNTEA, temporal: bool, fc: bool) -> Callable[[str, nn.Module], Source]:
+    """Res2Net naming (the official plain TEA, timm's ``res2net50_26w_4s``): ``downsample.0/1``,
+    one BN per layer for every branch row. ``temporal``: ME and the temporal convs are in the
+    checkpoint (else they keep the model's fresh initialisation, as a new head without ``fc``)."""
+
+    def source(path: str, module: nn.Module) -> Source:
+        if path == "fc" and not fc:
+            return None
+        if not temporal and (".me" in f".{path}" or isinstance(module, TemporalConv)
+                             or ".shifts." in f".{path}."):
+            return None
+        name = path.replace("downsample.conv", "downsample.0").replace("downsample.bn", "downsample.1")
+        return [name] * model.num_branches if isinstance(module, FreqBatchNorm2d) else name
+
+    return source
+
+
+def load_res2net(model: FFNTEA, checkpoint: Checkpoint) -> FFNTEA:
+    """Initialise :class:`~ffn.tea.FFNTEA` from ImageNet Res2Net-50 26w x 4s weights in timm's
+    ``res2net50_26w_4s`` naming (the original Res2Net code's too): every branch's BN starts from
+    the same ImageNet BN; ME, the temporal convs and the classifier keep the model's fresh
+    initialisation (the temporal convs start as TEA's shift/identity)."""
+    sd = {k: v for k, v in read_state_dict(checkpoint).items() if not k.startswith("fc.")}
+    return _load(model, sd, _res2net_source(model, temporal=False, fc=False), "Res2Net ImageNet")
 
 
 def _load(model: nn.Module, sd: Mapping[str, Tensor], source: Callable[[str, nn.Module], Source],

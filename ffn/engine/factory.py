@@ -8,21 +8,26 @@ from pathlib import Path
 from torch import nn
 
 from ..config import Config, ModelConfig, UserError, load_config, torchvision_arch
-from ..convert import load_official, load_torchvision
+from ..convert import load_official, load_res2net, load_torchvision
 from ..data import num_classes
 from ..data.build import num_classes_key
 from ..eager import EagerFFNResNet
 from ..ffnify import FFNVideo, ffnify, import_torchvision
 from ..models import DEPTHS, FFNResNet, FrameFlexible
+from ..tea import EagerFFNTEA, FFNTEA
 from . import checkpoint
 
 
 def depth_of(arch: str) -> int:
     depth = arch.lower().removeprefix("resnet")
     if not depth.isdigit() or int(depth) not in DEPTHS:
-        raise UserError(f"config model.arch must be one of {[f'resnet{d}' for d in DEPTHS]} or "
-                        f"torchvision:NAME (a torchvision ResNet or mobilenet_v2), got {arch!r}")
+        raise UserError(f"config model.arch must be one of {[f'resnet{d}' for d in DEPTHS]}, "
+                        f"{TEA_ARCH} or torchvision:NAME (a torchvision ResNet or mobilenet_v2), "
+                        f"got {arch!r}")
     return int(depth)
+
+
+TEA_ARCH = "tea50"  # ffn.tea.FFNTEA: TEA-FFN (Res2Net-50 26w x 4s with ME and MTA)
 
 
 def build_model(cfg: ModelConfig, classes: int, pretrained: bool = True, report: bool = True) -> FrameFlexible:
@@ -34,11 +39,17 @@ def build_model(cfg: ModelConfig, classes: int, pretrained: bool = True, report:
         if report and int(os.environ.get("RANK", 0)) == 0:  # torchrun's rank: one line per run
             print(video.conversion, flush=True)
         return video
-    cls = FFNResNet if cfg.impl == "fused" else EagerFFNResNet
-    model = cls(depth_of(cfg.arch), cfg.frames, classes, dropout=cfg.dropout,
-                weight_alteration=cfg.weight_alteration, width=cfg.width)
+    if cfg.arch.lower() == TEA_ARCH:
+        cls = FFNTEA if cfg.impl == "fused" else EagerFFNTEA
+        model = cls(cfg.frames, classes, dropout=cfg.dropout, width=cfg.width)
+        imagenet = load_res2net  # model.pretrained_format=torchvision: timm's res2net50_26w_4s
+    else:
+        cls = FFNResNet if cfg.impl == "fused" else EagerFFNResNet
+        model = cls(depth_of(cfg.arch), cfg.frames, classes, dropout=cfg.dropout,
+                    weight_alteration=cfg.weight_alteration, width=cfg.width)
+        imagenet = load_torchvision
     if pretrained and cfg.pretrained:
-        load = load_torchvision if cfg.pretrained_format == "torchvision" else load_official
+        load = imagenet if cfg.pretrained_format == "torchvision" else load_official
         if not Path(cfg.pretrained).is_file():
             raise UserError(f"config model.pretrained: {cfg.pretrained} does not exist")
         try:
