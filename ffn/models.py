@@ -14,7 +14,7 @@ block they feed (``layerK.J.alter.weight``, ``[P, C_in]``).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -236,7 +236,56 @@ class FrameFlexible(nn.Module):
         raise NotImplementedError
 
 
-class FFNResNet(FrameFlexible):
+class ResNetTrunk(FrameFlexible):
+    """The ResNet skeleton that :class:`FFNResNet` and :class:`~ffn.tea.FFNTEA` share: a stem
+    (7x7 conv, per-branch BN, max pool), four stages of blocks (stage ``i`` has ``width << i``
+    planes; the first block of stages 2-4 strides 2), dropout and the classifier, He-initialised
+    as the official code does. ``config`` holds the constructor's arguments (:meth:`twin`)."""
+
+    config: dict
+
+    def _build_trunk(self, width: int, counts: Sequence[int], expansion: int,
+                     make_block: Callable[[int, int, int, bool], nn.Module], dropout: float,
+                     num_classes: int) -> None:
+        """``make_block(inplanes, planes, stride, first_of_stage)`` builds each block."""
+        if width < 8 or width % 8:
+            raise ValueError(f"width must be a positive multiple of 8, got {width}")
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = FreqBatchNorm2d(width, self.num_branches)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        inplanes = width
+        for i, count in enumerate(counts):
+            planes = width << i
+            blocks = []
+            for j in range(count):
+                stride = 2 if i > 0 and j == 0 else 1
+                blocks.append(make_block(inplanes, planes, stride, j == 0))
+                inplanes = planes * expansion
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(inplanes, num_classes)
+        # as the official FFN and TEA: He init for 2D convs (TEA's temporal taps keep their
+        # shift/identity init), a small normal for the new classifier
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.normal_(self.fc.weight, 0, 1e-3)
+        nn.init.zeros_(self.fc.bias)
+
+    def blocks(self) -> list[nn.Module]:
+        return [b for i in range(1, 5) for b in getattr(self, f"layer{i}")]
+
+    @classmethod
+    def twin(cls, model: "ResNetTrunk") -> "ResNetTrunk":
+        """A ``cls`` (e.g. the eager twin) with ``model``'s configuration, weights, dtype, device
+        and mode."""
+        like = next(model.parameters())
+        twin = cls(**model.config).to(like.device, like.dtype)
+        twin.load_state_dict(model.state_dict())
+        return twin.train(model.training)
+
+
+class FFNResNet(ResNetTrunk):
     """Frame Flexible TSM-ResNet-{18,34,50,101}: shared convs and classifier, per-branch BN and WA.
 
     ``frames`` and ``forward`` are those of :class:`FrameFlexible`. ``width`` is the first stage's
@@ -250,40 +299,15 @@ class FFNResNet(FrameFlexible):
         if depth not in DEPTHS:
             raise ValueError(f"depth must be one of {sorted(DEPTHS)}, got {depth}")
         super().__init__(frames)
-        if width < 8 or width % 8:
-            raise ValueError(f"width must be a positive multiple of 8, got {width}")
         self.config = dict(depth=depth, frames=self.frames, num_classes=num_classes,
                            fold_div=fold_div, dropout=dropout, weight_alteration=weight_alteration,
                            width=width)
         self.fold_div = fold_div
-        branches = self.num_branches
         block, counts = DEPTHS[depth]
-        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
-        self.bn1 = FreqBatchNorm2d(width, branches)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        inplanes = width
-        for i, count in enumerate(counts):
-            planes = width << i
-            blocks = []
-            for j in range(count):
-                stride = 2 if i > 0 and j == 0 else 1
-                blocks.append(block(inplanes, planes, stride, branches, fold_div, weight_alteration))
-                inplanes = planes * block.expansion
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(inplanes, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # as the official FFN: He init for convs, a small normal for the new classifier
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.normal_(self.fc.weight, 0, 1e-3)
-        nn.init.zeros_(self.fc.bias)
-
-    def blocks(self) -> list[Block]:
-        return [b for i in range(1, 5) for b in getattr(self, f"layer{i}")]
+        self._build_trunk(width, counts, block.expansion,
+                          lambda inplanes, planes, stride, first: block(
+                              inplanes, planes, stride, self.num_branches, fold_div, weight_alteration),
+                          dropout, num_classes)
 
     def features(self, x: Tensor, layout: FrameLayout) -> Tensor:
         """The last block's output for packed frames ``x`` (one conv call per layer per step)."""

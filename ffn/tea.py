@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ffn_kernels import FrameLayout, FreqBatchNorm2d
 
-from .models import Downsample, FrameFlexible, clip_means
+from .models import Downsample, ResNetTrunk, clip_means
 
 BASE_WIDTH = 26  # Res2Net-50 26w x 4s
 SCALE = 4
@@ -192,7 +192,7 @@ class TEABlock(nn.Module):
         return norm(self.bn3, h, layout, activation="relu", residual=identity)
 
 
-class FFNTEA(FrameFlexible):
+class FFNTEA(ResNetTrunk):
     """Frame Flexible TEA (Res2Net-50 26w x 4s with ME and MTA): shared convs, temporal taps and
     classifier, per-branch BatchNorm. ``width`` is the stem's channel count (64 in TEA and the
     official checkpoints; stage ``i`` has ``width << i`` planes, and Res2Net's split width is
@@ -201,38 +201,12 @@ class FFNTEA(FrameFlexible):
     def __init__(self, frames: Sequence[int] = (4, 8, 16), num_classes: int = 400,
                  dropout: float = 0.5, width: int = 64) -> None:
         super().__init__(frames)
-        if width < 8 or width % 8:
-            raise ValueError(f"width must be a positive multiple of 8, got {width}")
         self.config = dict(frames=self.frames, num_classes=num_classes, dropout=dropout,
                            width=width)
-        branches = self.num_branches
-        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
-        self.bn1 = FreqBatchNorm2d(width, branches)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        inplanes = width
-        for i, count in enumerate(COUNTS):
-            planes = width << i
-            blocks = []
-            for j in range(count):
-                stride = 2 if i > 0 and j == 0 else 1
-                blocks.append(TEABlock(inplanes, planes, stride, branches, stage=j == 0))
-                inplanes = planes * TEABlock.expansion
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(inplanes, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # as the official TEA: He init for 2D convs (the temporal taps keep their shift/identity
-        # init), a small normal for the new classifier
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.normal_(self.fc.weight, 0, 1e-3)
-        nn.init.zeros_(self.fc.bias)
-
-    def blocks(self) -> list[TEABlock]:
-        return [b for i in range(1, 5) for b in getattr(self, f"layer{i}")]
+        self._build_trunk(width, COUNTS, TEABlock.expansion,
+                          lambda inplanes, planes, stride, first: TEABlock(
+                              inplanes, planes, stride, self.num_branches, stage=first),
+                          dropout, num_classes)
 
     def features(self, x: Tensor, layout: FrameLayout, norm: Norm = fused_norm) -> Tensor:
         x = self.maxpool(norm(self.bn1, self.conv1(x), layout, activation="relu"))
@@ -261,13 +235,6 @@ def eager_norm(bn: FreqBatchNorm2d, x: Tensor, layout: FrameLayout,
 class EagerFFNTEA(FFNTEA):
     """Eager twin of :class:`FFNTEA` (same modules and keys), structured like the official code:
     the branches run one after another, each BN is ``F.batch_norm`` on its row views."""
-
-    @classmethod
-    def twin(cls, model: FFNTEA) -> "EagerFFNTEA":
-        like = next(model.parameters())
-        eager = cls(**model.config).to(like.device, like.dtype)
-        eager.load_state_dict(model.state_dict())
-        return eager.train(model.training)
 
     def branch_logits(self, x: Tensor, layout: FrameLayout) -> tuple[Tensor, ...]:
         out = []
