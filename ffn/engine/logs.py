@@ -45,29 +45,27 @@ class RunLog:
     def plot(self) -> Path:
         """Write ``log.png`` (:func:`plot_log` of every row, those of the epochs before a resume
         too), atomically like the log."""
-        tmp = self.png.with_name(self.png.name + ".tmp")
-        with open(tmp, "wb") as f:
-            plot_log(self._rows, f, title=str(self.png.parent))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.png)
+        png = io.BytesIO()
+        plot_log(self._rows, png, title=str(self.png.parent))
+        _write_atomic(self.png, png.getvalue())
         return self.png
 
     def _save(self) -> None:
         self.csv.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.jsonl, "".join(json.dumps(row) + "\n" for row in self._rows))
+        _write_atomic(self.jsonl, "".join(json.dumps(row) + "\n" for row in self._rows).encode())
         text = io.StringIO()
         if self._rows:
             writer = csv.DictWriter(text, fieldnames=list(self._rows[0]))
             writer.writeheader()
             writer.writerows(self._rows)
-        _write_atomic(self.csv, text.getvalue())
+        _write_atomic(self.csv, text.getvalue().encode())
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
+    """``data`` into ``path.tmp``, flushed to disk, then renamed to ``path``."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
