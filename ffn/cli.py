@@ -136,17 +136,21 @@ def _train_overrides(args) -> tuple[list[str], str | None]:
     return overrides, resume
 
 
+def _resume_path(args, overrides: list[str], resume: str) -> Path:
+    """The checkpoint ``--resume`` names (``"auto"``: OUT/last.pt, with OUT from the config). The
+    checkpoint's config will be the base: keys, types and choices are checked without it."""
+    if resume != "auto":
+        return Path(resume)
+    return Path(load_config(args.config, overrides, ranges=False).train.out) / "last.pt"
+
+
 def _check_train(args) -> None:
     overrides, resume = _train_overrides(args)
-    if not resume:
-        load_config(args.config, overrides)
-        return
-    # the checkpoint's config will be the base: keys, types and choices can be checked without it
-    cfg = load_config(args.config, overrides, ranges=False)
-    path = Path(cfg.train.out) / "last.pt" if resume == "auto" else Path(resume)
-    if resume == "auto" and not path.exists():
+    path = _resume_path(args, overrides, resume) if resume else None
+    if path is None or (resume == "auto" and not path.exists()):
         load_config(args.config, overrides)  # a new run, of this config alone
     else:
+        load_config(args.config, overrides, ranges=False)
         check_checkpoint_file(path)
 
 
@@ -188,8 +192,7 @@ def _train(args) -> int:
     if not resume:
         fit(load_config(args.config, overrides), overwrite=args.overwrite)
         return 0
-    cfg = load_config(args.config, overrides, ranges=False)  # for train.out; checked with the base below
-    path = Path(cfg.train.out) / "last.pt" if resume == "auto" else Path(resume)
+    path = _resume_path(args, overrides, resume)
     if resume == "auto" and not path.exists():
         print(f"no {path} to resume: starting a new run", file=sys.stderr)
         # anything there is from a first epoch that was never completed
