@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
 
-from .config import UserError, check_checkpoint_file, load_config  # stdlib only: no torch before the work starts
-
-MAX_FRAMES = 1024  # the largest frame count --frames takes (each is a clip of that many frames)
+# stdlib only: no torch before the work starts
+from .config import MAX_FRAMES, Config, UserError, check_checkpoint_file, load_config
+from .engine import rundir
 
 
 def parse_frames(text: str) -> list[int]:
@@ -50,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
             use_mimalloc()
         return {"train": _train, "eval": _eval, "diagnose": _diagnose, "demo": _demo}[args.command](args)
+    except KeyboardInterrupt:  # Ctrl-C: what to do next, not where Python was
+        if os.environ.get("RANK", "0") == "0":
+            print(f"ffn {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        return 130
     except Exception as e:
         if not isinstance(e, _user_errors()):
             raise
@@ -144,28 +150,49 @@ def _resume_path(args, overrides: list[str], resume: str) -> Path:
     return Path(load_config(args.config, overrides, ranges=False).train.out) / "last.pt"
 
 
+def _new_run_config(args, overrides: list[str], resume: str | None) -> Config:
+    """The config of a new run: ``--config`` and the overrides. With ``--resume`` (where OUT has no
+    last.pt: killed in its first epoch), over the config that run was started with (OUT/config.yaml),
+    which stands in for ``--config``: without either, the run is refused, never given the defaults."""
+    if not resume:
+        return load_config(args.config, overrides)
+    out = load_config(args.config, overrides, ranges=False).train.out
+    saved = rundir.saved_config(out)
+    if saved is None and args.config is None:
+        raise UserError(f"--resume: {out} holds neither last.pt nor {rundir.CONFIG_FILE} (the config of a run "
+                        f"started there); give --config to start a new run")
+    return load_config(args.config, overrides, base=saved)
+
+
 def _check_train(args) -> None:
     overrides, resume = _train_overrides(args)
     path = _resume_path(args, overrides, resume) if resume else None
     if path is None or (resume == "auto" and not path.exists()):
-        load_config(args.config, overrides)  # a new run, of this config alone
+        cfg = _new_run_config(args, overrides, resume)  # a new run, of this config alone
+        if cfg.model.pretrained:
+            try:
+                check_checkpoint_file(cfg.model.pretrained)
+            except UserError as e:
+                raise UserError(f"config model.pretrained: {e}") from None
     else:
-        load_config(args.config, overrides, ranges=False)
+        cfg = load_config(args.config, overrides, ranges=False)
         check_checkpoint_file(path)
+    rundir.check_out_folder(cfg.train.out, "train.out (--out)")
 
 
 def _check_checkpoints(args) -> None:
-    """``ffn eval`` / ``ffn diagnose``: labels, checkpoint files, overrides (for each checkpoint's config)."""
+    """``ffn eval`` / ``ffn diagnose``: labels, checkpoint files, overrides (for each checkpoint's
+    config), the output folder."""
     _, checkpoints, overrides = _checkpoints(args)
     load_config(overrides=overrides, ranges=False)
     for path in checkpoints:
         check_checkpoint_file(Path(path))
-    if args.command == "diagnose" and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a file, not a folder")
+    rundir.check_out_folder(args.out, "--out")
 
 
 def _check_demo(args) -> None:
     load_config(overrides=args.overrides, ranges=False)  # applied over the demo's own settings
+    rundir.check_out_folder(args.out, "--out")
 
 
 CHECKS = {"train": _check_train, "eval": _check_checkpoints, "diagnose": _check_checkpoints,
@@ -189,14 +216,13 @@ def _train(args) -> int:
     from .engine.trainer import fit
 
     overrides, resume = _train_overrides(args)
-    if not resume:
-        fit(load_config(args.config, overrides), overwrite=args.overwrite)
-        return 0
-    path = _resume_path(args, overrides, resume)
-    if resume == "auto" and not path.exists():
-        print(f"no {path} to resume: starting a new run", file=sys.stderr)
-        # anything there is from a first epoch that was never completed
-        fit(load_config(args.config, overrides), overwrite=True)
+    path = _resume_path(args, overrides, resume) if resume else None
+    if path is None or (resume == "auto" and not path.exists()):
+        cfg = _new_run_config(args, overrides, resume)
+        if resume:  # anything there is from a first epoch that was never completed
+            print(f"no {path} to resume: starting the run again", file=sys.stderr)
+        args.run_out = cfg.train.out
+        fit(cfg, overwrite=args.overwrite or bool(resume))
         return 0
     # the checkpoint's config is the base: --config and overrides given again must agree with it
     state = checkpoint.load(path)
@@ -204,8 +230,17 @@ def _train(args) -> int:
         raise UserError(f"--resume {path}: not a training checkpoint of `ffn train` (no config)")
     cfg = load_config(args.config, overrides, base=state["config"])
     del state
+    args.run_out = cfg.train.out
     fit(cfg, path)
     return 0
+
+
+def _resume_hint(args) -> str:
+    """How to continue an interrupted ``ffn train`` (nothing for a run that saved nothing yet)."""
+    out = getattr(args, "run_out", None)
+    if out is None or not (Path(out, "last.pt").is_file() or Path(out, rundir.CONFIG_FILE).is_file()):
+        return ""
+    return f"; continue with: ffn train --out {shlex.quote(str(out))} --resume"
 
 
 def _checkpoints(args) -> tuple[list[str], list[str], list[str]]:

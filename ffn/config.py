@@ -7,7 +7,10 @@ naming the key, so a typo never trains with a default silently.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import numbers
+import reprlib
 import sys
 import types
 import typing
@@ -187,16 +190,15 @@ def read_config_file(path: str | Path) -> dict:
             tree = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"config file {path}: {e}") from None
+        except RecursionError:
+            raise UserError(f"config file {path}: nested too deeply") from None
     else:
         import yaml
 
         try:
-            tree = yaml.safe_load(text)
+            tree = yaml.load(text, strict_yaml_loader())
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-            what = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise UserError(f"config file {where}: {what}") from None
+            raise UserError(f"config file {_yaml_where(path, e)}") from None
         tree = {} if tree is None else tree
     if not isinstance(tree, dict):
         raise UserError(f"config file {path}: the top level must be a table of keys, got a "
@@ -204,26 +206,97 @@ def read_config_file(path: str | Path) -> dict:
     return tree
 
 
+# Deeper than any config (3 levels) by far, and far from Python's recursion limit in PyYAML's composer
+MAX_YAML_DEPTH = 32
+
+
+@functools.lru_cache(maxsize=None)
+def strict_yaml_loader() -> type:
+    """A ``yaml.SafeLoader`` for configs: a duplicate key (PyYAML's "last wins" would silently reset a
+    table), a key that is not a string, a value JSON cannot hold (dates, sets, binary, ordered pairs)
+    or nesting deeper than :data:`MAX_YAML_DEPTH` raises a ``yaml.YAMLError`` at its line."""
+    import yaml
+    from yaml.constructor import ConstructorError
+
+    class StrictLoader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            self.depth += 1
+            try:
+                if self.depth > MAX_YAML_DEPTH:
+                    raise yaml.composer.ComposerError(
+                        None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                if key_node.tag != "tag:yaml.org,2002:str":
+                    raise ConstructorError(None, None, f"key {key_node.value!r} is not a string (quote it)",
+                                           key_node.start_mark)
+                if key_node.value in seen:
+                    raise ConstructorError(None, None, f"duplicate key {key_node.value!r}", key_node.start_mark)
+                seen.add(key_node.value)
+            return super().construct_mapping(node, deep)
+
+    def refuse(loader, node):
+        what = node.tag.rsplit(":", 1)[-1]
+        raise ConstructorError(None, None, f"a {what} is not a config value (quote it to make it a string)",
+                               node.start_mark)
+
+    for tag in ("timestamp", "set", "binary", "omap", "pairs"):
+        StrictLoader.add_constructor(f"tag:yaml.org,2002:{tag}", refuse)
+    return StrictLoader
+
+
+def _yaml_where(path, e) -> str:
+    """``path:line: problem`` of a ``yaml.YAMLError``."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+    return f"{where}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}"
+
+
+def field_type(keys: list[str]):
+    """The annotated type of config key ``keys`` (``['optim', 'lr']`` -> float), None where unknown."""
+    kind = Config
+    for k in keys:
+        if not dataclasses.is_dataclass(kind):
+            return None
+        kind = typing.get_type_hints(kind).get(k)
+    return kind
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``'optim.lr=0.1'`` -> ``(['optim', 'lr'], 0.1)``; the value is read as YAML (lists, bools),
-    or kept as a string where it is not YAML (``data.template={:05d}.jpg``)."""
+    """``'optim.lr=0.1'`` -> ``(['optim', 'lr'], 0.1)``. The value of a string key (paths, names) is
+    taken as written (``train.out=runs/exp #2``, ``--out null``, ``--out 2024``); any other value is
+    read as YAML (lists, numbers, bools; :func:`strict_yaml_loader`), or kept as a string where it is
+    not YAML, for the type check to name."""
     import yaml
 
     key, sep, value = item.partition("=")
-    if not sep or not key.strip() or any(not k for k in key.strip().split(".")):
-        raise UserError(f"override {item!r}: expected key.sub=value")
+    keys = key.strip().split(".")
+    if not sep or not key.strip() or any(not k for k in keys):
+        raise UserError(f"override {_show(item)}: expected key.sub=value")
+    if field_type(keys) is str:
+        return keys, value
     try:
-        parsed = yaml.safe_load(value)
+        parsed = yaml.load(value, strict_yaml_loader())
     except yaml.YAMLError:
         parsed = value
-    return key.strip().split("."), parsed
+    return keys, parsed
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None,
                 ranges: bool = True) -> Config:
-    """Defaults, then ``base`` (e.g. a checkpoint's config), then the file, then the overrides.
-    ``ranges=False`` skips :func:`check_ranges`, whose checks relate keys to each other: it checks
-    keys, types and choices of overrides meant for a base not read yet (a checkpoint's config)."""
+    """Defaults, then ``base`` (e.g. a checkpoint's config), then the file, then the overrides,
+    checked by :func:`check_config`. ``ranges=False`` skips :func:`check_ranges`, whose checks relate
+    keys to each other: it checks keys, types and choices of overrides meant for a base not read yet
+    (a checkpoint's config)."""
     tree: dict = {}
     for layer in (base or {}, read_config_file(path) if path else {}):
         _merge(tree, layer)
@@ -233,51 +306,85 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         for i, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise UserError(f"override {item!r}: config {'.'.join(keys[:i + 1])} is not a table")
+                raise UserError(f"override {_show(item)}: config {'.'.join(keys[:i + 1])} is not a table")
         node[keys[-1]] = value
+    return _checked(tree, ranges)
+
+
+def check_config(config: Config, ranges: bool = True) -> Config:
+    """``config`` (built in Python, say) through the checks of :func:`load_config`, as a new
+    :class:`Config` whose values have the annotated types (a numpy integer becomes an ``int``, a
+    tuple a ``list``)."""
+    return _checked(config.to_dict(), ranges)
+
+
+# The choices of string keys
+CHOICES = {
+    "data.kind": ("synthetic", "frames", "video"),
+    "data.synthetic.task": ("direction", "speed"),
+    "model.impl": ("fused", "eager"),
+    "model.pretrained_format": ("torchvision", "official"),
+    "optim.schedule": ("cosine", "step"),
+    "optim.amp": ("off", "fp16", "bf16"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def _checked(tree: dict, ranges: bool) -> Config:
     config = _build(Config, tree, "")
-    for key, value, allowed in (
-        ("data.kind", config.data.kind, ("synthetic", "frames", "video")),
-        ("data.synthetic.task", config.data.synthetic.task, ("direction", "speed")),
-        ("model.impl", config.model.impl, ("fused", "eager")),
-        ("model.pretrained_format", config.model.pretrained_format, ("torchvision", "official")),
-        ("optim.schedule", config.optim.schedule, ("cosine", "step")),
-        ("optim.amp", config.optim.amp, ("off", "fp16", "bf16")),
-        ("train.device", config.train.device, ("auto", "cpu", "cuda")),
-    ):
+    for key, allowed in CHOICES.items():
+        value = functools.reduce(getattr, key.split("."), config)
         if value not in allowed:
-            raise UserError(f"config {key}: {value!r} is not one of {allowed}")
+            raise UserError(f"config {key}: {_show(value)} is not one of {allowed}")
     if ranges:
         check_ranges(config)
     return config
 
 
+# Bounds of sizes and counts, so that what a config asks for can be allocated: every integer fits a
+# C int (and a seed of every generator); the rest are far beyond any real run of a video model.
+INT_MAX = 2**31 - 1
+MAX_FRAMES = 1024  # frames of a branch's clip (and of `ffn eval --frames`)
+MAX_WIDTH = 1024  # model.width: 16x ResNet's; the weights grow as its square
+MAX_SIZE = 4096  # pixels of a side (crops, resizes, synthetic frames)
+MAX_VIDEOS = 10**7  # synthetic videos: the sampler draws a permutation of them every epoch
+MAX_CLASSES = 10**5  # rows of the classifier
+MAX_WORKERS = 64  # data loader processes per training process
+MAX_MOVERS = 64  # moving shapes drawn into every synthetic frame
+MAX_STEP_VALUES = INT_MAX  # values of one step's input batch (clips x frames x 3 x size^2)
+MAX_LR = 10.0  # any larger step diverges at once
+
+
 def check_ranges(config: Config) -> None:
-    """Values a run cannot use (a NaN or negative lr, zero epochs, a crop of 0 pixels, a frame file
-    template without a frame number...) raise :class:`UserError` naming the key."""
+    """Values a run cannot use (a NaN or negative lr, zero epochs, a crop of 0 pixels, a width that
+    cannot be allocated, a frame file template without a frame number...) raise :class:`UserError`
+    naming the key and the bound."""
     d, m, o, t = config.data, config.model, config.optim, config.train
 
     def need(ok: bool, key: str, value, what: str) -> None:
         if not ok:
-            raise UserError(f"config {key}: {what}, got {value!r}")
+            raise UserError(f"config {key}: {what}, got {_show(value)}")
 
     def finite(key: str, value: float, lo: float, lo_open: bool = False, hi: float = math.inf) -> None:
         ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi
         bounds = f"{'>' if lo_open else '>='} {lo:g}" + (f" and <= {hi:g}" if hi < math.inf else "")
         need(ok, key, value, f"must be a finite number {bounds}")
 
-    finite("optim.lr", o.lr, 0, lo_open=True)
+    def count(key: str, value: int, lo: int, hi: int = INT_MAX, what: str = "") -> None:
+        need(lo <= value <= hi, key, value, f"must be {lo}..{hi}{what}")
+
+    finite("optim.lr", o.lr, 0, lo_open=True, hi=MAX_LR)
     finite("optim.momentum", o.momentum, 0, hi=1)
-    finite("optim.weight_decay", o.weight_decay, 0)
-    finite("optim.fc_lr_mult", o.fc_lr_mult, 0, lo_open=True)
+    finite("optim.weight_decay", o.weight_decay, 0, hi=1)
+    finite("optim.fc_lr_mult", o.fc_lr_mult, 0, lo_open=True, hi=1000)
     finite("optim.gamma", o.gamma, 0, lo_open=True, hi=1)
-    finite("optim.warmup_epochs", o.warmup_epochs, 0)
+    finite("optim.warmup_epochs", o.warmup_epochs, 0, hi=INT_MAX)
     finite("optim.clip_grad", o.clip_grad, 0)
     need(all(e >= 1 for e in o.milestones) and o.milestones == sorted(set(o.milestones)), "optim.milestones",
          o.milestones, "must be increasing epochs >= 1")
     finite("model.dropout", m.dropout, 0, hi=0.999)
-    finite("model.distill_weight", m.distill_weight, 0)
-    need(m.width >= 1, "model.width", m.width, "must be >= 1")
+    finite("model.distill_weight", m.distill_weight, 0, hi=1000)
+    count("model.width", m.width, 1, MAX_WIDTH, " (first-stage channels; its weights grow as its square)")
     tv = torchvision_arch(m.arch)
     if tv is not None:  # ffn.ffnify of a torchvision model: what only FFNResNet has is refused
         need(tv.isidentifier(), "model.arch", m.arch, "must name a torchvision model after "
@@ -289,19 +396,26 @@ def check_ranges(config: Config) -> None:
         need(not m.pretrained, "model.pretrained", m.pretrained, f"is not supported with model.arch="
              f"{m.arch} yet: load the ImageNet weights into the torchvision model, then call "
              "ffn.ffnify in Python")
-    need(bool(m.frames) and m.frames[0] >= 1 and all(a < b for a, b in zip(m.frames, m.frames[1:])),
-         "model.frames", m.frames, "must be frame counts >= 1 in increasing order")
-    need(t.epochs >= 1, "train.epochs (--epochs)", t.epochs, "must be >= 1")
-    need(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0 (0 = whole epoch)")
-    need(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1 step")
+    need(bool(m.frames) and m.frames[0] >= 1 and m.frames[-1] <= MAX_FRAMES
+         and all(a < b for a, b in zip(m.frames, m.frames[1:])),
+         "model.frames", m.frames, f"must be frame counts in 1..{MAX_FRAMES} in increasing order")
+    count("train.epochs (--epochs)", t.epochs, 1)
+    count("train.seed", t.seed, 0)
+    count("train.max_steps", t.max_steps, 0, what=" (0 = whole epoch)")
+    count("train.log_every", t.log_every, 1, what=" steps")
     need(t.val_crops in (1, 3), "train.val_crops", t.val_crops, "must be 1 or 3")
-    need(d.size >= 1, "data.size", d.size, "must be >= 1 pixel")
-    need(d.scale_size == 0 or d.scale_size >= d.size, "data.scale_size", d.scale_size,
-         f"must be 0 (automatic) or >= data.size ({d.size})")
-    need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
-    need(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
-    need(d.start_index >= 0, "data.start_index", d.start_index, "must be >= 0")
-    need(d.num_classes >= 0, "data.num_classes", d.num_classes, "must be >= 2 (0 = unset)")
+    need(bool(t.out), "train.out (--out)", t.out, "must name a folder")
+    count("data.size", d.size, 1, MAX_SIZE, " pixels")
+    need(d.scale_size == 0 or d.size <= d.scale_size <= MAX_SIZE, "data.scale_size", d.scale_size,
+         f"must be 0 (automatic) or data.size ({d.size})..{MAX_SIZE}")
+    count("data.batch_size", d.batch_size, 1)
+    values = d.batch_size * sum(m.frames) * 3 * d.size ** 2
+    need(values <= MAX_STEP_VALUES, "data.batch_size", d.batch_size, f"a step's input of data.batch_size x "
+         f"sum(model.frames) x 3 x data.size^2 = {values:,} values is more than {MAX_STEP_VALUES:,}")
+    count("data.workers", d.workers, 0, MAX_WORKERS, " processes")
+    count("data.start_index", d.start_index, 0)
+    need(d.num_classes == 0 or 2 <= d.num_classes <= MAX_CLASSES, "data.num_classes", d.num_classes,
+         f"must be 2..{MAX_CLASSES} (0 = unset)")
     if d.kind == "frames":
         try:
             names = {d.template.format(i) for i in (d.start_index, d.start_index + 1)}
@@ -312,14 +426,24 @@ def check_ranges(config: Config) -> None:
              "must contain a field for the frame number, such as 'img_{:05d}.jpg'")
     if d.kind == "synthetic":
         s = d.synthetic
-        need(s.train_videos >= 1, "data.synthetic.train_videos", s.train_videos, "must be >= 1")
-        need(s.val_videos >= 1, "data.synthetic.val_videos", s.val_videos, "must be >= 1")
-        need(s.num_classes >= 2, "data.synthetic.num_classes", s.num_classes, "must be >= 2")
-        need(s.num_frames >= 2, "data.synthetic.num_frames", s.num_frames, "must be >= 2")
-        need(s.frame_size >= 8, "data.synthetic.frame_size", s.frame_size, "must be >= 8")
-        need(s.movers >= 1, "data.synthetic.movers", s.movers, "must be >= 1")
+        count("data.synthetic.train_videos", s.train_videos, 1, MAX_VIDEOS)
+        count("data.synthetic.val_videos", s.val_videos, 1, MAX_VIDEOS)
+        count("data.synthetic.num_classes", s.num_classes, 2, MAX_CLASSES)
+        count("data.synthetic.num_frames", s.num_frames, 2)
+        count("data.synthetic.frame_size", s.frame_size, 8, MAX_SIZE, " pixels")
+        count("data.synthetic.movers", s.movers, 1, MAX_MOVERS)
         finite("data.synthetic.travel", s.travel, 0, lo_open=True)
         finite("data.synthetic.noise", s.noise, 0)
+
+
+def _show(value) -> str:
+    """``repr(value)``, shortened: a message stays one readable line."""
+    return _SHORT.repr(value)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlevel = 3
 
 
 def _merge(into: dict, new: dict) -> None:
@@ -332,14 +456,13 @@ def _merge(into: dict, new: dict) -> None:
 
 def _build(cls, tree: Any, prefix: str):
     if not isinstance(tree, dict):
-        raise UserError(f"config {prefix.rstrip('.') or 'root'}: expected a table, got {tree!r}")
+        raise UserError(f"config {prefix.rstrip('.') or 'root'}: expected a table, got {_show(tree)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(tree) - names
     if unknown:
-        raise UserError(
-            f"config {prefix.rstrip('.') or 'root'}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}"
-        )
+        raise UserError(f"config {prefix.rstrip('.') or 'root'}: unknown key(s) "
+                        f"{_show(sorted(unknown, key=str))}; known: {sorted(names)}")
     kwargs = {}
     for name, value in tree.items():
         kind, key = hints[name], f"{prefix}{name}"
@@ -351,23 +474,30 @@ def _build(cls, tree: Any, prefix: str):
 
 
 def _coerce(kind, value, key: str):
-    origin = typing.get_origin(kind)
-    if origin is list:
+    """``value`` as the annotated type ``kind`` of ``key``: any integral number for an int (numpy's
+    too) within :data:`INT_MAX`, any real number for a float, a tuple for a list, None for an empty
+    string; else :class:`UserError` naming the key."""
+    if typing.get_origin(kind) is list:
         (item,) = typing.get_args(kind)
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        if isinstance(value, (numbers.Real, str)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"config {key}: expected a list, got {value!r}")
-        return [_coerce(item, v, f"{key}[]") for v in value]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        try:
+            raise UserError(f"config {key}: expected a list, got {_show(value)}")
+        if len(value) > MAX_FRAMES:
+            raise UserError(f"config {key}: at most {MAX_FRAMES} values, got {len(value)}")
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        if not -INT_MAX - 1 <= value <= INT_MAX:
+            raise UserError(f"config {key}: {_show(value)} is beyond the integers a config takes "
+                            f"(-{INT_MAX + 1}..{INT_MAX})")
+        return int(value)
+    if kind is float and (isinstance(value, (numbers.Real, str)) and not isinstance(value, bool)):
+        try:  # a string: YAML 1.1 reads 1e-3 (no dot) as one
             return float(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             pass
     if kind is str and value is None:
         return ""
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UserError(f"config {key}: expected {kind.__name__}, got {value!r}")
+        raise UserError(f"config {key}: expected {kind.__name__}, got {_show(value)}")
     return value

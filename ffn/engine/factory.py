@@ -50,11 +50,13 @@ def build_model(cfg: ModelConfig, classes: int, pretrained: bool = True, report:
         imagenet = load_torchvision
     if pretrained and cfg.pretrained:
         load = imagenet if cfg.pretrained_format == "torchvision" else load_official
-        if not Path(cfg.pretrained).is_file():
-            raise UserError(f"config model.pretrained: {cfg.pretrained} does not exist")
+        try:  # read by the checkpoint reader: one line naming the file, never torch's advice
+            weights = checkpoint.load(cfg.pretrained)
+        except UserError as e:
+            raise UserError(f"config model.pretrained: {e}") from None
         try:
-            load(model, cfg.pretrained)
-        except (ValueError, KeyError, RuntimeError) as e:
+            load(model, weights)
+        except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
             raise UserError(f"config model.pretrained: {cfg.pretrained} ({cfg.pretrained_format} format) does "
                             f"not fit model.arch={cfg.arch}: {str(e).splitlines()[0]}") from None
     return model

@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
+
+from .rundir import write_atomic
 
 
 class RunLog:
@@ -47,28 +48,18 @@ class RunLog:
         too), atomically like the log."""
         png = io.BytesIO()
         plot_log(self._rows, png, title=str(self.png.parent))
-        _write_atomic(self.png, png.getvalue())
+        write_atomic(self.png, png.getvalue())
         return self.png
 
     def _save(self) -> None:
         self.csv.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.jsonl, "".join(json.dumps(row) + "\n" for row in self._rows).encode())
+        write_atomic(self.jsonl, "".join(json.dumps(row) + "\n" for row in self._rows).encode())
         text = io.StringIO()
         if self._rows:
             writer = csv.DictWriter(text, fieldnames=list(self._rows[0]))
             writer.writeheader()
             writer.writerows(self._rows)
-        _write_atomic(self.csv, text.getvalue().encode())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """``data`` into ``path.tmp``, flushed to disk, then renamed to ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        write_atomic(self.csv, text.getvalue().encode())
 
 
 def plot_log(rows: list[dict], file, title: str = "") -> None:

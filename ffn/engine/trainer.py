@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -14,10 +15,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ffn_kernels import convert_sync_freq_batchnorm
 
-from ..config import Config, UserError
+from ..config import Config, UserError, check_config
 from ..data import build_source, collate, num_classes, train_dataset
 from ..losses import temporal_distillation_loss
-from . import checkpoint, distributed
+from . import checkpoint, distributed, rundir
 from .distributed import Dist
 from .evaluate import accuracy_by_frames
 from .factory import build_model
@@ -44,22 +45,27 @@ RESUME_MAY_CHANGE = frozenset({
 def fit(cfg: Config, resume: Optional[str | Path] = None, overwrite: bool = False) -> Path:
     """Train as ``cfg`` says (resuming from checkpoint ``resume``); return the last checkpoint's path.
 
-    Without ``resume``, a ``train.out`` that already holds a run raises :class:`~ffn.config.UserError`
-    unless ``overwrite`` is set (then the old run's checkpoints and log are removed first)."""
-    out = Path(cfg.train.out)
-    if resume is None:
-        found = existing_run(out)
-        if found and not overwrite:
-            raise UserError(f"train.out {out} already holds a run ({', '.join(found)}): continue it with "
-                            f"--resume, or start over with --overwrite")
-        if found and int(os.environ.get("RANK", 0)) == 0:  # before any rank can write (setup waits for all)
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-    d, device = distributed.setup(cfg.train.device)
-    try:
-        return Trainer(cfg, d, device).run(resume)
-    finally:
-        distributed.teardown()
+    ``cfg`` is checked as a config file would be (:func:`~ffn.config.check_config`). The main process
+    holds ``train.out``'s lock (:func:`~ffn.engine.rundir.locked`) throughout: a second training into
+    the folder is refused. Without ``resume``, a ``train.out`` that already holds a run raises
+    :class:`~ffn.config.UserError` unless ``overwrite`` is set (then the old run's checkpoints and log
+    are removed first)."""
+    cfg = check_config(cfg)
+    out, main = Path(cfg.train.out), int(os.environ.get("RANK", 0)) == 0  # torchrun's rank, before setup
+    with rundir.locked(out) if main else contextlib.nullcontext():
+        if resume is None:
+            found = existing_run(out)
+            if found and not overwrite:
+                raise UserError(f"train.out {out} already holds a run ({', '.join(found)}): continue it with "
+                                f"--resume, or start over with --overwrite")
+            if found and main:  # before any rank can write (setup waits for all)
+                for name in RUN_FILES:
+                    (out / name).unlink(missing_ok=True)
+        d, device = distributed.setup(cfg.train.device)
+        try:
+            return Trainer(cfg, d, device).run(resume)
+        finally:
+            distributed.teardown()
 
 
 def existing_run(out: Path) -> list[str]:
@@ -137,15 +143,18 @@ class Trainer:
         if resume:
             self.restore(checkpoint.load(resume), resume)
         if self.d.main:
-            for name in RUN_FILES:  # temporary files of a killed save
+            for name in (*RUN_FILES, rundir.CONFIG_FILE):  # temporary files of a killed save
                 (out / (name + ".tmp")).unlink(missing_ok=True)
+            rundir.write_config(out, self.cfg.to_dict())  # what `--resume` restarts a first epoch with
         if self.completed == self.cfg.train.epochs and self.d.main:
             print(f"{resume} has completed all {self.completed} epochs (train.epochs): nothing to do; "
                   f"raise --epochs to train longer", file=sys.stderr)
         net = self.model
         if self.d.enabled:
             net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        log = RunLog(out, self.completed) if self.d.main else None
+        if self.d.main:
+            with rundir.writing(out / "log.jsonl"):
+                log = RunLog(out, self.completed)
         if self.d.main:
             print(self.banner(), flush=True)
         for epoch in range(self.completed, self.cfg.train.epochs):
@@ -169,15 +178,17 @@ class Trainer:
             if self.d.main:
                 state = self.state(rng)
                 point = f"epoch{epoch + 1}"
-                log.write(row)
+                with rundir.writing(out / "log.jsonl"):
+                    log.write(row)
                 checkpoint.kill_point(f"{point}:log.jsonl")
                 try:
                     log.plot()
                 except Exception as e:  # noqa: BLE001 - a plot is not worth a run
                     print(f"could not write {out / 'log.png'}: {type(e).__name__}: {e}", file=sys.stderr)
-                if improved:  # before last.pt: a last.pt never records a best that best.pt lacks
-                    checkpoint.save_atomic(state, out / "best.pt", point)
-                checkpoint.save_atomic(state, out / "last.pt", point)
+                for name in ("best.pt", "last.pt") if improved else ("last.pt",):
+                    # best.pt first: a last.pt never records a best that best.pt lacks
+                    with rundir.writing(out / name):
+                        checkpoint.save_atomic(state, out / name, point)
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                       flush=True)
         return out / "last.pt"
