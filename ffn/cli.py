@@ -133,7 +133,7 @@ def _train_overrides(args) -> tuple[list[str], str | None]:
     if resume and "=" in resume and not Path(resume).exists():
         overrides.append(resume)  # `--resume optim.lr=0.5`: an override after a bare --resume
         resume = "auto"
-    if args.out:
+    if args.out is not None:
         overrides.append(f"train.out={args.out}")
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")

@@ -173,6 +173,6 @@ def test_bad_inputs_from_the_command_line(world):
 def test_refused_runs_leave_the_existing_run_alone(world):
     # after the table: nothing written where a run was refused, the existing run untouched
     assert not (world / "new" / "last.pt").exists()
-    assert sorted(p.name for p in (world / "run").iterdir()) == ["best.pt", "last.pt", "log.csv", "log.jsonl",
-                                                                 "log.png"]
+    assert sorted(p.name for p in (world / "run").iterdir()) == ["best.pt", "config.yaml", "last.pt", "log.csv",
+                                                                 "log.jsonl", "log.png"]
     assert torch.load(world / "run" / "last.pt", weights_only=True)["epoch"] == 1

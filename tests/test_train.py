@@ -109,8 +109,8 @@ def test_train_then_eval_ffn_and_a_single_frame_count_baseline(tmp_path, capsys)
     assert main(["train", *tiny(tmp_path / "tsm4", "model.frames=[4]", "model.weight_alteration=false",
                                 "model.impl=eager")]) == 0
     for run in ("ffn", "tsm4"):
-        assert {p.name for p in (tmp_path / run).iterdir()} == {"last.pt", "best.pt", "log.csv", "log.jsonl",
-                                                                 "log.png"}
+        assert {p.name for p in (tmp_path / run).iterdir()} == {"last.pt", "best.pt", "config.yaml", "log.csv",
+                                                                 "log.jsonl", "log.png"}
     (row,) = read_log(tmp_path / "ffn")
     assert {"val_top1@2", "val_top1@4", "train_top1@2", "loss", "kl", "clips_per_s"} <= set(row)
     assert float(row["skipped"]) == 0 and 0 <= float(row["val_top1@2"]) <= 100
@@ -243,7 +243,7 @@ def test_a_kill_while_an_epoch_is_saved_resumes_to_the_same_run(tmp_path, straig
 
     assert main(["train", *SMALL, "--out", str(out), "--resume"]) == 0
     same_run(straight, out)
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "log.csv", "log.jsonl", "log.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "last.pt", "log.csv", "log.jsonl", "log.png"]
 
 
 def test_resume_takes_the_checkpoints_config_and_says_what_it_changes(tmp_path, straight, capsys):
