@@ -10,9 +10,9 @@ import dataclasses
 import functools
 import math
 import numbers
+import re
 import reprlib
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,15 @@ from typing import Any
 class UserError(ValueError):
     """A bad input of the user's (config value, list file, checkpoint, run folder): the ``ffn`` command
     prints its one-line message and exits with status 2, without a traceback."""
+
+
+class ConfigError(UserError):
+    """A config value refused, ``config KEY: message``; ``source`` is the key whose line in a config
+    file the message gets (:func:`load_config`), by default ``key``."""
+
+    def __init__(self, key: str, message: str, source: str = "") -> None:
+        super().__init__(f"config {key}: {message}")
+        self.source = re.split(r"[ \[]", source or key)[0]  # model.frames[1] -> model.frames
 
 
 @dataclass
@@ -173,10 +182,11 @@ def config_path(name: str | Path) -> Path:
                     f"{', '.join(shipped_configs())})")
 
 
-def read_config_file(path: str | Path) -> dict:
+def read_config_file(path: str | Path, lines: dict | None = None) -> dict:
     """A TOML (``.toml``) or YAML (``.yaml``/``.yml``) file, or a shipped recipe by name
     (:func:`config_path`), as a dict; a file that is missing, unreadable, malformed or not a table
-    at its top level raises :class:`UserError` naming it."""
+    at its top level raises :class:`UserError` naming it. ``lines`` gets ``file:line`` of each
+    dotted key found (for TOML, those of ``key = value`` lines under ``[table]`` headers)."""
     path = config_path(path)
     if path.suffix not in (".toml", ".yaml", ".yml"):
         raise UserError(f"config file {path}: use .toml, .yaml or .yml")
@@ -192,14 +202,26 @@ def read_config_file(path: str | Path) -> dict:
             raise UserError(f"config file {path}: {e}") from None
         except RecursionError:
             raise UserError(f"config file {path}: nested too deeply") from None
+        table = ""
+        for n, line in enumerate(text.splitlines(), 1):
+            header, key = re.match(r"\s*\[\s*([\w.-]+)\s*\]", line), re.match(r"\s*([\w.-]+)\s*=", line)
+            if header:
+                table = header.group(1) + "."
+            elif key and lines is not None:
+                lines.setdefault(table + key.group(1), f"{path}:{n}")
     else:
         import yaml
 
+        loader = strict_yaml_loader()(text)
         try:
-            tree = yaml.load(text, strict_yaml_loader())
+            node = loader.get_single_node()
+            tree = {} if node is None else loader.construct_document(node)
         except yaml.YAMLError as e:
             raise UserError(f"config file {_yaml_where(path, e)}") from None
-        tree = {} if tree is None else tree
+        finally:
+            loader.dispose()
+        if lines is not None and node is not None:
+            _yaml_lines(node, "", path, lines)
     if not isinstance(tree, dict):
         raise UserError(f"config file {path}: the top level must be a table of keys, got a "
                         f"{type(tree).__name__}")
@@ -261,6 +283,16 @@ def _yaml_where(path, e) -> str:
     return f"{where}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}"
 
 
+def _yaml_lines(node, prefix: str, path, lines: dict) -> None:
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                lines.setdefault(prefix + key.value, f"{path}:{key.start_mark.line + 1}")
+                _yaml_lines(value, f"{prefix}{key.value}.", path, lines)
+
+
 def field_type(keys: list[str]):
     """The annotated type of config key ``keys`` (``['optim', 'lr']`` -> float), None where unknown."""
     kind = Config
@@ -298,17 +330,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     keys to each other: it checks keys, types and choices of overrides meant for a base not read yet
     (a checkpoint's config)."""
     tree: dict = {}
-    for layer in (base or {}, read_config_file(path) if path else {}):
+    where: dict[str, str] = {}  # file:line of the keys whose value comes from the file
+    for layer in (base or {}, read_config_file(path, where) if path else {}):
         _merge(tree, layer)
     for item in overrides:
         keys, value = parse_override(item)
+        dotted = ".".join(keys)
+        for key in [k for k in where if k == dotted or k.startswith(dotted + ".")]:
+            del where[key]
         node = tree
         for i, k in enumerate(keys[:-1]):
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise UserError(f"override {_show(item)}: config {'.'.join(keys[:i + 1])} is not a table")
         node[keys[-1]] = value
-    return _checked(tree, ranges)
+    try:
+        return _checked(tree, ranges)
+    except ConfigError as e:
+        if e.source not in where:
+            raise
+        raise UserError(f"{where[e.source]}: {e}") from None
 
 
 def check_config(config: Config, ranges: bool = True) -> Config:
@@ -335,7 +376,7 @@ def _checked(tree: dict, ranges: bool) -> Config:
     for key, allowed in CHOICES.items():
         value = functools.reduce(getattr, key.split("."), config)
         if value not in allowed:
-            raise UserError(f"config {key}: {_show(value)} is not one of {allowed}")
+            raise ConfigError(key, f"{_show(value)} is not one of {allowed}")
     if ranges:
         check_ranges(config)
     return config
@@ -363,7 +404,7 @@ def check_ranges(config: Config) -> None:
 
     def need(ok: bool, key: str, value, what: str) -> None:
         if not ok:
-            raise UserError(f"config {key}: {what}, got {_show(value)}")
+            raise ConfigError(key, f"{what}, got {_show(value)}")
 
     def finite(key: str, value: float, lo: float, lo_open: bool = False, hi: float = math.inf) -> None:
         ok = math.isfinite(value) and (value > lo if lo_open else value >= lo) and value <= hi
@@ -420,8 +461,8 @@ def check_ranges(config: Config) -> None:
         try:
             names = {d.template.format(i) for i in (d.start_index, d.start_index + 1)}
         except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
-            raise UserError(f"config data.template: {d.template!r} is not a format string of the frame "
-                            f"number such as 'img_{{:05d}}.jpg' ({type(e).__name__}: {e})") from None
+            raise ConfigError("data.template", f"{d.template!r} is not a format string of the frame number "
+                              f"such as 'img_{{:05d}}.jpg' ({type(e).__name__}: {e})") from None
         need(len(names) == 2, "data.template", d.template,
              "must contain a field for the frame number, such as 'img_{:05d}.jpg'")
     if d.kind == "synthetic":
@@ -456,13 +497,13 @@ def _merge(into: dict, new: dict) -> None:
 
 def _build(cls, tree: Any, prefix: str):
     if not isinstance(tree, dict):
-        raise UserError(f"config {prefix.rstrip('.') or 'root'}: expected a table, got {_show(tree)}")
+        raise ConfigError(prefix.rstrip('.') or 'root', f"expected a table, got {_show(tree)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(tree) - names
     if unknown:
-        raise UserError(f"config {prefix.rstrip('.') or 'root'}: unknown key(s) "
-                        f"{_show(sorted(unknown, key=str))}; known: {sorted(names)}")
+        raise ConfigError(prefix.rstrip('.') or 'root', f"unknown key(s) {_show(sorted(unknown, key=str))}; "
+                          f"known: {sorted(names)}", source=f"{prefix}{sorted(unknown, key=str)[0]}")
     kwargs = {}
     for name, value in tree.items():
         kind, key = hints[name], f"{prefix}{name}"
@@ -482,13 +523,13 @@ def _coerce(kind, value, key: str):
         if isinstance(value, (numbers.Real, str)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"config {key}: expected a list, got {_show(value)}")
+            raise ConfigError(key, f"expected a list, got {_show(value)}")
         if len(value) > MAX_FRAMES:
-            raise UserError(f"config {key}: at most {MAX_FRAMES} values, got {len(value)}")
+            raise ConfigError(key, f"at most {MAX_FRAMES} values, got {len(value)}")
         return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if kind is int and isinstance(value, numbers.Integral) and not isinstance(value, bool):
         if not -INT_MAX - 1 <= value <= INT_MAX:
-            raise UserError(f"config {key}: {_show(value)} is beyond the integers a config takes "
+            raise ConfigError(key, f"{_show(value)} is beyond the integers a config takes "
                             f"(-{INT_MAX + 1}..{INT_MAX})")
         return int(value)
     if kind is float and (isinstance(value, (numbers.Real, str)) and not isinstance(value, bool)):
@@ -499,5 +540,5 @@ def _coerce(kind, value, key: str):
     if kind is str and value is None:
         return ""
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UserError(f"config {key}: expected {kind.__name__}, got {_show(value)}")
+        raise ConfigError(key, f"expected {kind.__name__}, got {_show(value)}")
     return value

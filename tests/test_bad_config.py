@@ -47,6 +47,8 @@ FILES = {
     "deep.toml": f"a = {DEEP}\n",
     "date.toml": "[data]\nroot = 2024-01-01\n",
     "table.json": "{}\n",
+    "unknown.toml": "[model]\narch = \"resnet18\"\nwidht = 8\n",
+    "unknown.yaml": "data:\n  synthetic: {nosie: 3}\n",
 }
 
 # (command line: {w} is the fixture folder, text the error line must hold)
@@ -118,11 +120,13 @@ CASES = [
     ("train --config {w}/deep_list.yaml", f"deep_list.yaml:2: nested more than {MAX_YAML_DEPTH} levels"),
     ("train --config {w}/deep_map.yaml", f"nested more than {MAX_YAML_DEPTH} levels"),
     ("train --config {w}/laughs.yaml", "config root: unknown key(s)"),
-    ("train --config {w}/range.yaml", "config optim.lr"),
-    ("train --config {w}/str_for_int.yaml", "config train.log_every: expected int"),
+    ("train --config {w}/range.yaml", "range.yaml:2: config optim.lr: must be"),
+    ("train --config {w}/str_for_int.yaml", "str_for_int.yaml:2: config train.log_every: expected int"),
     ("train --config {w}/dup.toml", "dup.toml"),
     ("train --config {w}/deep.toml", "deep.toml: nested too deeply"),
-    ("train --config {w}/date.toml", "config data.root: expected str"),
+    ("train --config {w}/date.toml", "date.toml:2: config data.root: expected str"),
+    ("train --config {w}/unknown.toml", "unknown.toml:3: config model: unknown key(s) ['widht']"),
+    ("train --config {w}/unknown.yaml", "unknown.yaml:2: config data.synthetic: unknown key(s) ['nosie']"),
     ("train --config {w}/table.json", "use .toml, .yaml or .yml"),
     # output folders, checked before any work (eval's after all of it, before)
     ("eval {w}/run/last.pt --out {w}/afile", "--out {w}/afile is a file, not a folder"),

@@ -243,7 +243,8 @@ def test_a_kill_while_an_epoch_is_saved_resumes_to_the_same_run(tmp_path, straig
 
     assert main(["train", *SMALL, "--out", str(out), "--resume"]) == 0
     same_run(straight, out)
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "last.pt", "log.csv", "log.jsonl", "log.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "last.pt", "log.csv", "log.jsonl",
+                                                     "log.png"]
 
 
 def test_resume_takes_the_checkpoints_config_and_says_what_it_changes(tmp_path, straight, capsys):
