@@ -6,6 +6,7 @@ import argparse
 import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
 
 # stdlib only: no torch before the work starts
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
             use_mimalloc()
         return {"train": _train, "eval": _eval, "diagnose": _diagnose, "demo": _demo}[args.command](args)
-    except KeyboardInterrupt:  # Ctrl-C: what to do next, not where Python was
+    except KeyboardInterrupt as e:  # Ctrl-C: what to do next, not where Python was
+        _tear_down(e)
         if os.environ.get("RANK", "0") == "0":
             print(f"ffn {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
@@ -64,6 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, UserError):
             print("(--skip-bad skips and counts unreadable videos)", file=sys.stderr)
         return 2
+
+
+def _tear_down(interrupt: KeyboardInterrupt) -> None:
+    """Free what Ctrl-C cut short (the frames it left) without the reports of their clean-up: a
+    DataLoader iterator interrupted as it started its workers fails in its ``__del__``."""
+    hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+    try:
+        traceback.clear_frames(interrupt.__traceback__)
+    finally:
+        sys.unraisablehook = hook
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from io import StringIO
 from pathlib import Path
@@ -133,7 +134,7 @@ def test_only_the_main_process_takes_the_lock(tmp_path, monkeypatch):
     out, started = tmp_path / "run", []
     monkeypatch.setenv("RANK", "1")  # a rank of the training that holds the lock goes on
     monkeypatch.setattr(distributed, "setup", lambda device: started.append(device) or (None, None))
-    monkeypatch.setattr(trainer, "Trainer", lambda cfg, d, device: SimpleNamespace(run=lambda resume: out))
+    monkeypatch.setattr(trainer, "Trainer", lambda *args: SimpleNamespace(run=lambda resume: out))
     with rundir.locked(out):
         assert fit(load_config(overrides=[*TINY, f"train.out={out}"])) == out
     assert started == ["auto"] and sorted(p.name for p in out.iterdir()) == []
@@ -151,11 +152,19 @@ def test_a_run_refused_after_taking_the_lock_releases_it(tmp_path):
 
 # --- --resume without a config, Ctrl-C ----------------------------------------------------------------
 
+class HalfMade:
+    """What a DataLoader iterator interrupted in its ``__init__`` is: its ``__del__`` fails."""
+
+    def __del__(self):
+        raise AttributeError("'HalfMade' object has no attribute '_shutdown'")
+
+
 def interrupt_at(epoch):
     train_epoch = Trainer.train_epoch
 
     def interrupted(self, net, e):
         if e == epoch:
+            half_made = HalfMade()  # noqa: F841 - freed with this frame, after Ctrl-C
             raise KeyboardInterrupt
         return train_epoch(self, net, e)
     return interrupted
@@ -164,6 +173,7 @@ def interrupt_at(epoch):
 def test_ctrl_c_in_the_first_epoch_then_resume_without_a_config(tmp_path, monkeypatch):
     out = tmp_path / "exp 1"
     with monkeypatch.context() as m:
+        m.setattr(sys, "unraisablehook", sys.__unraisablehook__)  # Python's, which prints on stderr
         m.setattr(Trainer, "train_epoch", interrupt_at(0))
         code, err = ffn("train", *TINY, "--out", out)
     assert code == 130
@@ -177,10 +187,26 @@ def test_ctrl_c_in_the_first_epoch_then_resume_without_a_config(tmp_path, monkey
 
 def test_ctrl_c_later_leaves_the_last_epochs_checkpoints(run, monkeypatch):
     before = digests(run)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
     monkeypatch.setattr(Trainer, "train_epoch", interrupt_at(1))
     code, err = ffn("train", "--out", run, "--resume", "train.epochs=2")
     assert code == 130 and one_line(err).endswith(f"--out {run} --resume")
     assert digests(run) == before and not list(run.glob("*.tmp")) and not (run / rundir.LOCK_FILE).exists()
+
+
+def test_a_ctrl_c_that_python_swallowed_still_ends_the_run(tmp_path, monkeypatch):
+    train_epoch = Trainer.train_epoch
+
+    def swallowing(self, net, epoch):  # as Python does in an after-fork hook of a DataLoader worker
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        return train_epoch(self, net, epoch)
+    monkeypatch.setattr(Trainer, "train_epoch", swallowing)
+    code, err = ffn("train", *TINY, "--out", tmp_path / "run")
+    assert code == 130 and "interrupted" in one_line(err) and not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_ctrl_c_in_eval_is_one_line(base, tmp_path, monkeypatch):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -52,7 +54,7 @@ def fit(cfg: Config, resume: Optional[str | Path] = None, overwrite: bool = Fals
     are removed first)."""
     cfg = check_config(cfg)
     out, main = Path(cfg.train.out), int(os.environ.get("RANK", 0)) == 0  # torchrun's rank, before setup
-    with rundir.locked(out) if main else contextlib.nullcontext():
+    with rundir.locked(out) if main else contextlib.nullcontext(), _Sigint() as sigint:
         if resume is None:
             found = existing_run(out)
             if found and not overwrite:
@@ -63,9 +65,41 @@ def fit(cfg: Config, resume: Optional[str | Path] = None, overwrite: bool = Fals
                     (out / name).unlink(missing_ok=True)
         d, device = distributed.setup(cfg.train.device)
         try:
-            return Trainer(cfg, d, device).run(resume)
+            return Trainer(cfg, d, device, sigint).run(resume)
         finally:
             distributed.teardown()
+
+
+class _Sigint:
+    """Ctrl-C (SIGINT) while training: a ``KeyboardInterrupt`` at once and, where Python swallowed
+    that one (it ignores exceptions raised in some callbacks, such as the after-fork hooks that
+    run as each epoch forks its DataLoader workers), again at the next step (:meth:`check`)."""
+
+    def __init__(self) -> None:
+        self.seen, self.previous, self.hook = False, None, None
+
+    def __enter__(self) -> "_Sigint":
+        if threading.current_thread() is threading.main_thread():
+            self.previous, self.hook = signal.signal(signal.SIGINT, self._handle), sys.unraisablehook
+            sys.unraisablehook = self._unraisable
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            sys.unraisablehook = self.hook
+
+    def _handle(self, signum, frame) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def _unraisable(self, unraisable) -> None:
+        if unraisable.exc_type is not KeyboardInterrupt:  # a swallowed Ctrl-C is raised again: no report
+            self.hook(unraisable)
+
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
 
 
 def existing_run(out: Path) -> list[str]:
@@ -106,8 +140,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, d: Dist, device: torch.device) -> None:
-        self.cfg, self.d, self.device = cfg, d, device
+    def __init__(self, cfg: Config, d: Dist, device: torch.device, sigint: Optional[_Sigint] = None) -> None:
+        self.cfg, self.d, self.device, self.sigint = cfg, d, device, sigint or _Sigint()
         self.out = Path(cfg.train.out)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model, num_classes(cfg.data)).to(device)
@@ -222,6 +256,7 @@ class Trainer:
         bar = self.progress(self.steps, f"epoch {epoch + 1}/{cfg.train.epochs}")
         start = time.perf_counter()
         for _, batch in zip(range(self.steps), self.loader):
+            self.sigint.check()
             for bad in batch.skipped:
                 print(f"skipped video {bad.index}: {bad.reason}", file=sys.stderr)
             skipped += len(batch.skipped)
