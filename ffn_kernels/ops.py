@@ -5,7 +5,9 @@ Public functions (take a :class:`~ffn_kernels.FrameLayout`):
 * :func:`shift_alter` — temporal shift + Weight Alteration, ``y = (1 + alter[p]) * x[src]``;
 * :func:`freq_batch_norm` — frequency-indexed BatchNorm (+ residual, + ReLU);
 * :func:`bn_add_relu_shift_alter` — the residual-block boundary, ``out = relu(BN(z) + identity)``
-  and ``next_in = shift_alter(out)`` in one pass.
+  and ``next_in = shift_alter(out)`` in one pass;
+* :func:`temporal_conv` — TEA's 3-tap temporal depthwise conv, ``y[t] = w0·x[t-1] + w1·x[t] +
+  w2·x[t+1]`` inside each clip.
 
 Each is ``torch.ops.ffn_kernels.<name>``, defined in C++ with its schemas, argument checks, Meta
 (fake) kernel, autograd formula (backward op ``<name>_backward``) and backend dispatch in
@@ -30,8 +32,10 @@ if backend.extension_loaded():
     _shift_alter = torch.ops.ffn_kernels.shift_alter.default
     _freq_batch_norm = torch.ops.ffn_kernels.freq_batch_norm.default
     _bn_add_relu_shift_alter = torch.ops.ffn_kernels.bn_add_relu_shift_alter.default
+    _temporal_conv = torch.ops.ffn_kernels.temporal_conv.default
 else:
-    _shift_alter = _freq_batch_norm = _bn_add_relu_shift_alter = backend.missing_extension
+    _shift_alter = _freq_batch_norm = _bn_add_relu_shift_alter = _temporal_conv = (
+        backend.missing_extension)
 
 
 def _check_layout(layout) -> None:
@@ -151,3 +155,26 @@ def bn_add_relu_shift_alter(
     )
     _write_back(training, running_mean, running_var, new_rm, new_rv)
     return out, next_in
+
+
+def temporal_conv(x: Tensor, layout: FrameLayout, weight: Tensor) -> Tensor:
+    """Temporal depthwise convolution with 3 taps per channel inside every clip (TEA's multiple
+    temporal aggregation, a learnable generalisation of the TSM shift).
+
+    ``y[t, c] = w[c, 0]·x[t-1, c] + w[c, 1]·x[t, c] + w[c, 2]·x[t+1, c]``, where a frame outside
+    the clip counts as zero: ``nn.Conv1d(C, C, 3, padding=1, groups=C, bias=False)`` over each
+    clip's frames, for every pixel, without the two permute copies.
+
+    Args:
+        x: ``[F, C, H, W]`` activations in ``layout``, NCHW or channels_last,
+            float16/bfloat16/float32/float64.
+        layout: the packed layout of ``x`` (its rows are not read: all branches share the taps).
+        weight: ``[C, 3]`` taps, or ``nn.Conv1d``'s ``[C, 1, 3]`` depthwise weight.
+
+    Returns:
+        ``[F, C, H, W]`` in the memory format of ``x``.
+    """
+    _check_layout(layout)
+    if weight.dim() == 3 and weight.shape[1] == 1:  # nn.Conv1d's depthwise weight
+        weight = weight.squeeze(1)
+    return _temporal_conv(x, layout.clips, layout.frames, weight)

@@ -3,8 +3,9 @@
 This module is the oracle of every test and the "eager" side of the op benchmarks. It has two
 parts:
 
-* the op semantics — :func:`shift_alter`, :func:`freq_batch_norm`, :func:`bn_add_relu_shift_alter`
-  — written per segment with ordinary PyTorch (slicing shift, ``F.batch_norm``), differentiable by
+* the op semantics — :func:`shift_alter`, :func:`freq_batch_norm`, :func:`bn_add_relu_shift_alter`,
+  :func:`temporal_conv` — written per segment with ordinary PyTorch (slicing shift,
+  ``F.batch_norm``, ``F.conv1d``), differentiable by
   autograd and updating running statistics in place like ``nn.BatchNorm2d``;
 * the *raw backend API* (``*_fwd`` / ``*_bwd``) that every backend (C++ CPU, CUDA, Triton and this
   reference) implements with the same signature; the reference versions derive their backward
@@ -18,7 +19,9 @@ Raw backend API: the functions below, with the signatures of the ops' contracts
 * ``freq_batch_norm_fwd -> (y, mean[S,C], invstd[S,C], new_running_mean[P,C],
   new_running_var[P,C])`` and ``freq_batch_norm_bwd -> (dx, dweight[P,C], dbias[P,C], dresidual)``;
 * ``bn_add_relu_shift_alter_fwd -> (out, next_in, mean, invstd, new_rm, new_rv)`` and
-  ``bn_add_relu_shift_alter_bwd -> (dz, didentity, dweight, dbias, dalter)``.
+  ``bn_add_relu_shift_alter_bwd -> (dz, didentity, dweight, dbias, dalter)``;
+* ``temporal_conv_fwd -> y`` and ``temporal_conv_bwd -> (dx, dweight[C, 3])`` (no ``rows``: the
+  taps are shared by all branches).
 
 An output a call does not produce is an empty tensor of the dtype it has when produced
 (:func:`.validation.unused_acc`, :func:`.validation.unused_activation`).
@@ -135,6 +138,29 @@ def bn_add_relu_shift_alter(
     return out, shift_alter(out, layout, alter_next, fold_div)
 
 
+def temporal_conv(x: Tensor, layout: FrameLayout, weight: Tensor) -> Tensor:
+    """TEA's temporal depthwise conv1d per segment: ``y[t, c] = w[c, 0]·x[t-1, c] + w[c, 1]·x[t, c]
+    + w[c, 2]·x[t+1, c]`` inside each clip, zero beyond its ends (``weight [C, 3]``, shared by the
+    branches), as ``F.conv1d`` over the clip's frames, computed in the acc dtype."""
+    acc = _acc(x)
+    C, H, W = x.shape[1:]
+    taps = weight.to(acc).reshape(C, 1, 3)
+    outs = []
+    for seg, xs in zip(layout.segments(), layout.split(x)):
+        y = F.conv1d(_sequences(xs.to(acc), seg), taps, padding=1, groups=C)
+        n, t = seg.clips, seg.frames
+        outs.append(y.reshape(n, H * W, C, t).permute(0, 3, 2, 1).reshape(n * t, C, H, W))
+    return torch.cat(outs).to(x.dtype).contiguous(memory_format=_format_of(x))
+
+
+def _sequences(xs: Tensor, seg) -> Tensor:
+    """A segment's ``[N*T, C, H, W]`` frames as one length-T sequence per (clip, pixel) and
+    channel, ``[N*H*W, C, T]``: the official code's permute copy."""
+    n, t = seg.clips, seg.frames
+    C, H, W = xs.shape[1:]
+    return xs.reshape(n, t, C, H * W).permute(0, 3, 2, 1).reshape(n * H * W, C, t)
+
+
 # ---------------------------------------------------------------------------------------------
 # Raw backend API
 # ---------------------------------------------------------------------------------------------
@@ -225,9 +251,35 @@ def bn_add_relu_shift_alter_bwd(dout, dnext, z, out, clips, frames, rows, weight
     return dz, didentity, dweight, dbias, dalter
 
 
+def temporal_conv_fwd(x, clips, frames, weight):
+    return temporal_conv(x, _shared_layout(clips, frames), weight)
+
+
+def temporal_conv_bwd(dy, x, clips, frames, weight, weight_grad):
+    """``dx`` = the conv with the taps reversed (its adjoint); ``d weight[c, k]`` = Σ ``dy[t]·
+    x[t-1+k]`` inside the clips, over every segment (the taps are shared)."""
+    layout = _shared_layout(clips, frames)
+    dx = temporal_conv(dy, layout, weight.reshape(-1, 3).flip(1))
+    if not weight_grad:
+        return dx, unused_acc(x)
+    acc = _acc(x)
+    dweight = torch.zeros(weight.shape, dtype=acc, device=x.device)
+    for seg, dys, xs in zip(layout.segments(), layout.split(dy), layout.split(x)):
+        d = _sequences(dys.to(acc), seg)
+        padded = F.pad(_sequences(xs.to(acc), seg), (1, 1))  # zero frames beyond the clip's ends
+        for k in range(3):
+            dweight[:, k] += (d * padded[..., k : k + seg.frames]).sum((0, 2))
+    return dx, dweight
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _shared_layout(clips, frames) -> FrameLayout:
+    """The layout of an op whose parameters all branches share (its rows are never read)."""
+    return FrameLayout(clips, tuple(frames), (0,) * len(frames))
 
 
 def _stats(x, layout, running_mean, running_var, training, eps):
