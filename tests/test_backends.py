@@ -173,7 +173,8 @@ def test_triton_traffic_meter():
     assert m.written == y.numel() * y.element_size()
     assert 0 < m.read - x.numel() * x.element_size() < 0.01 * x.numel() * x.element_size()
     table = traffic.report(clips=1, frames=(2, 3), channels=16, hw=(3, 4))
-    assert {row["op"] for row in table} == {"shift_alter", "freq_batch_norm", "bn_add_relu_shift_alter"}
+    assert {row["op"] for row in table} == {"shift_alter", "freq_batch_norm", "bn_add_relu_shift_alter",
+                                            "temporal_conv"}
     for row in table:
         assert row["measured"] >= row["minimum"] * 0.9
 

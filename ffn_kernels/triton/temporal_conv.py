@@ -135,8 +135,11 @@ def temporal_conv_bwd(dy, x, clips, frames, weight, weight_grad):
                                              **plan.kw)
         return dx, unused_acc(dy)
     part = dx.new_empty((3, plan.nch, plan.C), dtype=torch.float32)
+    # seven tiles live at once (the dy window, x, three sums): twice the threads per tile keeps
+    # them within the 128-register cap (.ci/triton_sm90.py)
+    kw = dict(plan.kw, num_warps=min(16, 2 * plan.kw["num_warps"]))
     _temporal_conv_bwd_kernel[plan.grid](dy, plan.like(x), dx, taps, part, *plan.args,
-                                         REDUCE=True, **plan.kw)
+                                         REDUCE=True, **kw)
     sums = dx.new_empty((3, plan.S, plan.C), dtype=torch.float32)
     taps_grad = [dx.new_empty((1, plan.C), dtype=torch.float32) for _ in range(3)]
     K._sum_combine_kernel[plan.combine_grid](
