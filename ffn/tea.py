@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import ffn_kernels as kernels
 from ffn_kernels import FrameLayout, FreqBatchNorm2d, ops, reference
 
 from .models import Downsample, ResNetTrunk, clip_means
@@ -88,27 +89,14 @@ def motion_difference(feat: Tensor, moved: Tensor, layout: FrameLayout) -> Tenso
 
 
 class TemporalConv(nn.Module):
-    """MTA's temporal depthwise conv1d (3 taps per channel, no bias); ``conv.weight [C, 1, 3]``,
-    the official ``shifts.i.conv.weight``. ``mode="shift"``: the first ``C//2`` channels read
-    frame t+1, the next ``C//2`` frame t-1, any odd one frame t; ``mode="fixed"``: identity."""
+    """MTA's temporal depthwise conv1d (3 taps per channel, no bias, shared by the branches):
+    ``conv`` is a :class:`ffn_kernels.TemporalConv` (``conv.weight [C, 1, 3]``, the official
+    ``shifts.i.conv.weight``), initialised as TEA does: ``mode="shift"`` or ``"fixed"`` (identity).
+    The model's :class:`Passes` choose the kernel: the fused op, or the official conv1d."""
 
     def __init__(self, channels: int, mode: str) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(channels, channels, 3, padding=1, groups=channels, bias=False)
-        self.mode = mode
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        w = self.conv.weight
-        with torch.no_grad():
-            w.zero_()
-            if self.mode == "shift":
-                fold = w.shape[0] // 2
-                w[:fold, 0, 2] = 1
-                w[fold:2 * fold, 0, 0] = 1
-                w[2 * fold:, 0, 1] = 1
-            else:
-                w[:, 0, 1] = 1
+        self.conv = kernels.TemporalConv(channels, init="shift" if mode == "shift" else "identity")
 
     def forward(self, x: Tensor, layout: FrameLayout, passes: Passes) -> Tensor:
         return passes.temporal_conv(x, layout, self.conv.weight)

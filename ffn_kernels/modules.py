@@ -271,3 +271,48 @@ class ShiftAlter(nn.Module):
         scale = torch.cat([(1 + self.weight[s.row]).expand(s.stop - s.start, -1)
                            for s in layout.segments()])
         return x * scale.to(x.dtype)[:, :, None, None]
+
+
+class TemporalConv(nn.Module):
+    """TEA's temporal depthwise conv inside every clip, 3 taps per channel shared by all branches:
+    ``y[t] = w0·x[t-1] + w1·x[t] + w2·x[t+1]``, zero beyond the clip's ends
+    (:func:`ffn_kernels.ops.temporal_conv`).
+
+    ``weight [C, 1, 3]`` is ``nn.Conv1d(C, C, 3, padding=1, groups=C, bias=False)``'s, so such a
+    conv's state_dict loads. ``init="identity"`` (TEA's "fixed") starts as the identity;
+    ``init="shift"`` as TEA's shift: the first ``C // 2`` channels read frame t+1, the next
+    ``C // 2`` frame t-1, an odd last one frame t.
+
+    >>> tc = TemporalConv(64, init="shift")
+    >>> layout = FrameLayout(clips=2, frames=(4, 8, 16), rows=(0, 1, 2))
+    >>> tc(torch.randn(layout.total_frames, 64, 7, 7), layout).shape
+    torch.Size([56, 64, 7, 7])
+    """
+
+    INITS = ("identity", "shift")
+
+    def __init__(self, num_channels: int, init: str = "identity", device=None, dtype=None) -> None:
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError(f"num_channels must be >= 1, got {num_channels}")
+        if init not in self.INITS:
+            raise ValueError(f"init must be one of {self.INITS}, got {init!r}")
+        self.num_channels, self.init = num_channels, init
+        self.weight = nn.Parameter(torch.empty((num_channels, 1, 3), device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        w = self.weight
+        with torch.no_grad():
+            w.zero_()
+            fold = w.shape[0] // 2 if self.init == "shift" else 0
+            w[:fold, 0, 2] = 1
+            w[fold:2 * fold, 0, 0] = 1
+            w[2 * fold:, 0, 1] = 1
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, init={self.init!r}"
+
+    def forward(self, x: Tensor, layout: Optional[FrameLayout] = None) -> Tensor:
+        """``layout`` defaults to the context's (``ffn_kernels.frame_layout``)."""
+        return ops.temporal_conv(x, resolve_layout(layout, type(self).__name__), self.weight)

@@ -194,3 +194,33 @@ W = make_taps(4)
 def test_temporal_conv_bad_input_raises_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------------
+
+
+def test_module_starts_as_identity_or_as_teas_shift():
+    from ffn_kernels import TemporalConv, frame_layout
+
+    layout = TWO_SEGMENTS
+    x = make_input(layout, 6)
+    torch.testing.assert_close(TemporalConv(6)(x, layout), x)
+    # TEA's shift init is TSM's shift with half the channels each way (fold_div=2)
+    with frame_layout(layout):
+        y = TemporalConv(6, init="shift")(x)
+    torch.testing.assert_close(y, reference.shift_alter(x, layout, None, fold_div=2))
+
+
+def test_module_loads_a_depthwise_conv1d():
+    from ffn_kernels import TemporalConv
+
+    conv = torch.nn.Conv1d(4, 4, 3, padding=1, groups=4, bias=False)
+    tc = TemporalConv(4)
+    tc.load_state_dict(conv.state_dict())
+    x = make_input(TWO_SEGMENTS, 4)
+    torch.testing.assert_close(tc(x, TWO_SEGMENTS),
+                               reference.temporal_conv(x, TWO_SEGMENTS, conv.weight.detach()))
+    with pytest.raises(ValueError, match="init must be one of"):
+        TemporalConv(4, init="random")
