@@ -316,3 +316,42 @@ class TemporalConv(nn.Module):
     def forward(self, x: Tensor, layout: Optional[FrameLayout] = None) -> Tensor:
         """``layout`` defaults to the context's (``ffn_kernels.frame_layout``)."""
         return ops.temporal_conv(x, resolve_layout(layout, type(self).__name__), self.weight)
+
+
+class FreqBatchNorm3d(FreqBatchNorm2d):
+    """Per-branch BatchNorm of 3D-CNN activations ``[N, C, T, H, W]`` (``nn.BatchNorm3d`` with one
+    row of parameters and statistics per branch), on the fused ``freq_batch_norm`` op.
+
+    In a 3D network the branches differ in T, so a tensor holds one branch, or several that share T
+    stacked along N in equal parts (``rows``: one row, or one per part). The op sees
+    ``[N, C, T*H, W]``: each sample is one "frame" of the packed layout, so the statistics are over
+    N×T×H×W per channel, as ``nn.BatchNorm3d``'s. That view costs no copy for NCTHW-contiguous and
+    ``channels_last_3d`` tensors (the latter is channels_last in the view); other strides are copied
+    once. State-dict keys and conventions are :class:`FreqBatchNorm2d`'s (an ``nn.BatchNorm3d``
+    state_dict loads into every row).
+
+    >>> bn = FreqBatchNorm3d(8, num_branches=3)
+    >>> bn(torch.randn(2, 8, 4, 7, 7), rows=2).shape  # the 16-frame branch's row
+    torch.Size([2, 8, 4, 7, 7])
+    """
+
+    def forward(self, x: Tensor, rows, residual: Optional[Tensor] = None,
+                activation: Optional[str] = None) -> Tensor:
+        """``act(BN_row(x) + residual)``; ``rows`` is an int or one int per equal part of N."""
+        if x.dim() != 5:
+            raise ValueError(f"x must be 5-D [N, C, T, H, W], got shape {tuple(x.shape)}")
+        rows = (rows,) if isinstance(rows, int) else tuple(rows)
+        if not rows or x.shape[0] % len(rows):
+            raise ValueError(f"rows {rows} must split the batch of {x.shape[0]} into equal parts")
+        layout = FrameLayout(clips=x.shape[0] // len(rows), frames=(1,) * len(rows), rows=rows)
+        flat = x.flatten(2, 3)
+        if residual is not None:
+            if residual.shape != x.shape:
+                raise ValueError(f"residual has shape {tuple(residual.shape)} but x has "
+                                 f"{tuple(x.shape)}")
+            residual = residual.flatten(2, 3)
+        return super().forward(flat, layout, residual, activation).unflatten(2, x.shape[2:4])
+
+    def add_relu_shift_alter(self, *args, **kwargs):
+        raise NotImplementedError("FreqBatchNorm3d: the TSM shift is a 2D-network op; use "
+                                  "forward(x, rows, residual=identity, activation='relu')")
