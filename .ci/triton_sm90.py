@@ -5,7 +5,8 @@ No GPU needed. A fake active Triton driver reports ``GPUTarget("cuda", 90, 32)``
 ``JITFunction.run`` is turned into ``warmup=True`` (compile, launch nothing); the real entry
 points of :mod:`ffn_kernels.triton` (one module per op) are then called with CPU tensors
 (``torch.empty``, never read) at the ResNet-50 stage shapes x float16/float32 x
-NCHW/channels_last (``temporal_conv`` also at TEA's Res2Net split shapes), for the forward and
+NCHW/channels_last (``temporal_conv`` also at TEA's Res2Net split shapes; ``freq_layer_norm`` at
+UniFormer-S's token shapes), for the forward and
 backward of each op in training and eval, with and without alter / ReLU / residual / d weight.
 That compiles exactly
 the variants a GPU run would. ``cuobjdump --dump-resource-usage`` (shipped in the Triton wheel)
@@ -44,6 +45,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 SHAPES = [(64, 56), (256, 56), (512, 28), (1024, 14), (2048, 7)]
 # TEA's Res2Net-50 splits (26w x 4s): the temporal conv's tensors, which only it runs on
 TEA_SPLITS = [(26, 56), (52, 28), (104, 14), (208, 7)]
+# UniFormer-S stages (channels, tokens per side): the LayerNorm's token tensors
+TOKEN_STAGES = [(64, 56), (128, 28), (320, 14), (512, 7)]
 CLIPS, FRAMES, ROWS = 1, [4, 8, 16], [0, 1, 2]
 P = len(ROWS)
 FOLD_DIV = 8
@@ -133,6 +136,20 @@ def run_temporal_conv(api, C, hw, dtype, channels_last, rec, label):
         api.temporal_conv_bwd(dy, x, CLIPS, FRAMES, taps, grad)
 
 
+def run_layer_norm(api, C, hw, dtype, channels_last, rec, label):
+    """freq_layer_norm on [frames, hw*hw tokens, C] (its tokens have one layout: channels last)."""
+    if channels_last:
+        return
+    x, res, dy = (torch.empty(CLIPS * sum(FRAMES), hw * hw, C, dtype=dtype) for _ in range(3))
+    w, b = torch.empty(P, C), torch.empty(P, C)
+    mean = torch.empty(x.numel() // C)
+    for r in (None, res):
+        rec.case = (label, "freq_layer_norm fwd" + (" res" if r is not None else ""))
+        api.freq_layer_norm_fwd(x, CLIPS, FRAMES, ROWS, w, b, 1e-5, r)
+        rec.case = (label, "freq_layer_norm bwd" + (" dsum" if r is not None else ""))
+        api.freq_layer_norm_bwd(dy, r, x, CLIPS, FRAMES, ROWS, w, mean, mean)
+
+
 def run_ops(api, C, hw, dtype, channels_last, rec, label):
     """Forward and backward of the ops as the autograd layer calls them."""
 
@@ -202,9 +219,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     rows = {}  # (kernel, shape, dtype, format) -> set of kernel ids
     labels = []
-    splits = [] if args.quick or args.shape else TEA_SPLITS
+    extra = [] if args.quick or args.shape else (
+        [(s, run_temporal_conv) for s in TEA_SPLITS] + [(s, run_layer_norm) for s in TOKEN_STAGES])
     with Recorder() as rec:
-        for (C, hw), run in [(s, run_ops) for s in shapes] + [(s, run_temporal_conv) for s in splits]:
+        for (C, hw), run in [(s, run_ops) for s in shapes] + extra:
             for dtype in dtypes:
                 for channels_last in formats:
                     label = (f"{C}/{hw}x{hw}", str(dtype).removeprefix("torch."),

@@ -17,6 +17,15 @@ from . import ops
 from .layout import FrameLayout, resolve_layout
 
 
+def _rows_from_single(module: nn.Module, state_dict: dict, prefix: str, names) -> None:
+    """Expands the entries of a single-branch module's state_dict (an ``nn.BatchNorm2d``'s or
+    ``nn.LayerNorm``'s ``[C]`` tensors) to every branch row of ``module``'s ``[P, C]`` ones."""
+    for name in names:
+        value, own = state_dict.get(prefix + name), getattr(module, name)
+        if isinstance(value, Tensor) and own is not None and value.shape == own.shape[1:]:
+            state_dict[prefix + name] = value.expand_as(own)
+
+
 class FreqBatchNorm2d(nn.Module):
     """BatchNorm with private statistics and affine parameters per branch (``num_branches`` rows).
 
@@ -98,10 +107,8 @@ class FreqBatchNorm2d(nn.Module):
         self._counts = None
         # an nn.BatchNorm2d state_dict ([C] tensors, a scalar counter) initialises every branch row,
         # as an ImageNet checkpoint initialises every branch of an FFN model
-        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            value, own = state_dict.get(prefix + name), getattr(self, name)
-            if isinstance(value, Tensor) and own is not None and value.shape == own.shape[1:]:
-                state_dict[prefix + name] = value.expand_as(own)
+        _rows_from_single(self, state_dict, prefix,
+                          ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
@@ -355,3 +362,51 @@ class FreqBatchNorm3d(FreqBatchNorm2d):
     def add_relu_shift_alter(self, *args, **kwargs):
         raise NotImplementedError("FreqBatchNorm3d: the TSM shift is a 2D-network op; use "
                                   "forward(x, rows, residual=identity, activation='relu')")
+
+
+class FreqLayerNorm(nn.Module):
+    """LayerNorm over the last dimension with one row of ``weight``/``bias`` per branch
+    (:func:`ffn_kernels.ops.freq_layer_norm`), for the transformer blocks of an FFN model.
+
+    ``x`` is ``[F, ..., C]`` with dim 0 in the layout (``layout`` defaults to the context's,
+    ``ffn_kernels.frame_layout``). With ``residual``, it normalises ``x + residual`` and returns
+    ``(y, x + residual)``. An ``nn.LayerNorm`` state_dict loads into every row.
+
+    >>> ln = FreqLayerNorm(64, num_branches=3)
+    >>> layout = FrameLayout(clips=2, frames=(4, 8, 16), rows=(0, 1, 2))
+    >>> ln(torch.randn(layout.total_frames, 49, 64), layout).shape
+    torch.Size([56, 49, 64])
+    """
+
+    def __init__(self, normalized_shape: int, num_branches: int = 3, eps: float = 1e-5,
+                 elementwise_affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if normalized_shape < 1 or num_branches < 1:
+            raise ValueError(f"normalized_shape and num_branches must be >= 1, got "
+                             f"{normalized_shape}, {num_branches}")
+        self.normalized_shape, self.num_branches = normalized_shape, num_branches
+        self.eps, self.elementwise_affine = eps, elementwise_affine
+        shape = (num_branches, normalized_shape)
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        _rows_from_single(self, state_dict, prefix, ("weight", "bias"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, num_branches={self.num_branches}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
+
+    def forward(self, x: Tensor, layout: Optional[FrameLayout] = None,
+                residual: Optional[Tensor] = None):
+        layout = resolve_layout(layout, type(self).__name__)
+        weight, bias = self.weight, self.bias
+        if weight is None:
+            shape = (self.num_branches, self.normalized_shape)
+            weight, bias = torch.ones(shape, device=x.device), torch.zeros(shape, device=x.device)
+        return ops.freq_layer_norm(x, layout, weight, bias, self.eps, residual)

@@ -4,7 +4,7 @@ This module is the oracle of every test and the "eager" side of the op benchmark
 parts:
 
 * the op semantics — :func:`shift_alter`, :func:`freq_batch_norm`, :func:`bn_add_relu_shift_alter`,
-  :func:`temporal_conv` — written per segment with ordinary PyTorch (slicing shift,
+  :func:`temporal_conv`, :func:`freq_layer_norm` — written per segment with ordinary PyTorch (slicing shift,
   ``F.batch_norm``, ``F.conv1d``), differentiable by
   autograd and updating running statistics in place like ``nn.BatchNorm2d``;
 * the *raw backend API* (``*_fwd`` / ``*_bwd``) that every backend (C++ CPU, CUDA, Triton and this
@@ -21,7 +21,9 @@ Raw backend API: the functions below, with the signatures of the ops' contracts
 * ``bn_add_relu_shift_alter_fwd -> (out, next_in, mean, invstd, new_rm, new_rv)`` and
   ``bn_add_relu_shift_alter_bwd -> (dz, didentity, dweight, dbias, dalter)``;
 * ``temporal_conv_fwd -> y`` and ``temporal_conv_bwd -> (dx, dweight[C, 3])`` (no ``rows``: the
-  taps are shared by all branches).
+  taps are shared by all branches);
+* ``freq_layer_norm_fwd -> (y, s, mean[R], rstd[R])`` (``s = x + residual``, empty without one;
+  ``R`` tokens) and ``freq_layer_norm_bwd -> (ds, dweight, dbias)``.
 
 An output a call does not produce is an empty tensor of the dtype it has when produced
 (:func:`.validation.unused_acc`, :func:`.validation.unused_activation`).
@@ -153,6 +155,20 @@ def temporal_conv(x: Tensor, layout: FrameLayout, weight: Tensor) -> Tensor:
     return torch.cat(outs).to(x.dtype).contiguous(memory_format=_format_of(x))
 
 
+def freq_layer_norm(x: Tensor, layout: FrameLayout, weight: Tensor, bias: Tensor, eps: float = 1e-5,
+                    residual: Optional[Tensor] = None):
+    """Per segment ``s``: ``F.layer_norm`` over the last dim of ``x [F, ..., C]`` with row ``p_s``
+    of ``weight``/``bias``, in the acc dtype. With a residual, of ``x + residual`` (rounded to x's
+    dtype), and the sum is returned too: ``(y, x + residual)``."""
+    s = x if residual is None else x + residual
+    acc, C = _acc(x), x.shape[-1]
+    y = torch.cat([
+        F.layer_norm(ss.to(acc), (C,), weight[seg.row].to(acc), bias[seg.row].to(acc), eps)
+        for seg, ss in zip(layout.segments(), layout.split(s))
+    ]).to(x.dtype)
+    return y if residual is None else (y, s)
+
+
 def _sequences(xs: Tensor, seg) -> Tensor:
     """A segment's ``[N*T, C, H, W]`` frames as one length-T sequence per (clip, pixel) and
     channel, ``[N*H*W, C, T]``: the official code's permute copy."""
@@ -270,6 +286,40 @@ def temporal_conv_bwd(dy, x, clips, frames, weight, weight_grad):
         for k in range(3):
             dweight[:, k] += (d * padded[..., k : k + seg.frames]).sum((0, 2))
     return dx, dweight
+
+
+def freq_layer_norm_fwd(x, clips, frames, rows, weight, bias, eps, residual):
+    layout = FrameLayout(clips, tuple(frames), tuple(rows))
+    out = freq_layer_norm(x, layout, weight, bias, eps, residual)
+    y, s = (out, x) if residual is None else out
+    tokens = s.to(_acc(x)).reshape(-1, s.shape[-1])
+    mean = tokens.mean(-1)
+    rstd = torch.rsqrt(tokens.var(-1, unbiased=False) + eps)
+    return y, (unused_activation(x) if residual is None else s), mean, rstd
+
+
+def freq_layer_norm_bwd(dy, dsum, s, clips, frames, rows, weight, mean, rstd):
+    """``ds = rstd·(g − mean(g) − x̂·mean(g·x̂)) (+ dsum)`` per token, ``g = dy·weight[p]``;
+    ``dweight[p] = Σ dy·x̂``, ``dbias[p] = Σ dy`` over the tokens of the segments of row ``p``."""
+    layout = FrameLayout(clips, tuple(frames), tuple(rows))
+    acc, C = _acc(s), s.shape[-1]
+    shape = (s.shape[0], -1, C)
+    mu, rs = mean.view(s.shape[0], -1, 1), rstd.view(s.shape[0], -1, 1)
+    xhat = (s.to(acc).reshape(shape) - mu) * rs
+    d = dy.to(acc).reshape(shape)
+    ds = torch.empty_like(xhat)
+    dweight = torch.zeros(weight.shape, dtype=acc, device=s.device)
+    dbias = torch.zeros(weight.shape, dtype=acc, device=s.device)
+    for seg in layout.segments():
+        part = slice(seg.start, seg.stop)
+        g = d[part] * weight[seg.row].to(acc)
+        ds[part] = rs[part] * (g - g.mean(-1, keepdim=True)
+                               - xhat[part] * (g * xhat[part]).mean(-1, keepdim=True))
+        dweight[seg.row] += (d[part] * xhat[part]).sum((0, 1))
+        dbias[seg.row] += d[part].sum((0, 1))
+    if dsum is not None:
+        ds = ds + dsum.to(acc).reshape(shape)
+    return ds.reshape(s.shape).to(s.dtype), dweight, dbias
 
 
 # ---------------------------------------------------------------------------------------------

@@ -126,7 +126,9 @@ def test_ops_run_the_chosen_backend(backend, monkeypatch):
         out, nxt = ops.bn_add_relu_shift_alter(h, x, layout, p["weight"], p["bias"],
                                                alter_next=p["alter"])
         out = ops.temporal_conv(out, layout, taps)
-        (out.sum() + nxt.sum()).backward()
+        out, _ = ops.freq_layer_norm(out.permute(0, 2, 3, 1), layout, p["weight"], p["bias"],
+                                     residual=nxt.permute(0, 2, 3, 1))  # pixels as tokens
+        out.sum().backward()
 
     names = _ran_kernels(step)
     for raw in backends.RAW_OPS:
@@ -176,7 +178,7 @@ def test_triton_traffic_meter():
     assert 0 < m.read - x.numel() * x.element_size() < 0.01 * x.numel() * x.element_size()
     table = traffic.report(clips=1, frames=(2, 3), channels=16, hw=(3, 4))
     assert {row["op"] for row in table} == {"shift_alter", "freq_batch_norm", "bn_add_relu_shift_alter",
-                                            "temporal_conv"}
+                                            "temporal_conv", "freq_layer_norm"}
     for row in table:
         assert row["measured"] >= row["minimum"] * 0.9
 
