@@ -10,7 +10,7 @@ from ffn_kernels import FrameLayout, ops, reference
 from conftest import (DEVICE, DTYPES, FLOAT64_BACKENDS, LAYOUT_IDS, LAYOUTS, MEMORY_FORMATS,
                       OPCHECK_BACKENDS, RAW_BACKENDS, SHAPES, SMALL_SHAPES, TINY, TWO_SEGMENTS,
                       cases, check_differentiable_once, check_outputs, compare_autograd, gradcheck,
-                      make_input, on, pick, run_raw)
+                      make_input, on, pick, public_grid, raw_grid, run_raw)
 
 
 def make_taps(channels, dtype=torch.float32, seed=2):
@@ -57,16 +57,6 @@ def test_reference_never_reads_another_clip():
 # ---------------------------------------------------------------------------------------------
 
 
-def raw_grid(backend, shape, dtype, **_):
-    """cuda: every shape and dtype; cpu: the small shapes in float32 and float64; triton
-    (interpreted): the small shapes in float32 and bfloat16."""
-    if backend == "cuda":
-        return True
-    if backend == "cpu":
-        return shape in SMALL_SHAPES.values() and dtype in (torch.float32, torch.float64)
-    return shape in SMALL_SHAPES.values() and dtype in (torch.float32, torch.bfloat16)
-
-
 @cases(RAW_BACKENDS, raw_grid, shape=SHAPES, dtype=DTYPES, memory_format=MEMORY_FORMATS)
 def test_temporal_conv_raw(backend, shape, dtype, memory_format):
     layout, C, hw = shape
@@ -100,16 +90,6 @@ def test_temporal_conv_triton_windows_cross_chunk_boundaries(backend, frames_per
 # ---------------------------------------------------------------------------------------------
 # The public op against the reference semantics
 # ---------------------------------------------------------------------------------------------
-
-
-def public_grid(backend, shape, dtype, memory_format, **_):
-    """cpu and cuda: the whole grid; the reference: float32 (its plumbing); triton
-    (interpreted): one shape in float32."""
-    if backend in ("cpu", "cuda"):
-        return True
-    if backend == "reference":
-        return dtype == torch.float32
-    return dtype == torch.float32 and shape == SHAPES["single-high-row"]
 
 
 @cases(keep=public_grid, shape=SMALL_SHAPES, dtype=pick(DTYPES, "float32", "bfloat16", "float16"),

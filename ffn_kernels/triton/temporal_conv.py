@@ -29,18 +29,28 @@ def _window_start(ptr, fb, chw, idx, m, t):
 
 
 @triton.jit
-def _temporal_conv_fwd_kernel(x_ptr, y_ptr,  # [F, C, H, W]
-                              w_ptr,  # [C, 3] float32 taps
-                              layout_ptr, NCH, S, C, HW, fold, nb0,
-                              REGIONS: tl.constexpr, ALIGN: tl.constexpr,
-                              HW_ALIGN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+def _program(w_ptr, layout_ptr, NCH, S, C, fold, nb0, REGIONS: tl.constexpr, ALIGN: tl.constexpr,
+             BLOCK_C: tl.constexpr):
+    """This program's chunk (index, first frame, frames), its segment's frames ``[start, stop)``
+    and clip length, its channels and their three taps (``[BLOCK_C, 1]`` each)."""
     k, seg, f0, nf = K._chunk(layout_ptr, NCH, S)
     start, stop, T, row = K._segment(layout_ptr, NCH, S, seg)
     c, cmask, step = K._channels(C, fold, nb0, REGIONS, ALIGN, BLOCK_C)
     w0 = tl.load(w_ptr + 3 * c, mask=cmask, other=0.0)[:, None]
     w1 = tl.load(w_ptr + 3 * c + 1, mask=cmask, other=0.0)[:, None]
     w2 = tl.load(w_ptr + 3 * c + 2, mask=cmask, other=0.0)[:, None]
+    return k, f0, nf, start, stop, T, c, cmask, w0, w1, w2
+
+
+@triton.jit
+def _temporal_conv_fwd_kernel(x_ptr, y_ptr,  # [F, C, H, W]
+                              w_ptr,  # [C, 3] float32 taps
+                              layout_ptr, NCH, S, C, HW, fold, nb0,
+                              REGIONS: tl.constexpr, ALIGN: tl.constexpr,
+                              HW_ALIGN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                              BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    k, f0, nf, start, stop, T, c, cmask, w0, w1, w2 = _program(
+        w_ptr, layout_ptr, NCH, S, C, fold, nb0, REGIONS, ALIGN, BLOCK_C)
     chw = C * HW
     for p0 in range(0, HW, BLOCK_P):
         idx, m = K._tile(p0, c, cmask, C, HW, CHANNELS_LAST, HW_ALIGN, BLOCK_P)
@@ -68,12 +78,8 @@ def _temporal_conv_bwd_kernel(dy_ptr, x_ptr, dx_ptr,  # [F, C, H, W]
                               BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """``dx[f] = w1·dy[f] + w2·dy[f-1] + w0·dy[f+1]`` (inside the clip); with ``REDUCE`` the
     per-chunk sums ``x[f]·dy[f+1]``, ``x[f]·dy[f]``, ``x[f]·dy[f-1]`` (taps 0, 1, 2)."""
-    k, seg, f0, nf = K._chunk(layout_ptr, NCH, S)
-    start, stop, T, row = K._segment(layout_ptr, NCH, S, seg)
-    c, cmask, step = K._channels(C, fold, nb0, REGIONS, ALIGN, BLOCK_C)
-    w0 = tl.load(w_ptr + 3 * c, mask=cmask, other=0.0)[:, None]
-    w1 = tl.load(w_ptr + 3 * c + 1, mask=cmask, other=0.0)[:, None]
-    w2 = tl.load(w_ptr + 3 * c + 2, mask=cmask, other=0.0)[:, None]
+    k, f0, nf, start, stop, T, c, cmask, w0, w1, w2 = _program(
+        w_ptr, layout_ptr, NCH, S, C, fold, nb0, REGIONS, ALIGN, BLOCK_C)
     chw = C * HW
     sum0 = tl.zeros([BLOCK_C], tl.float32)
     sum1 = tl.zeros([BLOCK_C], tl.float32)
