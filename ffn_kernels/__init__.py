@@ -15,14 +15,14 @@ from . import backend, ops, reference
 from .backend import backend_name, get_backend, set_backend
 from .layout import FrameLayout, Segment, current_layout, frame_layout, resolve_layout
 from .modules import (FreqBatchNorm2d, FreqBatchNorm3d, FreqBatchNormAct2d, FreqLayerNorm,
-                      ShiftAlter, TemporalConv)
+                      FreqLayerNorm2d, ShiftAlter, TemporalConv)
 from .sync_batchnorm import SyncFreqBatchNorm2d, SyncFreqBatchNormAct2d, convert_sync_freq_batchnorm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FrameLayout", "Segment", "frame_layout", "current_layout", "resolve_layout", "FreqBatchNorm2d",
-    "FreqBatchNorm3d", "FreqLayerNorm",
+    "FreqBatchNorm3d", "FreqLayerNorm", "FreqLayerNorm2d",
     "FreqBatchNormAct2d", "SyncFreqBatchNorm2d", "SyncFreqBatchNormAct2d", "convert_sync_freq_batchnorm",
     "ShiftAlter", "TemporalConv", "ops", "reference", "backend", "backend_name", "get_backend", "set_backend",
     "__version__",

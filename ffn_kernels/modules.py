@@ -394,6 +394,25 @@ class FreqLayerNorm(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
+    @classmethod
+    def from_layer_norm(cls, ln: nn.LayerNorm, num_branches: int) -> "FreqLayerNorm":
+        """A ``FreqLayerNorm`` whose every branch row starts from ``ln`` (its eps, parameters,
+        ``requires_grad`` and train/eval mode), as a pretrained LayerNorm initialises every branch
+        of an FFN model."""
+        if len(ln.normalized_shape) != 1:
+            raise ValueError(f"{cls.__name__} normalises the last dim only; this LayerNorm "
+                             f"normalises {tuple(ln.normalized_shape)}")
+        if ln.elementwise_affine and ln.bias is None:
+            raise ValueError(f"{cls.__name__} has a bias with its weight; this LayerNorm was built "
+                             f"with bias=False")
+        kw = {} if ln.weight is None else dict(device=ln.weight.device, dtype=ln.weight.dtype)
+        new = cls(ln.normalized_shape[0], num_branches, ln.eps, ln.elementwise_affine, **kw)
+        new.load_state_dict(ln.state_dict())
+        if ln.elementwise_affine:
+            new.weight.requires_grad_(ln.weight.requires_grad)
+            new.bias.requires_grad_(ln.bias.requires_grad)
+        return new.train(ln.training)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         _rows_from_single(self, state_dict, prefix, ("weight", "bias"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -410,3 +429,12 @@ class FreqLayerNorm(nn.Module):
             shape = (self.num_branches, self.normalized_shape)
             weight, bias = torch.ones(shape, device=x.device), torch.zeros(shape, device=x.device)
         return ops.freq_layer_norm(x, layout, weight, bias, self.eps, residual)
+
+
+class FreqLayerNorm2d(FreqLayerNorm):
+    """:class:`FreqLayerNorm` over the channels of ``[F, C, H, W]`` feature maps: the
+    ``LayerNorm2d`` of ConvNeXt (torchvision's and timm's), which normalises each pixel's C values.
+    """
+
+    def forward(self, x: Tensor, layout: Optional[FrameLayout] = None) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1), layout).permute(0, 3, 1, 2)
