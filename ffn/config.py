@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import stat
 import sys
 import types
 import typing
@@ -119,16 +121,32 @@ def torchvision_arch(arch: str) -> str | None:
     return arch[len(TORCHVISION_ARCH):] if arch.startswith(TORCHVISION_ARCH) else None
 
 
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a regular file to read ("does not exist", "is a FIFO, not a regular
+    file", ...), else None. Every file of the user's is checked so, with ``os.stat``, before it is
+    opened: opening a FIFO waits for a writer forever, and a device such as /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        return f"cannot be read ({getattr(e, 'strerror', None) or e})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return f"is {next((k for test, k in kinds if test(mode)), 'a special file')}, not a regular file"
+
+
 def read_user_text(path: str | Path, what: str) -> str:
     """A user's UTF-8 text file (a BOM is dropped: it is not part of the first line); a file that
     is missing, a folder, not UTF-8 or unreadable raises :class:`UserError` naming ``what`` and
     the path."""
+    problem = file_problem(path)
+    if problem:
+        raise UserError(f"{what} {path} {problem}")
     try:
         return Path(path).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise UserError(f"{what} {path} is a directory") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{what} {path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
     except OSError as e:
@@ -139,10 +157,9 @@ def check_checkpoint_file(path: str | Path) -> Path:
     """``path`` as a checkpoint file to read: missing, not a file, or empty raises :class:`UserError`
     naming it (torch-free, so the ``ffn`` command checks its arguments before importing torch)."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} is not a file")
+    problem = file_problem(path)
+    if problem:
+        raise UserError(f"checkpoint {path} {problem}")
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes): not a checkpoint")
     return path
