@@ -52,7 +52,8 @@ class DataConfig:
     nested: bool = False  # smaller branches take subsets of the largest branch's frames
     skip_bad: bool = False  # drop and count unreadable videos instead of raising
     batch_size: int = 16  # clips per process and step
-    workers: int = 2
+    workers: int = 2  # at most max_workers(): 4 per CPU this process may use, at least 8
+    decode_timeout: float = 60.0  # seconds to read one video; longer raises BadSampleError (0 = no limit)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     @property
@@ -269,6 +270,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     return config
 
 
+def max_workers() -> int:
+    """The most ``data.workers``: far more processes than CPUs only slow loading, and a huge count
+    never gets its processes started."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(8, 4 * cpus)
+
+
 def check_ranges(config: Config) -> None:
     """Values a run cannot use (a NaN or negative lr, zero epochs, a crop of 0 pixels, a frame file
     template without a frame number...) raise :class:`UserError` naming the key."""
@@ -316,7 +324,9 @@ def check_ranges(config: Config) -> None:
     need(d.scale_size == 0 or d.scale_size >= d.size, "data.scale_size", d.scale_size,
          f"must be 0 (automatic) or >= data.size ({d.size})")
     need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
-    need(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    need(0 <= d.workers <= max_workers(), "data.workers", d.workers,
+         f"must be 0..{max_workers()} (4 per CPU this process may use, at least 8)")
+    finite("data.decode_timeout", d.decode_timeout, 0)
     need(d.start_index >= 0, "data.start_index", d.start_index, "must be >= 0")
     need(d.num_classes >= 0, "data.num_classes", d.num_classes, "must be >= 2 (0 = unset)")
     if d.kind == "frames":

@@ -36,7 +36,7 @@ RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "log.csv", "log.png")
 RESUME_MAY_CHANGE = frozenset({
     "train.epochs", "train.out", "train.device", "train.progress", "train.log_every", "train.val_twice",
     "train.val_crops",
-    "data.root", "data.train_list", "data.val_list", "data.workers", "data.skip_bad",
+    "data.root", "data.train_list", "data.val_list", "data.workers", "data.skip_bad", "data.decode_timeout",
     "model.impl", "model.pretrained", "model.pretrained_format",
 })
 
