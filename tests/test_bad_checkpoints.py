@@ -117,8 +117,12 @@ def delete(*keys):
     return mutate
 
 
-def first_momentum(s):
-    return next(iter(s["optimizer"]["state"].values()))
+def set_momentum(new):
+    """The first parameter's momentum buffer replaced by ``new(buffer)``."""
+    def mutate(s):
+        entry = next(iter(s["optimizer"]["state"].values()))
+        entry["momentum_buffer"] = new(entry["momentum_buffer"])
+    return mutate
 
 
 # (id, mutation of a good checkpoint's dict, what the error line says): refused by eval and resume
@@ -152,13 +156,13 @@ RESUME_CASES = [
     ("optimizer-groups-short", lambda s: s["optimizer"]["param_groups"].pop(), "optimizer.param_groups is a list of 3"),
     ("optimizer-lr-str", set_item("optimizer", "param_groups", 0, "lr", value="0.1"), "param_groups[0].lr"),
     ("optimizer-params-short", lambda s: s["optimizer"]["param_groups"][0]["params"].pop(), "params"),
-    ("momentum-shape", lambda s: first_momentum(s).__setitem__("momentum_buffer", torch.zeros(3)), "momentum_buffer is [3]"),
-    ("momentum-nan", lambda s: first_momentum(s).__setitem__("momentum_buffer", first_momentum(s)["momentum_buffer"] / 0), "momentum_buffer holds NaN"),
+    ("momentum-shape", set_momentum(lambda m: torch.zeros(3)), "momentum_buffer is [3]"),
+    ("momentum-nan", set_momentum(lambda m: m / 0), "momentum_buffer holds NaN"),
     ("optimizer-state-index", lambda s: s["optimizer"]["state"].__setitem__(999, {}), "entry 999 for no parameter"),
     ("scheduler-none", set_item("scheduler", value=None), "scheduler is a NoneType"),
     ("scheduler-step-str", set_item("scheduler", "last_epoch", value="1"), "scheduler.last_epoch"),
     ("scheduler-lrs-short", lambda s: s["scheduler"]["base_lrs"].pop(), "scheduler.base_lrs"),
-    ("rng-empty", set_item("rng", value=[]), "rng must be a list"),
+    ("rng-empty", set_item("rng", value=[]), "rng must be a non-empty list"),
     ("rng-short-state", set_item("rng", 0, "torch", value=torch.zeros(3, dtype=torch.uint8)), "rng[0].torch"),
     ("rng-float-state", lambda s: s["rng"][0].__setitem__("torch", s["rng"][0]["torch"].float()), "rng[0].torch"),
 ]
@@ -255,7 +259,8 @@ def same(a, b) -> bool:
 @pytest.fixture(scope="module")
 def trainer(run, good):
     d, device = distributed.setup()
-    return Trainer(load_config(overrides=SMALL, base=tree_copy(good["config"])), d, device)  # load_config writes into its base
+    # a copy: load_config writes the overrides into its base's tables
+    return Trainer(load_config(overrides=SMALL, base=tree_copy(good["config"])), d, device)
 
 
 def variants(data: bytes, count: int, seed: int = 0) -> list[bytes]:

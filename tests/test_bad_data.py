@@ -17,7 +17,7 @@ import pytest
 from ffn.cli import main
 from ffn.config import UserError, load_config, max_workers
 from ffn.data import (BadSampleError, EvalClips, EvalTransform, FrameFolderSource, Skipped, TrainClips,
-                      TrainTransform, VideoFileSource, build_source, collate, read_list_file)
+                      TrainTransform, VideoFileSource, collate, read_list_file)
 from ffn.data.timeout import time_limit
 
 

@@ -107,7 +107,7 @@ def load_run(path: str | Path, resume: bool = False) -> dict:
     if not isinstance(state["config"], dict):
         raise _refuse(path, f"its config is a {type(state['config']).__name__}, not a table")
     try:
-        load_config(base=state["config"], ranges=False)
+        load_config(base=state["config"])
     except UserError as e:
         raise _refuse(path, f"its config is not valid here: {e}") from None
     check_tensors(state["model"], path, "model")
@@ -183,7 +183,7 @@ def check_training_state(state: dict, path: str | Path, optimizer: torch.optim.O
         _same_structure(state[key], fresh[key], path, key)
     rng = state["rng"]
     if not isinstance(rng, list) or not rng:
-        raise _refuse(path, f"rng must be a list of generator states, got a {type(rng).__name__}")
+        raise _refuse(path, f"rng must be a non-empty list of generator states, got {_describe(rng)}")
     for i, entry in enumerate(rng):  # a CUDA generator's state is restored where the run resumes on CUDA
         want = {k: v for k, v in fresh["rng"].items() if k == "torch" or isinstance(entry, dict) and k in entry}
         _same_structure(entry, want, path, f"rng[{i}]")
