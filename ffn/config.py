@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import stat
 import sys
 import types
 import typing
@@ -50,7 +52,8 @@ class DataConfig:
     nested: bool = False  # smaller branches take subsets of the largest branch's frames
     skip_bad: bool = False  # drop and count unreadable videos instead of raising
     batch_size: int = 16  # clips per process and step
-    workers: int = 2
+    workers: int = 2  # at most max_workers(): 4 per CPU this process may use, at least 8
+    decode_timeout: float = 60.0  # seconds to read one video; longer raises BadSampleError (0 = no limit)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     @property
@@ -119,16 +122,32 @@ def torchvision_arch(arch: str) -> str | None:
     return arch[len(TORCHVISION_ARCH):] if arch.startswith(TORCHVISION_ARCH) else None
 
 
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a regular file to read ("does not exist", "is a FIFO, not a regular
+    file", ...), else None. Every file of the user's is checked so, with ``os.stat``, before it is
+    opened: opening a FIFO waits for a writer forever, and a device such as /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        return f"cannot be read ({getattr(e, 'strerror', None) or e})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return f"is {next((k for test, k in kinds if test(mode)), 'a special file')}, not a regular file"
+
+
 def read_user_text(path: str | Path, what: str) -> str:
     """A user's UTF-8 text file (a BOM is dropped: it is not part of the first line); a file that
     is missing, a folder, not UTF-8 or unreadable raises :class:`UserError` naming ``what`` and
     the path."""
+    problem = file_problem(path)
+    if problem:
+        raise UserError(f"{what} {path} {problem}")
     try:
         return Path(path).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise UserError(f"{what} {path} is a directory") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{what} {path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
     except OSError as e:
@@ -139,10 +158,9 @@ def check_checkpoint_file(path: str | Path) -> Path:
     """``path`` as a checkpoint file to read: missing, not a file, or empty raises :class:`UserError`
     naming it (torch-free, so the ``ffn`` command checks its arguments before importing torch)."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} is not a file")
+    problem = file_problem(path)
+    if problem:
+        raise UserError(f"checkpoint {path} {problem}")
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes): not a checkpoint")
     return path
@@ -252,6 +270,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     return config
 
 
+def max_workers() -> int:
+    """The most ``data.workers``: far more processes than CPUs only slow loading, and a huge count
+    never gets its processes started."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(8, 4 * cpus)
+
+
 def check_ranges(config: Config) -> None:
     """Values a run cannot use (a NaN or negative lr, zero epochs, a crop of 0 pixels, a frame file
     template without a frame number...) raise :class:`UserError` naming the key."""
@@ -299,7 +324,9 @@ def check_ranges(config: Config) -> None:
     need(d.scale_size == 0 or d.scale_size >= d.size, "data.scale_size", d.scale_size,
          f"must be 0 (automatic) or >= data.size ({d.size})")
     need(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be >= 1")
-    need(d.workers >= 0, "data.workers", d.workers, "must be >= 0")
+    need(0 <= d.workers <= max_workers(), "data.workers", d.workers,
+         f"must be 0..{max_workers()} (4 per CPU this process may use, at least 8)")
+    finite("data.decode_timeout", d.decode_timeout, 0)
     need(d.start_index >= 0, "data.start_index", d.start_index, "must be >= 0")
     need(d.num_classes >= 0, "data.num_classes", d.num_classes, "must be >= 2 (0 = unset)")
     if d.kind == "frames":
