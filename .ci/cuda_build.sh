@@ -140,6 +140,7 @@ export FFN_KERNELS_EXPECT_CUDA=1
 "$PY" -c "import ffn_kernels.backend as b, sys; sys.exit(0 if b.extension_has_cuda() else 'extension has no CUDA kernels')"
 step "running the op tests' cuda cases (pytest -m cuda)"
 "$PY" -m pytest -q -p no:cacheprovider -rs -m cuda tests/test_shift_alter.py \
-  tests/test_freq_batch_norm.py tests/test_bn_add_relu_shift_alter.py tests/test_shared_rows.py \
+  tests/test_freq_batch_norm.py tests/test_bn_add_relu_shift_alter.py tests/test_temporal_conv.py \
+  tests/test_freq_layer_norm.py tests/test_freq_batch_norm3d.py tests/test_shared_rows.py \
   tests/test_backends.py
 step "CUDA build check done in $(( $(date +%s) - start ))s (build ${build_s}s)"

@@ -106,8 +106,9 @@ class Context:
 
 # the tests with a backend parameter (tests/conftest.py: each backend's cases carry its mark)
 OP_TESTS = ["tests/test_shift_alter.py", "tests/test_freq_batch_norm.py",
-            "tests/test_bn_add_relu_shift_alter.py", "tests/test_shared_rows.py",
-            "tests/test_backends.py"]
+            "tests/test_bn_add_relu_shift_alter.py", "tests/test_temporal_conv.py",
+            "tests/test_freq_layer_norm.py", "tests/test_freq_batch_norm3d.py",
+            "tests/test_shared_rows.py", "tests/test_backends.py"]
 # the run-time checks: tests marked cuda, each step runs one (tests/test_gpu_runtime.py)
 RUNTIME_TESTS = "tests/test_gpu_runtime.py"
 

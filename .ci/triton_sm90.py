@@ -5,8 +5,10 @@ No GPU needed. A fake active Triton driver reports ``GPUTarget("cuda", 90, 32)``
 ``JITFunction.run`` is turned into ``warmup=True`` (compile, launch nothing); the real entry
 points of :mod:`ffn_kernels.triton` (one module per op) are then called with CPU tensors
 (``torch.empty``, never read) at the ResNet-50 stage shapes x float16/float32 x
-NCHW/channels_last, for the forward and backward of each op in training and eval, with and
-without alter / ReLU / residual. That compiles exactly
+NCHW/channels_last (``temporal_conv`` also at TEA's Res2Net split shapes; ``freq_layer_norm`` at
+UniFormer-S's token shapes), for the forward and
+backward of each op in training and eval, with and without alter / ReLU / residual / d weight.
+That compiles exactly
 the variants a GPU run would. ``cuobjdump --dump-resource-usage`` (shipped in the Triton wheel)
 on each cubin gives registers and stack; ``metadata.shared`` gives shared memory.
 
@@ -41,6 +43,10 @@ from triton.runtime import driver, jit  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 # ResNet-50 stages: (channels, H = W) of the BN / block-boundary tensors
 SHAPES = [(64, 56), (256, 56), (512, 28), (1024, 14), (2048, 7)]
+# TEA's Res2Net-50 splits (26w x 4s): the temporal conv's tensors, which only it runs on
+TEA_SPLITS = [(26, 56), (52, 28), (104, 14), (208, 7)]
+# UniFormer-S stages (channels, tokens per side): the LayerNorm's token tensors
+TOKEN_STAGES = [(64, 56), (128, 28), (320, 14), (512, 7)]
 CLIPS, FRAMES, ROWS = 1, [4, 8, 16], [0, 1, 2]
 P = len(ROWS)
 FOLD_DIV = 8
@@ -114,18 +120,43 @@ def resource_usage(kernel, tmp):
     return int(m.group(1)), int(m.group(2))
 
 
-def run_ops(api, C, hw, dtype, channels_last, rec, label):
-    """Forward and backward of the three ops as the autograd layer calls them."""
-    n = CLIPS * sum(FRAMES)
+def activations(C, hw, dtype, channels_last, count):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [torch.empty(CLIPS * sum(FRAMES), C, hw, hw, dtype=dtype, memory_format=fmt)
+            for _ in range(count)]
 
-    def big():
-        return torch.empty(n, C, hw, hw, dtype=dtype, memory_format=fmt)
+
+def run_temporal_conv(api, C, hw, dtype, channels_last, rec, label):
+    x, dy = activations(C, hw, dtype, channels_last, 2)
+    taps = torch.empty(C, 3, dtype=torch.float32)
+    rec.case = (label, "temporal_conv fwd")
+    api.temporal_conv_fwd(x, CLIPS, FRAMES, taps)
+    for grad in (False, True):
+        rec.case = (label, "temporal_conv bwd" + (" dweight" if grad else ""))
+        api.temporal_conv_bwd(dy, x, CLIPS, FRAMES, taps, grad)
+
+
+def run_layer_norm(api, C, hw, dtype, channels_last, rec, label):
+    """freq_layer_norm on [frames, hw*hw tokens, C] (its tokens have one layout: channels last)."""
+    if channels_last:
+        return
+    x, res, dy = (torch.empty(CLIPS * sum(FRAMES), hw * hw, C, dtype=dtype) for _ in range(3))
+    w, b = torch.empty(P, C), torch.empty(P, C)
+    mean = torch.empty(x.numel() // C)
+    for r in (None, res):
+        rec.case = (label, "freq_layer_norm fwd" + (" res" if r is not None else ""))
+        api.freq_layer_norm_fwd(x, CLIPS, FRAMES, ROWS, w, b, 1e-5, r)
+        rec.case = (label, "freq_layer_norm bwd" + (" dsum" if r is not None else ""))
+        api.freq_layer_norm_bwd(dy, r, x, CLIPS, FRAMES, ROWS, w, mean, mean)
+
+
+def run_ops(api, C, hw, dtype, channels_last, rec, label):
+    """Forward and backward of the ops as the autograd layer calls them."""
 
     def param():
         return torch.empty(P, C, dtype=torch.float32)
 
-    x, dy, y, other = big(), big(), big(), big()
+    x, dy, y, other = activations(C, hw, dtype, channels_last, 4)
     w, b, rm, rv, alter = param(), param(), param(), param(), param()
     mean, invstd = torch.empty(len(FRAMES), C), torch.empty(len(FRAMES), C)
     layout = (CLIPS, FRAMES, ROWS)
@@ -159,6 +190,7 @@ def run_ops(api, C, hw, dtype, channels_last, rec, label):
             rec.case = (label, tag + " bwd")
             api.bn_add_relu_shift_alter_bwd(dy, other, x, y, *layout, w, mean, invstd, training, a,
                                             FOLD_DIV)
+    run_temporal_conv(api, C, hw, dtype, channels_last, rec, label)
 
 
 def main(argv=None):
@@ -187,8 +219,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     rows = {}  # (kernel, shape, dtype, format) -> set of kernel ids
     labels = []
+    extra = [] if args.quick or args.shape else (
+        [(s, run_temporal_conv) for s in TEA_SPLITS] + [(s, run_layer_norm) for s in TOKEN_STAGES])
     with Recorder() as rec:
-        for C, hw in shapes:
+        for (C, hw), run in [(s, run_ops) for s in shapes] + extra:
             for dtype in dtypes:
                 for channels_last in formats:
                     label = (f"{C}/{hw}x{hw}", str(dtype).removeprefix("torch."),
@@ -196,7 +230,7 @@ def main(argv=None):
                     labels.append(label)
                     t = time.perf_counter()
                     before = len(rec.kernels)
-                    run_ops(api, C, hw, dtype, channels_last, rec, label)
+                    run(api, C, hw, dtype, channels_last, rec, label)
                     print(f"  {' '.join(label):<32} {len(rec.kernels) - before:3d} new variants "
                           f"{time.perf_counter() - t:6.1f} s", flush=True)
     t_compile = time.perf_counter() - t0

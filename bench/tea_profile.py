@@ -1,17 +1,20 @@
-"""Where the TEA-FFN training step's per-branch time goes (issue 21, part 2's question): every call of
-the per-branch passes in one three-branch step is recorded with its inputs, then replayed alone,
-forward and backward, and timed; the rest of the step is the shared convolutions and glue.
+"""Where the TEA-FFN training step's per-branch time goes: every call of the per-branch passes in one
+three-branch step is recorded with its inputs, then replayed alone, forward and backward, and
+timed; the rest of the step is the shared convolutions and glue. The temporal conv's calls are also
+replayed through the official permute + conv1d (``reference.temporal_conv``, what the eager twin
+runs), so the fused op's gain at the model's own shapes is printed beside its share.
 
     python bench/tea_profile.py [--width 16] [--size 32] [--clips 2] [--repeats 5]
 
 Passes: ``bn`` (every FreqBatchNorm2d call: the fused op, with ReLU and the residual where
-fused), ``temporal conv`` (MTA's 3-tap conv1d over time), ``me difference`` (ME's pooling and
+fused), ``temporal conv`` (MTA's 3-tap conv1d over time, the fused op), ``me difference`` (ME's pooling and
 temporal difference) and ``me gate`` (sigmoid and ``x + x*y``). CPU timings on a shared machine
 are noisy: the shares, not the milliseconds, are the result."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -19,7 +22,7 @@ import torch
 
 import ffn.tea as tea
 from ffn.losses import temporal_distillation_loss
-from ffn_kernels import FreqBatchNorm2d
+from ffn_kernels import FreqBatchNorm2d, reference
 
 FRAMES = (4, 8, 16)
 
@@ -51,7 +54,7 @@ def main(argv=None):
         temporal_distillation_loss(model(clips), target).total.backward()
 
     calls = {"bn": [], "temporal conv": [], "me difference": [], "me gate": []}
-    originals = (FreqBatchNorm2d.forward, tea.temporal_conv, tea.motion_pool, tea.excite)
+    originals = (FreqBatchNorm2d.forward, tea.FUSED, tea.motion_pool, tea.excite)
 
     def record(kind, fn):
         def wrapper(*a, **kw):
@@ -60,13 +63,14 @@ def main(argv=None):
         return wrapper
 
     FreqBatchNorm2d.forward = record("bn", originals[0])
-    tea.temporal_conv = record("temporal conv", originals[1])
+    tea.FUSED = dataclasses.replace(
+        originals[1], temporal_conv=record("temporal conv", originals[1].temporal_conv))
     tea.motion_pool = record("me difference", originals[2])
     tea.excite = record("me gate", originals[3])
     try:
         step()
     finally:
-        FreqBatchNorm2d.forward, tea.temporal_conv, tea.motion_pool, tea.excite = originals
+        FreqBatchNorm2d.forward, tea.FUSED, tea.motion_pool, tea.excite = originals
     total = timed(step, args.repeats)
 
     def replay(fn, a, kw):
@@ -93,6 +97,11 @@ def main(argv=None):
         rest -= ms
         print(f"| {kind} | {len(recorded)} | {ms * 1e3:.1f} | {ms / total:.1%} |")
     print(f"| rest (shared convs, pooling, split/cat, loss) | | {rest * 1e3:.1f} | {rest / total:.1%} |")
+    recorded = calls["temporal conv"]
+    fused = sum(timed(replay(*c), args.repeats) for c in recorded)
+    eager = sum(timed(replay(reference.temporal_conv, *c[1:]), args.repeats) for c in recorded)
+    print(f"temporal conv, the same {len(recorded)} calls fwd+bwd: fused {fused * 1e3:.1f} ms, "
+          f"official permute + conv1d {eager * 1e3:.1f} ms ({eager / fused:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -138,6 +138,16 @@ def report(clips=2, frames=(4, 8, 16), channels=32, hw=(8, 8), dtype=torch.float
             x, x2, *layout, w, b, rm, rv, training, mom, 1e-5, alter, 8)
         add("bn_add_relu_shift_alter", "bwd", mode, 6, api.bn_add_relu_shift_alter_bwd,
             dy, dy2, x, out, *layout, w, mean, invstd, training, alter, 8)
+    taps = torch.randn(channels, 3, generator=g)
+    add("temporal_conv", "fwd", "-", 2, api.temporal_conv_fwd, x, clips, frames, taps)
+    add("temporal_conv", "bwd", "-", 3, api.temporal_conv_bwd, dy, x, clips, frames, taps, True)
+    # LayerNorm over the channels of each pixel as a token: x [F, C, H, W] read as [F, HW, C]
+    tokens = [t.permute(0, 2, 3, 1).contiguous() for t in (x, x2, dy, dy2)]
+    _, s, mean, rstd = api.freq_layer_norm_fwd(tokens[0], *layout, w, b, 1e-5, tokens[1])
+    add("freq_layer_norm", "fwd", "res", 4, api.freq_layer_norm_fwd, tokens[0], *layout, w, b,
+        1e-5, tokens[1])
+    add("freq_layer_norm", "bwd", "res", 4, api.freq_layer_norm_bwd, tokens[2], tokens[3], s,
+        *layout, w, mean, rstd)
     return rows_out
 
 

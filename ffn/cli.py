@@ -237,9 +237,7 @@ def _train(args) -> int:
         fit(cfg, overwrite=args.overwrite or bool(resume))
         return 0
     # the checkpoint's config is the base: --config and overrides given again must agree with it
-    state = checkpoint.load(path)
-    if "config" not in state:
-        raise UserError(f"--resume {path}: not a training checkpoint of `ffn train` (no config)")
+    state = checkpoint.load_run(path, resume=True)
     cfg = load_config(args.config, overrides, base=state["config"])
     del state
     args.run_out = cfg.train.out

@@ -10,8 +10,10 @@ import dataclasses
 import functools
 import math
 import numbers
+import os
 import re
 import reprlib
+import stat
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -62,7 +64,8 @@ class DataConfig:
     nested: bool = False  # smaller branches take subsets of the largest branch's frames
     skip_bad: bool = False  # drop and count unreadable videos instead of raising
     batch_size: int = 16  # clips per process and step
-    workers: int = 2
+    workers: int = 2  # at most max_workers(): 4 per CPU this process may use, at least 8
+    decode_timeout: float = 60.0  # seconds to read one video; longer raises BadSampleError (0 = no limit)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
     @property
@@ -131,16 +134,32 @@ def torchvision_arch(arch: str) -> str | None:
     return arch[len(TORCHVISION_ARCH):] if arch.startswith(TORCHVISION_ARCH) else None
 
 
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a regular file to read ("does not exist", "is a FIFO, not a regular
+    file", ...), else None. Every file of the user's is checked so, with ``os.stat``, before it is
+    opened: opening a FIFO waits for a writer forever, and a device such as /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        return f"cannot be read ({getattr(e, 'strerror', None) or e})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return f"is {next((k for test, k in kinds if test(mode)), 'a special file')}, not a regular file"
+
+
 def read_user_text(path: str | Path, what: str) -> str:
     """A user's UTF-8 text file (a BOM is dropped: it is not part of the first line); a file that
     is missing, a folder, not UTF-8 or unreadable raises :class:`UserError` naming ``what`` and
     the path."""
+    problem = file_problem(path)
+    if problem:
+        raise UserError(f"{what} {path} {problem}")
     try:
         return Path(path).read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UserError(f"{what} {path} does not exist") from None
-    except IsADirectoryError:
-        raise UserError(f"{what} {path} is a directory") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{what} {path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
     except OSError as e:
@@ -151,10 +170,9 @@ def check_checkpoint_file(path: str | Path) -> Path:
     """``path`` as a checkpoint file to read: missing, not a file, or empty raises :class:`UserError`
     naming it (torch-free, so the ``ffn`` command checks its arguments before importing torch)."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} is not a file")
+    problem = file_problem(path)
+    if problem:
+        raise UserError(f"checkpoint {path} {problem}")
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes): not a checkpoint")
     return path
@@ -390,10 +408,16 @@ MAX_WIDTH = 1024  # model.width: 16x ResNet's; the weights grow as its square
 MAX_SIZE = 4096  # pixels of a side (crops, resizes, synthetic frames)
 MAX_VIDEOS = 10**7  # synthetic videos: the sampler draws a permutation of them every epoch
 MAX_CLASSES = 10**5  # rows of the classifier
-MAX_WORKERS = 64  # data loader processes per training process
 MAX_MOVERS = 64  # moving shapes drawn into every synthetic frame
 MAX_STEP_VALUES = INT_MAX  # values of one step's input batch (clips x frames x 3 x size^2)
 MAX_LR = 10.0  # any larger step diverges at once
+
+
+def max_workers() -> int:
+    """The most ``data.workers``: far more processes than CPUs only slow loading, and a huge count
+    never gets its processes started."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(8, 4 * cpus)
 
 
 def check_ranges(config: Config) -> None:
@@ -453,7 +477,8 @@ def check_ranges(config: Config) -> None:
     values = d.batch_size * sum(m.frames) * 3 * d.size ** 2
     need(values <= MAX_STEP_VALUES, "data.batch_size", d.batch_size, f"a step's input of data.batch_size x "
          f"sum(model.frames) x 3 x data.size^2 = {values:,} values is more than {MAX_STEP_VALUES:,}")
-    count("data.workers", d.workers, 0, MAX_WORKERS, " processes")
+    count("data.workers", d.workers, 0, max_workers(), " (4 per CPU this process may use, at least 8)")
+    finite("data.decode_timeout", d.decode_timeout, 0, hi=INT_MAX)
     count("data.start_index", d.start_index, 0)
     need(d.num_classes == 0 or 2 <= d.num_classes <= MAX_CLASSES, "data.num_classes", d.num_classes,
          f"must be 2..{MAX_CLASSES} (0 = unset)")

@@ -14,8 +14,10 @@ twins, which share their keys).
 * :func:`load_torchvision` — torchvision ImageNet ResNets: every branch's BN starts from the same
   ImageNet BN; WA and the classifier keep the model's fresh initialisation (a new head).
 
-Both read files with ``torch.load(weights_only=True)`` and check every tensor: a missing key, an
-unused key or a shape mismatch raises ``ValueError`` naming the key, before the model is touched.
+They read files through :func:`ffn.engine.checkpoint.load` (``weights_only=True``; a damaged or
+foreign file raises its ``CheckpointError``) and check every tensor: a value that is no tensor or
+not finite, a missing key, an unused key or a shape mismatch raises ``ValueError`` naming the key,
+before the model is touched.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 
 from ffn_kernels import FreqBatchNorm2d, ShiftAlter
 
+from .engine.checkpoint import check_tensors, load
 from .models import FFNResNet
 from .tea import FFNTEA, TemporalConv
 
@@ -39,12 +42,15 @@ Source = Union[None, str, list[str]]
 
 
 def read_state_dict(checkpoint: Checkpoint) -> dict[str, Tensor]:
-    """A state dict from a path (``weights_only=True``) or a mapping; unwraps ``{"state_dict": ...}``
-    (the official training script's format) and a ``module.`` (DataParallel) prefix."""
+    """A state dict from a path (:func:`ffn.engine.checkpoint.load`) or a mapping; unwraps
+    ``{"state_dict": ...}`` (the official training script's format) and a ``module.``
+    (DataParallel) prefix. Every value must be a dense tensor of finite values."""
+    where = checkpoint if not isinstance(checkpoint, Mapping) else "state dict"
     if not isinstance(checkpoint, Mapping):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = load(checkpoint)
     if "state_dict" in checkpoint:
         checkpoint = checkpoint["state_dict"]
+    check_tensors(checkpoint, where, "the state dict")
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 

@@ -3,7 +3,10 @@
 :func:`ffnify` converts the 2D model in place:
 
 * every ``nn.BatchNorm2d`` becomes a :class:`~ffn_kernels.FreqBatchNorm2d` whose branch rows all
-  start from that BN (private normalisation per branch, shared convolutions);
+  start from that BN (private normalisation per branch, shared convolutions), and every
+  ``nn.LayerNorm`` with parameters a :class:`~ffn_kernels.FreqLayerNorm` (ConvNeXt's
+  ``LayerNorm2d``: :class:`~ffn_kernels.FreqLayerNorm2d`) in the same way, as UniFormer-FFN makes
+  its LayerNorms private;
 * each residual block's first conv gets the temporal shift (TSM's residual-branch placement:
   ``make_temporal_shift`` shifts the block input on its way into conv1 only, fold_div 8) followed
   by Weight Alteration (the official FFN code's placement), as one fused ``shift_alter``.
@@ -19,13 +22,14 @@ a block's own submodules are not asked), returning the dotted path inside ``modu
 submodule whose input gets the shift and WA (``""``: ``module`` itself), or None where ``module`` is
 not a block. The default,
 :func:`torchvision_blocks`, knows torchvision's ResNets (and ResNeXts, Wide ResNets) and
-MobileNetV2, where TSM shifts.
+MobileNetV2, where TSM shifts, and ConvNeXt's blocks.
 
-ffnify is never silently wrong about normalisation: a ``BatchNorm2d`` subclass whose forward does
-more than BatchNorm is converted with that behaviour kept (timm's ``BatchNormAct2d``:
-:class:`~ffn_kernels.FreqBatchNormAct2d`) or refused naming the module and its class; a model whose only
-normalisation layers are others (LayerNorm, GroupNorm, ...) is refused; others next to BatchNorm
-stay shared across branches, with a warning. What was converted is ``video.conversion``
+ffnify is never silently wrong about normalisation: a ``BatchNorm2d`` or ``LayerNorm`` subclass
+whose forward does more than its base is converted with that behaviour kept (timm's
+``BatchNormAct2d``: :class:`~ffn_kernels.FreqBatchNormAct2d`; ConvNeXt's ``LayerNorm2d``) or
+refused naming the module and its class; a model whose only normalisation layers are others
+(GroupNorm, RMSNorm, ...) is refused; others next to BatchNorm or LayerNorm stay shared across
+branches, with a warning. What was converted is ``video.conversion``
 (:class:`Conversion`).
 """
 
@@ -41,8 +45,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ffn_kernels import (FrameLayout, FreqBatchNorm2d, FreqBatchNormAct2d, ShiftAlter, frame_layout,
-                         resolve_layout)
+from ffn_kernels import (FrameLayout, FreqBatchNorm2d, FreqBatchNormAct2d, FreqLayerNorm,
+                         FreqLayerNorm2d, ShiftAlter, frame_layout, resolve_layout)
 
 from .models import ConvOfShifted, FrameFlexible, clip_means
 
@@ -93,7 +97,9 @@ def torchvision_blocks(name: str, module: nn.Module) -> Optional[str]:
 
     * ResNet ``BasicBlock`` / ``Bottleneck``: ``"conv1"`` (every block, as ``FFNResNet``);
     * MobileNetV2 ``InvertedResidual`` with a residual connection: its first conv (``"conv.0.0"``,
-      TSM's ``m.conv[0]``); blocks without one are not shifted.
+      TSM's ``m.conv[0]``); blocks without one are not shifted;
+    * ConvNeXt ``CNBlock``: its depthwise 7x7 conv (``"block.0"``), the first layer of its residual
+      branch, as TSM's residual placement.
     """
     # torchvision is optional: a model of its classes has imported their modules
     resnet = sys.modules.get("torchvision.models.resnet")
@@ -102,6 +108,9 @@ def torchvision_blocks(name: str, module: nn.Module) -> Optional[str]:
     mobilenet = sys.modules.get("torchvision.models.mobilenetv2")
     if mobilenet is not None and isinstance(module, mobilenet.InvertedResidual):
         return first_conv(module) if module.use_res_connect else None
+    convnext = sys.modules.get("torchvision.models.convnext")
+    if convnext is not None and isinstance(module, convnext.CNBlock):
+        return "block.0"
     return None
 
 
@@ -144,10 +153,12 @@ class Conversion:
     shifted_convs: int  # first convs of blocks behind the temporal shift
     weight_alterations: int  # per-branch Weight Alteration modules (ShiftAlter with weights)
     shared_norms: dict[str, int] = field(default_factory=dict)  # left shared by all branches, by class
+    layer_norms: int = 0  # LayerNorms (and ConvNeXt's LayerNorm2d) made FreqLayerNorm(2d)
 
     def __str__(self) -> str:
         act = f" ({self.with_activation} with timm's activation kept)" if self.with_activation else ""
-        text = (f"ffnify {self.model}: {self.per_branch_norms} per-branch BatchNorm2d{act}, "
+        ln = f"{self.layer_norms} per-branch LayerNorm, " if self.layer_norms else ""
+        text = (f"ffnify {self.model}: {self.per_branch_norms} per-branch BatchNorm2d{act}, {ln}"
                 f"{self.shifted_convs} shifted convs, {self.weight_alterations} Weight Alteration "
                 f"modules; branches of {', '.join(map(str, self.frames))} frames")
         if self.shared_norms:
@@ -185,9 +196,9 @@ def ffnify(model: nn.Module, frames: Sequence[int] = (4, 8, 16), weight_alterati
     ``model`` is converted in place and becomes the result's ``backbone``. ``shift=False`` gives a
     TSN (no temporal shift); ``weight_alteration=False`` drops WA. ``blocks`` is the rule of the
     module docstring. An argument or model that is refused (``ValueError``: an unknown
-    ``BatchNorm2d`` subclass with its own forward, normalisation layers but no ``BatchNorm2d``, no
-    block found) leaves ``model`` unchanged. Normalisation layers other than ``BatchNorm2d`` next
-    to BatchNorm stay shared by all branches, with a warning. The result's ``conversion`` says what
+    ``BatchNorm2d`` or ``LayerNorm`` subclass with its own forward, normalisation layers but no
+    ``BatchNorm2d`` or ``LayerNorm``, no block found) leaves ``model`` unchanged. Other
+    normalisation layers next to them stay shared by all branches, with a warning. The result's ``conversion`` says what
     was converted (``print(video.conversion)``).
 
     Example: ``ffnify(torchvision.models.mobilenet_v2(num_classes=10))`` takes clips
@@ -203,10 +214,11 @@ def ffnify(model: nn.Module, frames: Sequence[int] = (4, 8, 16), weight_alterati
     if shared and not norms:
         raise ValueError(
             f"ffnify: {type(model).__name__} normalises with {_by_class(shared)} and has no "
-            f"nn.BatchNorm2d. ffnify makes BatchNorm2d per-branch (FFN's private normalisation); "
-            f"there is no frequency-indexed {', '.join(sorted(shared))} yet, so every branch would "
-            f"share all of its normalisation and it would be no Frame Flexible Network. Use a model "
-            f"with BatchNorm2d (a ResNet, MobileNet, EfficientNet...)")
+            f"nn.BatchNorm2d or nn.LayerNorm. ffnify makes those per-branch (FFN's private "
+            f"normalisation); there is no frequency-indexed {', '.join(sorted(shared))} yet, so "
+            f"every branch would share all of its normalisation and it would be no Frame Flexible "
+            f"Network. Use a model with BatchNorm2d or LayerNorm (a ResNet, MobileNet, ConvNeXt, "
+            f"ViT...)")
     targets = _find_blocks(model, blocks) if shift or weight_alteration else {}
     if (shift or weight_alteration) and not targets:
         raise ValueError(
@@ -225,17 +237,22 @@ def ffnify(model: nn.Module, frames: Sequence[int] = (4, 8, 16), weight_alterati
         setattr(model.get_submodule(parent), leaf, ShiftedConv(alter, targets[path]))
     # by parent module, not by path: a block's first conv (and what it holds) moved into a ShiftedConv
     for parent, name, cls in norms:
-        setattr(parent, name, cls.from_batch_norm(getattr(parent, name), video.num_branches))
+        old = getattr(parent, name)
+        setattr(parent, name, cls.from_layer_norm(old, video.num_branches)
+                if issubclass(cls, FreqLayerNorm) else cls.from_batch_norm(old, video.num_branches))
+    layer_norms = sum(issubclass(cls, FreqLayerNorm) for _, _, cls in norms)
     video.conversion = Conversion(
-        model=type(model).__name__, frames=video.frames, per_branch_norms=len(norms),
+        model=type(model).__name__, frames=video.frames,
+        per_branch_norms=len(norms) - layer_norms,
         with_activation=sum(cls is FreqBatchNormAct2d for _, _, cls in norms),
         shifted_convs=len(alters) if shift else 0,
-        weight_alterations=len(alters) if weight_alteration else 0, shared_norms=dict(shared))
+        weight_alterations=len(alters) if weight_alteration else 0, shared_norms=dict(shared),
+        layer_norms=layer_norms)
     if shared:
         warnings.warn(
-            f"ffnify: {sum(shared.values())} normalisation layers of {type(model).__name__} are not "
-            f"BatchNorm2d and stay shared by all branches ({_by_class(shared)}): only BatchNorm2d "
-            f"becomes per-branch (there is no frequency-indexed LayerNorm or GroupNorm yet)",
+            f"ffnify: {sum(shared.values())} normalisation layers of {type(model).__name__} are "
+            f"neither BatchNorm2d nor LayerNorm and stay shared by all branches "
+            f"({_by_class(shared)}): there is no frequency-indexed one of them yet",
             stacklevel=2)
     return video
 
@@ -292,9 +309,10 @@ def _is_other_norm(m: nn.Module) -> bool:
 
 
 def _plan_norms(model: nn.Module) -> tuple[list[tuple[nn.Module, str, type]], Counter]:
-    """``[(parent, name, FreqBatchNorm2d class)]`` for every ``nn.BatchNorm2d`` under ``model``, and
-    the classes of the other normalisation layers (:func:`_is_other_norm`) with their counts. An
-    unknown ``BatchNorm2d`` subclass whose forward is its own raises ``ValueError``."""
+    """``[(parent, name, per-branch class)]`` for every ``nn.BatchNorm2d`` and every ``nn.LayerNorm``
+    with parameters under ``model``, and the classes of the other normalisation layers
+    (:func:`_is_other_norm`) with their counts. An unknown subclass of either whose forward is its
+    own raises ``ValueError``."""
     norms, shared = [], Counter()
 
     def visit(prefix: str, module: nn.Module) -> None:
@@ -302,6 +320,8 @@ def _plan_norms(model: nn.Module) -> tuple[list[tuple[nn.Module, str, type]], Co
             path = f"{prefix}{name}"
             if isinstance(child, nn.BatchNorm2d):
                 norms.append((module, name, _freq_class(path, child)))
+            elif isinstance(child, nn.LayerNorm) and child.elementwise_affine:
+                norms.append((module, name, _freq_layer_norm_class(path, child)))
             elif _is_other_norm(child):
                 shared[type(child).__name__] += 1
             else:
@@ -329,6 +349,31 @@ def _freq_class(path: str, bn: nn.BatchNorm2d) -> type:
         f"place would drop whatever that forward does beyond BatchNorm. ffnify converts "
         f"nn.BatchNorm2d, subclasses that keep its forward, and timm's BatchNormAct2d; replace "
         f"{path!r} by an nn.BatchNorm2d followed by what its forward adds before calling ffnify")
+
+
+# LayerNorm subclasses whose forward is known: (module, class, per-branch class); torchvision and
+# timm are optional, and a model of their classes has imported their modules
+_KNOWN_LAYER_NORMS = (("torchvision.models.convnext", "LayerNorm2d", FreqLayerNorm2d),
+                      ("timm.layers.norm", "LayerNorm2d", FreqLayerNorm2d),
+                      ("timm.layers.norm", "LayerNorm", FreqLayerNorm))
+
+
+def _freq_layer_norm_class(path: str, ln: nn.LayerNorm) -> type:
+    """The per-branch class for ``ln``: an nn.LayerNorm (or a subclass keeping its forward) becomes
+    a FreqLayerNorm, ConvNeXt's LayerNorm2d (channels of NCHW maps) a FreqLayerNorm2d; any other
+    subclass with a forward of its own is refused."""
+    cls = type(ln)
+    if cls.forward is nn.LayerNorm.forward:
+        return FreqLayerNorm
+    for module, name, freq in _KNOWN_LAYER_NORMS:
+        known = getattr(sys.modules.get(module), name, None)
+        if known is not None and isinstance(ln, known) and cls.forward is known.forward:
+            return freq
+    raise ValueError(
+        f"ffnify: module {path!r} ({cls.__module__}.{cls.__qualname__}) is a LayerNorm subclass "
+        f"with a forward of its own, which ffnify does not know: a FreqLayerNorm in its place would "
+        f"drop whatever that forward does beyond LayerNorm. ffnify converts nn.LayerNorm, "
+        f"subclasses that keep its forward, timm's LayerNorm and ConvNeXt's LayerNorm2d")
 
 
 def _by_class(counts: dict[str, int]) -> str:

@@ -8,9 +8,10 @@ has no Weight Alteration and no TSM shift at block inputs: its temporal modellin
 
 The two temporal operations act within each clip of each segment. They read the
 :class:`~ffn_kernels.FrameLayout` (segment ``s`` is ``N`` clips of ``T_s`` frames, clip-major and
-contiguous in dim 0): each frame's neighbour in the packed tensor is masked out where it belongs to
-another clip or branch. They are plain PyTorch for now; a fused op (one pass for the temporal conv,
-and ME's difference and gate) is planned (docs/design.md §9).
+contiguous in dim 0). The temporal conv is the fused op :func:`ffn_kernels.ops.temporal_conv` (one
+pass over the packed tensor, clip boundaries from the layout); ME's difference runs on pooled
+``[F, C, 1, 1]`` tensors in plain PyTorch, each frame's neighbour in the packed tensor masked out
+where it belongs to another clip or branch (docs/design.md §5.8).
 
 ``forward`` is :class:`~ffn.models.FrameFlexible`'s: eval at any frame count ``n`` uses the nearest
 branch's BatchNorms and runs ME and the temporal conv over the ``n`` given frames.
@@ -19,13 +20,15 @@ branch's BatchNorms and runs ME and the temporal conv over the ``n`` given frame
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ffn_kernels import FrameLayout, FreqBatchNorm2d
+import ffn_kernels as kernels
+from ffn_kernels import FrameLayout, FreqBatchNorm2d, ops, reference
 
 from .models import Downsample, ResNetTrunk, clip_means
 
@@ -34,9 +37,17 @@ SCALE = 4
 REDUCTION = 16  # ME's channel reduction
 COUNTS = (3, 4, 6, 3)
 
-# norm(bn, x, layout, activation=None, residual=None): the per-branch BN. The packed model calls
-# the fused op; the eager twin (EagerFFNTEA) calls one nn.BatchNorm2d-equivalent per branch.
-Norm = Callable[..., Tensor]
+
+@dataclass(frozen=True)
+class Passes:
+    """How a TEA model runs its per-branch passes: the packed model's fused ops (:data:`FUSED`),
+    or the eager twin's PyTorch, one branch at a time (:data:`EAGER`).
+
+    ``norm(bn, x, layout, activation=None, residual=None)``: the per-branch BN (+ residual, ReLU);
+    ``temporal_conv(x, layout, weight)``: MTA's conv1d over each clip's frames."""
+
+    norm: Callable[..., Tensor]
+    temporal_conv: Callable[[Tensor, FrameLayout, Tensor], Tensor]
 
 
 def fused_norm(bn: FreqBatchNorm2d, x: Tensor, layout: FrameLayout,
@@ -69,19 +80,6 @@ def _per_frame(mask: Tensor, like: Tensor) -> Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
-def temporal_conv(x: Tensor, weight: Tensor, layout: FrameLayout) -> Tensor:
-    """Depthwise conv1d over time with 3 taps per channel (``weight [C, 1, 3]``), zero-padded at
-    each clip's ends: ``y[t] = w0*x[t-1] + w1*x[t] + w2*x[t+1]``, within each clip of each segment.
-    One pass over the packed tensor (the neighbouring packed frame, masked at clip boundaries); a
-    fused op is planned."""
-    shape = (1, -1, *([1] * (x.dim() - 2)))
-    w0, w1, w2 = (tap.view(shape) for tap in weight.view(-1, 3).unbind(1))
-    has_prev, has_next = frame_masks(layout, x.device)
-    before, after = neighbours(x)
-    # the masks go on the [F, C, 1, 1] taps, not on the activations
-    return x * w1 + before * (w0 * _per_frame(has_prev, x)) + after * (w2 * _per_frame(has_next, x))
-
-
 def motion_difference(feat: Tensor, moved: Tensor, layout: FrameLayout) -> Tensor:
     """ME's temporal difference ``moved[t+1] - feat[t]`` for ``t < T-1`` and 0 at each clip's last
     frame, within each clip of each segment (``[F, ...]`` in and out)."""
@@ -91,30 +89,17 @@ def motion_difference(feat: Tensor, moved: Tensor, layout: FrameLayout) -> Tenso
 
 
 class TemporalConv(nn.Module):
-    """MTA's temporal depthwise conv1d (3 taps per channel, no bias); ``conv.weight [C, 1, 3]``,
-    the official ``shifts.i.conv.weight``. ``mode="shift"``: the first ``C//2`` channels read
-    frame t+1, the next ``C//2`` frame t-1, any odd one frame t; ``mode="fixed"``: identity."""
+    """MTA's temporal depthwise conv1d (3 taps per channel, no bias, shared by the branches):
+    ``conv`` is a :class:`ffn_kernels.TemporalConv` (``conv.weight [C, 1, 3]``, the official
+    ``shifts.i.conv.weight``), initialised as TEA does: ``mode="shift"`` or ``"fixed"`` (identity).
+    The model's :class:`Passes` choose the kernel: the fused op, or the official conv1d."""
 
     def __init__(self, channels: int, mode: str) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(channels, channels, 3, padding=1, groups=channels, bias=False)
-        self.mode = mode
-        self.reset_parameters()
+        self.conv = kernels.TemporalConv(channels, init="shift" if mode == "shift" else "identity")
 
-    def reset_parameters(self) -> None:
-        w = self.conv.weight
-        with torch.no_grad():
-            w.zero_()
-            if self.mode == "shift":
-                fold = w.shape[0] // 2
-                w[:fold, 0, 2] = 1
-                w[fold:2 * fold, 0, 0] = 1
-                w[2 * fold:, 0, 1] = 1
-            else:
-                w[:, 0, 1] = 1
-
-    def forward(self, x: Tensor, layout: FrameLayout) -> Tensor:
-        return temporal_conv(x, self.conv.weight, layout)
+    def forward(self, x: Tensor, layout: FrameLayout, passes: Passes) -> Tensor:
+        return passes.temporal_conv(x, layout, self.conv.weight)
 
 
 class MotionExcitation(nn.Module):
@@ -131,9 +116,9 @@ class MotionExcitation(nn.Module):
         self.conv3 = nn.Conv2d(reduced, channels, 1, bias=False)
         self.bn3 = FreqBatchNorm2d(channels, branches)
 
-    def forward(self, x: Tensor, layout: FrameLayout, norm: Norm = fused_norm) -> Tensor:
-        b = norm(self.bn1, self.conv1(x), layout)
-        y = norm(self.bn3, self.conv3(motion_pool(b, self.conv2(b), layout)), layout)
+    def forward(self, x: Tensor, layout: FrameLayout, passes: Passes) -> Tensor:
+        b = passes.norm(self.bn1, self.conv1(x), layout)
+        y = passes.norm(self.bn3, self.conv3(motion_pool(b, self.conv2(b), layout)), layout)
         return excite(x, y)
 
 
@@ -173,18 +158,19 @@ class TEABlock(nn.Module):
         self.downsample = (Downsample(inplanes, out, stride, branches)
                            if stride != 1 or inplanes != out else None)
 
-    def forward(self, x: Tensor, layout: FrameLayout, norm: Norm = fused_norm) -> Tensor:
+    def forward(self, x: Tensor, layout: FrameLayout, passes: Passes) -> Tensor:
+        norm = passes.norm
         h = norm(self.bn1, self.conv1(x), layout, activation="relu")
-        h = self.me(h, layout, norm)
+        h = self.me(h, layout, passes)
         parts = h.split(self.width, 1)
         outs = []
         sp = parts[0]
         for i, (conv, bn, shift) in enumerate(zip(self.convs, self.bns, self.shifts)):
             if i > 0:
                 sp = parts[i] if self.stage else sp + parts[i]
-            sp = norm(bn, conv(shift(sp, layout)), layout, activation="relu")
+            sp = norm(bn, conv(shift(sp, layout, passes)), layout, activation="relu")
             outs.append(sp)
-        last = self.shifts[-1](parts[-1], layout)
+        last = self.shifts[-1](parts[-1], layout, passes)
         outs.append(self.pool(last) if self.stage else last)
         h = self.conv3(torch.cat(outs, 1))
         identity = x if self.downsample is None else norm(
@@ -208,10 +194,11 @@ class FFNTEA(ResNetTrunk):
                               inplanes, planes, stride, self.num_branches, stage=first),
                           dropout, num_classes)
 
-    def features(self, x: Tensor, layout: FrameLayout, norm: Norm = fused_norm) -> Tensor:
-        x = self.maxpool(norm(self.bn1, self.conv1(x), layout, activation="relu"))
+    def features(self, x: Tensor, layout: FrameLayout, passes: Optional[Passes] = None) -> Tensor:
+        passes = passes or FUSED
+        x = self.maxpool(passes.norm(self.bn1, self.conv1(x), layout, activation="relu"))
         for block in self.blocks():
-            x = block(x, layout, norm)
+            x = block(x, layout, passes)
         return x
 
     def branch_logits(self, x: Tensor, layout: FrameLayout) -> tuple[Tensor, ...]:
@@ -232,6 +219,11 @@ def eager_norm(bn: FreqBatchNorm2d, x: Tensor, layout: FrameLayout,
     return F.relu(y) if activation == "relu" else y
 
 
+FUSED = Passes(fused_norm, ops.temporal_conv)
+# the official code's conv1d (two permute copies around nn.Conv1d) is the reference's
+EAGER = Passes(eager_norm, reference.temporal_conv)
+
+
 class EagerFFNTEA(FFNTEA):
     """Eager twin of :class:`FFNTEA` (same modules and keys), structured like the official code:
     the branches run one after another, each BN is ``F.batch_norm`` on its row views."""
@@ -240,6 +232,6 @@ class EagerFFNTEA(FFNTEA):
         out = []
         for xs, seg in zip(layout.split(x), layout.segments()):
             one = FrameLayout.single(seg.clips, seg.frames, seg.row)
-            feats = self.features(xs, one, eager_norm).mean((2, 3))
+            feats = self.features(xs, one, EAGER).mean((2, 3))
             out.append(self.fc(self.dropout(feats.view(seg.clips, seg.frames, -1).mean(1))))
         return tuple(out)

@@ -30,7 +30,8 @@ import torch
 CHOICES = ("auto", "cuda", "triton", "cpu", "reference")
 RAW_OPS = (
     "shift_alter_fwd", "shift_alter_bwd", "freq_batch_norm_fwd", "freq_batch_norm_bwd",
-    "bn_add_relu_shift_alter_fwd", "bn_add_relu_shift_alter_bwd",
+    "bn_add_relu_shift_alter_fwd", "bn_add_relu_shift_alter_bwd", "temporal_conv_fwd",
+    "temporal_conv_bwd", "freq_layer_norm_fwd", "freq_layer_norm_bwd",
 )
 
 _extension_error: str | None = None

@@ -17,6 +17,15 @@ from . import ops
 from .layout import FrameLayout, resolve_layout
 
 
+def _rows_from_single(module: nn.Module, state_dict: dict, prefix: str, names) -> None:
+    """Expands the entries of a single-branch module's state_dict (an ``nn.BatchNorm2d``'s or
+    ``nn.LayerNorm``'s ``[C]`` tensors) to every branch row of ``module``'s ``[P, C]`` ones."""
+    for name in names:
+        value, own = state_dict.get(prefix + name), getattr(module, name)
+        if isinstance(value, Tensor) and own is not None and value.shape == own.shape[1:]:
+            state_dict[prefix + name] = value.expand_as(own)
+
+
 class FreqBatchNorm2d(nn.Module):
     """BatchNorm with private statistics and affine parameters per branch (``num_branches`` rows).
 
@@ -98,10 +107,8 @@ class FreqBatchNorm2d(nn.Module):
         self._counts = None
         # an nn.BatchNorm2d state_dict ([C] tensors, a scalar counter) initialises every branch row,
         # as an ImageNet checkpoint initialises every branch of an FFN model
-        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            value, own = state_dict.get(prefix + name), getattr(self, name)
-            if isinstance(value, Tensor) and own is not None and value.shape == own.shape[1:]:
-                state_dict[prefix + name] = value.expand_as(own)
+        _rows_from_single(self, state_dict, prefix,
+                          ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_parameters(self) -> None:
@@ -271,3 +278,163 @@ class ShiftAlter(nn.Module):
         scale = torch.cat([(1 + self.weight[s.row]).expand(s.stop - s.start, -1)
                            for s in layout.segments()])
         return x * scale.to(x.dtype)[:, :, None, None]
+
+
+class TemporalConv(nn.Module):
+    """TEA's temporal depthwise conv inside every clip, 3 taps per channel shared by all branches:
+    ``y[t] = w0·x[t-1] + w1·x[t] + w2·x[t+1]``, zero beyond the clip's ends
+    (:func:`ffn_kernels.ops.temporal_conv`).
+
+    ``weight [C, 1, 3]`` is ``nn.Conv1d(C, C, 3, padding=1, groups=C, bias=False)``'s, so such a
+    conv's state_dict loads. ``init="identity"`` (TEA's "fixed") starts as the identity;
+    ``init="shift"`` as TEA's shift: the first ``C // 2`` channels read frame t+1, the next
+    ``C // 2`` frame t-1, an odd last one frame t.
+
+    >>> tc = TemporalConv(64, init="shift")
+    >>> layout = FrameLayout(clips=2, frames=(4, 8, 16), rows=(0, 1, 2))
+    >>> tc(torch.randn(layout.total_frames, 64, 7, 7), layout).shape
+    torch.Size([56, 64, 7, 7])
+    """
+
+    INITS = ("identity", "shift")
+
+    def __init__(self, num_channels: int, init: str = "identity", device=None, dtype=None) -> None:
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError(f"num_channels must be >= 1, got {num_channels}")
+        if init not in self.INITS:
+            raise ValueError(f"init must be one of {self.INITS}, got {init!r}")
+        self.num_channels, self.init = num_channels, init
+        self.weight = nn.Parameter(torch.empty((num_channels, 1, 3), device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        w = self.weight
+        with torch.no_grad():
+            w.zero_()
+            fold = w.shape[0] // 2 if self.init == "shift" else 0
+            w[:fold, 0, 2] = 1
+            w[fold:2 * fold, 0, 0] = 1
+            w[2 * fold:, 0, 1] = 1
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, init={self.init!r}"
+
+    def forward(self, x: Tensor, layout: Optional[FrameLayout] = None) -> Tensor:
+        """``layout`` defaults to the context's (``ffn_kernels.frame_layout``)."""
+        return ops.temporal_conv(x, resolve_layout(layout, type(self).__name__), self.weight)
+
+
+class FreqBatchNorm3d(FreqBatchNorm2d):
+    """Per-branch BatchNorm of 3D-CNN activations ``[N, C, T, H, W]`` (``nn.BatchNorm3d`` with one
+    row of parameters and statistics per branch), on the fused ``freq_batch_norm`` op.
+
+    In a 3D network the branches differ in T, so a tensor holds one branch, or several that share T
+    stacked along N in equal parts (``rows``: one row, or one per part). The op sees
+    ``[N, C, T*H, W]``: each sample is one "frame" of the packed layout, so the statistics are over
+    N×T×H×W per channel, as ``nn.BatchNorm3d``'s. That view costs no copy for NCTHW-contiguous and
+    ``channels_last_3d`` tensors (the latter is channels_last in the view); other strides are copied
+    once. State-dict keys and conventions are :class:`FreqBatchNorm2d`'s (an ``nn.BatchNorm3d``
+    state_dict loads into every row).
+
+    >>> bn = FreqBatchNorm3d(8, num_branches=3)
+    >>> bn(torch.randn(2, 8, 4, 7, 7), rows=2).shape  # the 16-frame branch's row
+    torch.Size([2, 8, 4, 7, 7])
+    """
+
+    def forward(self, x: Tensor, rows, residual: Optional[Tensor] = None,
+                activation: Optional[str] = None) -> Tensor:
+        """``act(BN_row(x) + residual)``; ``rows`` is an int or one int per equal part of N."""
+        if x.dim() != 5:
+            raise ValueError(f"x must be 5-D [N, C, T, H, W], got shape {tuple(x.shape)}")
+        rows = (rows,) if isinstance(rows, int) else tuple(rows)
+        if not rows or x.shape[0] % len(rows):
+            raise ValueError(f"rows {rows} must split the batch of {x.shape[0]} into equal parts")
+        layout = FrameLayout(clips=x.shape[0] // len(rows), frames=(1,) * len(rows), rows=rows)
+        flat = x.flatten(2, 3)
+        if residual is not None:
+            if residual.shape != x.shape:
+                raise ValueError(f"residual has shape {tuple(residual.shape)} but x has "
+                                 f"{tuple(x.shape)}")
+            residual = residual.flatten(2, 3)
+        return super().forward(flat, layout, residual, activation).unflatten(2, x.shape[2:4])
+
+    def add_relu_shift_alter(self, *args, **kwargs):
+        raise NotImplementedError("FreqBatchNorm3d: the TSM shift is a 2D-network op; use "
+                                  "forward(x, rows, residual=identity, activation='relu')")
+
+
+class FreqLayerNorm(nn.Module):
+    """LayerNorm over the last dimension with one row of ``weight``/``bias`` per branch
+    (:func:`ffn_kernels.ops.freq_layer_norm`), for the transformer blocks of an FFN model.
+
+    ``x`` is ``[F, ..., C]`` with dim 0 in the layout (``layout`` defaults to the context's,
+    ``ffn_kernels.frame_layout``). With ``residual``, it normalises ``x + residual`` and returns
+    ``(y, x + residual)``. An ``nn.LayerNorm`` state_dict loads into every row.
+
+    >>> ln = FreqLayerNorm(64, num_branches=3)
+    >>> layout = FrameLayout(clips=2, frames=(4, 8, 16), rows=(0, 1, 2))
+    >>> ln(torch.randn(layout.total_frames, 49, 64), layout).shape
+    torch.Size([56, 49, 64])
+    """
+
+    def __init__(self, normalized_shape: int, num_branches: int = 3, eps: float = 1e-5,
+                 elementwise_affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if normalized_shape < 1 or num_branches < 1:
+            raise ValueError(f"normalized_shape and num_branches must be >= 1, got "
+                             f"{normalized_shape}, {num_branches}")
+        self.normalized_shape, self.num_branches = normalized_shape, num_branches
+        self.eps, self.elementwise_affine = eps, elementwise_affine
+        shape = (num_branches, normalized_shape)
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_layer_norm(cls, ln: nn.LayerNorm, num_branches: int) -> "FreqLayerNorm":
+        """A ``FreqLayerNorm`` whose every branch row starts from ``ln`` (its eps, parameters,
+        ``requires_grad`` and train/eval mode), as a pretrained LayerNorm initialises every branch
+        of an FFN model."""
+        if len(ln.normalized_shape) != 1:
+            raise ValueError(f"{cls.__name__} normalises the last dim only; this LayerNorm "
+                             f"normalises {tuple(ln.normalized_shape)}")
+        if ln.elementwise_affine and ln.bias is None:
+            raise ValueError(f"{cls.__name__} has a bias with its weight; this LayerNorm was built "
+                             f"with bias=False")
+        kw = {} if ln.weight is None else dict(device=ln.weight.device, dtype=ln.weight.dtype)
+        new = cls(ln.normalized_shape[0], num_branches, ln.eps, ln.elementwise_affine, **kw)
+        new.load_state_dict(ln.state_dict())
+        if ln.elementwise_affine:
+            new.weight.requires_grad_(ln.weight.requires_grad)
+            new.bias.requires_grad_(ln.bias.requires_grad)
+        return new.train(ln.training)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        _rows_from_single(self, state_dict, prefix, ("weight", "bias"))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, num_branches={self.num_branches}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}")
+
+    def forward(self, x: Tensor, layout: Optional[FrameLayout] = None,
+                residual: Optional[Tensor] = None):
+        layout = resolve_layout(layout, type(self).__name__)
+        weight, bias = self.weight, self.bias
+        if weight is None:
+            shape = (self.num_branches, self.normalized_shape)
+            weight, bias = torch.ones(shape, device=x.device), torch.zeros(shape, device=x.device)
+        return ops.freq_layer_norm(x, layout, weight, bias, self.eps, residual)
+
+
+class FreqLayerNorm2d(FreqLayerNorm):
+    """:class:`FreqLayerNorm` over the channels of ``[F, C, H, W]`` feature maps: the
+    ``LayerNorm2d`` of ConvNeXt (torchvision's and timm's), which normalises each pixel's C values.
+    """
+
+    def forward(self, x: Tensor, layout: Optional[FrameLayout] = None) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1), layout).permute(0, 3, 1, 2)

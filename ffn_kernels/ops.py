@@ -5,7 +5,11 @@ Public functions (take a :class:`~ffn_kernels.FrameLayout`):
 * :func:`shift_alter` — temporal shift + Weight Alteration, ``y = (1 + alter[p]) * x[src]``;
 * :func:`freq_batch_norm` — frequency-indexed BatchNorm (+ residual, + ReLU);
 * :func:`bn_add_relu_shift_alter` — the residual-block boundary, ``out = relu(BN(z) + identity)``
-  and ``next_in = shift_alter(out)`` in one pass.
+  and ``next_in = shift_alter(out)`` in one pass;
+* :func:`temporal_conv` — TEA's 3-tap temporal depthwise conv, ``y[t] = w0·x[t-1] + w1·x[t] +
+  w2·x[t+1]`` inside each clip;
+* :func:`freq_layer_norm` — frequency-indexed LayerNorm of tokens (+ residual, whose sum it
+  returns).
 
 Each is ``torch.ops.ffn_kernels.<name>``, defined in C++ with its schemas, argument checks, Meta
 (fake) kernel, autograd formula (backward op ``<name>_backward``) and backend dispatch in
@@ -30,8 +34,11 @@ if backend.extension_loaded():
     _shift_alter = torch.ops.ffn_kernels.shift_alter.default
     _freq_batch_norm = torch.ops.ffn_kernels.freq_batch_norm.default
     _bn_add_relu_shift_alter = torch.ops.ffn_kernels.bn_add_relu_shift_alter.default
+    _temporal_conv = torch.ops.ffn_kernels.temporal_conv.default
+    _freq_layer_norm = torch.ops.ffn_kernels.freq_layer_norm.default
 else:
-    _shift_alter = _freq_batch_norm = _bn_add_relu_shift_alter = backend.missing_extension
+    _shift_alter = _freq_batch_norm = _bn_add_relu_shift_alter = _temporal_conv = (
+        _freq_layer_norm) = backend.missing_extension
 
 
 def _check_layout(layout) -> None:
@@ -151,3 +158,59 @@ def bn_add_relu_shift_alter(
     )
     _write_back(training, running_mean, running_var, new_rm, new_rv)
     return out, next_in
+
+
+def temporal_conv(x: Tensor, layout: FrameLayout, weight: Tensor) -> Tensor:
+    """Temporal depthwise convolution with 3 taps per channel inside every clip (TEA's multiple
+    temporal aggregation, a learnable generalisation of the TSM shift).
+
+    ``y[t, c] = w[c, 0]·x[t-1, c] + w[c, 1]·x[t, c] + w[c, 2]·x[t+1, c]``, where a frame outside
+    the clip counts as zero: ``nn.Conv1d(C, C, 3, padding=1, groups=C, bias=False)`` over each
+    clip's frames, for every pixel, without the two permute copies.
+
+    Args:
+        x: ``[F, C, H, W]`` activations in ``layout``, NCHW or channels_last,
+            float16/bfloat16/float32/float64.
+        layout: the packed layout of ``x`` (its rows are not read: all branches share the taps).
+        weight: ``[C, 3]`` taps, or ``nn.Conv1d``'s ``[C, 1, 3]`` depthwise weight.
+
+    Returns:
+        ``[F, C, H, W]`` in the memory format of ``x``.
+    """
+    _check_layout(layout)
+    if weight.dim() == 3 and weight.shape[1] == 1:  # nn.Conv1d's depthwise weight
+        weight = weight.squeeze(1)
+    return _temporal_conv(x, layout.clips, layout.frames, weight)
+
+
+def freq_layer_norm(
+    x: Tensor,
+    layout: FrameLayout,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float = 1e-5,
+    residual: Optional[Tensor] = None,
+):
+    """Frequency-indexed LayerNorm: the tokens of segment ``s`` are normalised over their last
+    dimension with parameter row ``p_s``.
+
+    ``y = (s - μ)·rsqrt(σ² + eps)·weight[p] + bias[p]`` per token, with ``s = x + residual`` (or
+    ``x``) and μ, σ² its mean and biased variance over the ``C`` channels (float32 for half
+    inputs). With a residual, the sum ``s`` is returned too, as fused add + LayerNorm kernels do,
+    so that a pre-norm block reads its input once: ``(y, s)``.
+
+    Args:
+        x: ``[F, ..., C]`` tokens: dim 0 holds the layout's frames, every other element of a frame
+            but the last dim is one more token of it; float16/bfloat16/float32/float64.
+        layout: the packed layout of dim 0.
+        weight, bias: ``[P, C]`` affine parameters, one row per branch.
+        eps: added to the variance.
+        residual: optional tensor shaped like ``x``, added first.
+
+    Returns:
+        ``y`` (contiguous, ``x``'s shape), or ``(y, x + residual)`` with a residual.
+    """
+    _check_layout(layout)
+    y, s, _, _ = _freq_layer_norm(x, layout.clips, layout.frames, layout.rows, weight, bias,
+                                  float(eps), residual)
+    return y if residual is None else (y, s)

@@ -3,8 +3,9 @@
 This module is the oracle of every test and the "eager" side of the op benchmarks. It has two
 parts:
 
-* the op semantics — :func:`shift_alter`, :func:`freq_batch_norm`, :func:`bn_add_relu_shift_alter`
-  — written per segment with ordinary PyTorch (slicing shift, ``F.batch_norm``), differentiable by
+* the op semantics — :func:`shift_alter`, :func:`freq_batch_norm`, :func:`bn_add_relu_shift_alter`,
+  :func:`temporal_conv`, :func:`freq_layer_norm` — written per segment with ordinary PyTorch (slicing shift,
+  ``F.batch_norm``, ``F.conv1d``), differentiable by
   autograd and updating running statistics in place like ``nn.BatchNorm2d``;
 * the *raw backend API* (``*_fwd`` / ``*_bwd``) that every backend (C++ CPU, CUDA, Triton and this
   reference) implements with the same signature; the reference versions derive their backward
@@ -18,7 +19,11 @@ Raw backend API: the functions below, with the signatures of the ops' contracts
 * ``freq_batch_norm_fwd -> (y, mean[S,C], invstd[S,C], new_running_mean[P,C],
   new_running_var[P,C])`` and ``freq_batch_norm_bwd -> (dx, dweight[P,C], dbias[P,C], dresidual)``;
 * ``bn_add_relu_shift_alter_fwd -> (out, next_in, mean, invstd, new_rm, new_rv)`` and
-  ``bn_add_relu_shift_alter_bwd -> (dz, didentity, dweight, dbias, dalter)``.
+  ``bn_add_relu_shift_alter_bwd -> (dz, didentity, dweight, dbias, dalter)``;
+* ``temporal_conv_fwd -> y`` and ``temporal_conv_bwd -> (dx, dweight[C, 3])`` (no ``rows``: the
+  taps are shared by all branches);
+* ``freq_layer_norm_fwd -> (y, s, mean[R], rstd[R])`` (``s = x + residual``, empty without one;
+  ``R`` tokens) and ``freq_layer_norm_bwd -> (ds, dweight, dbias)``.
 
 An output a call does not produce is an empty tensor of the dtype it has when produced
 (:func:`.validation.unused_acc`, :func:`.validation.unused_activation`).
@@ -135,6 +140,43 @@ def bn_add_relu_shift_alter(
     return out, shift_alter(out, layout, alter_next, fold_div)
 
 
+def temporal_conv(x: Tensor, layout: FrameLayout, weight: Tensor) -> Tensor:
+    """TEA's temporal depthwise conv1d per segment: ``y[t, c] = w[c, 0]·x[t-1, c] + w[c, 1]·x[t, c]
+    + w[c, 2]·x[t+1, c]`` inside each clip, zero beyond its ends (``weight [C, 3]``, shared by the
+    branches), as ``F.conv1d`` over the clip's frames, computed in the acc dtype."""
+    acc = _acc(x)
+    C, H, W = x.shape[1:]
+    taps = weight.to(acc).reshape(C, 1, 3)
+    outs = []
+    for seg, xs in zip(layout.segments(), layout.split(x)):
+        y = F.conv1d(_sequences(xs.to(acc), seg), taps, padding=1, groups=C)
+        n, t = seg.clips, seg.frames
+        outs.append(y.reshape(n, H * W, C, t).permute(0, 3, 2, 1).reshape(n * t, C, H, W))
+    return torch.cat(outs).to(x.dtype).contiguous(memory_format=_format_of(x))
+
+
+def freq_layer_norm(x: Tensor, layout: FrameLayout, weight: Tensor, bias: Tensor, eps: float = 1e-5,
+                    residual: Optional[Tensor] = None):
+    """Per segment ``s``: ``F.layer_norm`` over the last dim of ``x [F, ..., C]`` with row ``p_s``
+    of ``weight``/``bias``, in the acc dtype. With a residual, of ``x + residual`` (rounded to x's
+    dtype), and the sum is returned too: ``(y, x + residual)``."""
+    s = x if residual is None else x + residual
+    acc, C = _acc(x), x.shape[-1]
+    y = torch.cat([
+        F.layer_norm(ss.to(acc), (C,), weight[seg.row].to(acc), bias[seg.row].to(acc), eps)
+        for seg, ss in zip(layout.segments(), layout.split(s))
+    ]).to(x.dtype)
+    return y if residual is None else (y, s)
+
+
+def _sequences(xs: Tensor, seg) -> Tensor:
+    """A segment's ``[N*T, C, H, W]`` frames as one length-T sequence per (clip, pixel) and
+    channel, ``[N*H*W, C, T]``: the official code's permute copy."""
+    n, t = seg.clips, seg.frames
+    C, H, W = xs.shape[1:]
+    return xs.reshape(n, t, C, H * W).permute(0, 3, 2, 1).reshape(n * H * W, C, t)
+
+
 # ---------------------------------------------------------------------------------------------
 # Raw backend API
 # ---------------------------------------------------------------------------------------------
@@ -225,9 +267,69 @@ def bn_add_relu_shift_alter_bwd(dout, dnext, z, out, clips, frames, rows, weight
     return dz, didentity, dweight, dbias, dalter
 
 
+def temporal_conv_fwd(x, clips, frames, weight):
+    return temporal_conv(x, _shared_layout(clips, frames), weight)
+
+
+def temporal_conv_bwd(dy, x, clips, frames, weight, weight_grad):
+    """``dx`` = the conv with the taps reversed (its adjoint); ``d weight[c, k]`` = Σ ``dy[t]·
+    x[t-1+k]`` inside the clips, over every segment (the taps are shared)."""
+    layout = _shared_layout(clips, frames)
+    dx = temporal_conv(dy, layout, weight.reshape(-1, 3).flip(1))
+    if not weight_grad:
+        return dx, unused_acc(x)
+    acc = _acc(x)
+    dweight = torch.zeros(weight.shape, dtype=acc, device=x.device)
+    for seg, dys, xs in zip(layout.segments(), layout.split(dy), layout.split(x)):
+        d = _sequences(dys.to(acc), seg)
+        padded = F.pad(_sequences(xs.to(acc), seg), (1, 1))  # zero frames beyond the clip's ends
+        for k in range(3):
+            dweight[:, k] += (d * padded[..., k : k + seg.frames]).sum((0, 2))
+    return dx, dweight
+
+
+def freq_layer_norm_fwd(x, clips, frames, rows, weight, bias, eps, residual):
+    layout = FrameLayout(clips, tuple(frames), tuple(rows))
+    out = freq_layer_norm(x, layout, weight, bias, eps, residual)
+    y, s = (out, x) if residual is None else out
+    tokens = s.to(_acc(x)).reshape(-1, s.shape[-1])
+    mean = tokens.mean(-1)
+    rstd = torch.rsqrt(tokens.var(-1, unbiased=False) + eps)
+    return y, (unused_activation(x) if residual is None else s), mean, rstd
+
+
+def freq_layer_norm_bwd(dy, dsum, s, clips, frames, rows, weight, mean, rstd):
+    """``ds = rstd·(g − mean(g) − x̂·mean(g·x̂)) (+ dsum)`` per token, ``g = dy·weight[p]``;
+    ``dweight[p] = Σ dy·x̂``, ``dbias[p] = Σ dy`` over the tokens of the segments of row ``p``."""
+    layout = FrameLayout(clips, tuple(frames), tuple(rows))
+    acc, C = _acc(s), s.shape[-1]
+    shape = (s.shape[0], -1, C)
+    mu, rs = mean.view(s.shape[0], -1, 1), rstd.view(s.shape[0], -1, 1)
+    xhat = (s.to(acc).reshape(shape) - mu) * rs
+    d = dy.to(acc).reshape(shape)
+    ds = torch.empty_like(xhat)
+    dweight = torch.zeros(weight.shape, dtype=acc, device=s.device)
+    dbias = torch.zeros(weight.shape, dtype=acc, device=s.device)
+    for seg in layout.segments():
+        part = slice(seg.start, seg.stop)
+        g = d[part] * weight[seg.row].to(acc)
+        ds[part] = rs[part] * (g - g.mean(-1, keepdim=True)
+                               - xhat[part] * (g * xhat[part]).mean(-1, keepdim=True))
+        dweight[seg.row] += (d[part] * xhat[part]).sum((0, 1))
+        dbias[seg.row] += d[part].sum((0, 1))
+    if dsum is not None:
+        ds = ds + dsum.to(acc).reshape(shape)
+    return ds.reshape(s.shape).to(s.dtype), dweight, dbias
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _shared_layout(clips, frames) -> FrameLayout:
+    """The layout of an op whose parameters all branches share (its rows are never read)."""
+    return FrameLayout(clips, tuple(frames), (0,) * len(frames))
 
 
 def _stats(x, layout, running_mean, running_var, training, eps):

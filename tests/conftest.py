@@ -174,6 +174,30 @@ SHAPES = {
     "multi-chunk": Shape(FrameLayout(clips=4, frames=(4, 8, 16), rows=(2, 0, 1)), 32, (28, 28)),
 }
 SMALL_SHAPES = {k: v for k, v in SHAPES.items() if k != "multi-chunk"}
+
+
+def raw_grid(backend, shape, dtype, **_):
+    """Which raw-op cases of an op without modes run: cuda every shape and dtype; cpu the small
+    shapes in float32 and float64 (the public op's tests cover its half types); triton
+    (interpreted) the small shapes in float32 and bfloat16."""
+    if backend == "cuda":
+        return True
+    if backend == "cpu":
+        return shape in SMALL_SHAPES.values() and dtype in (torch.float32, torch.float64)
+    return shape in SMALL_SHAPES.values() and dtype in (torch.float32, torch.bfloat16)
+
+
+def public_grid(backend, shape, dtype, **_):
+    """Which public-op cases of an op without modes run: cpu and cuda the whole grid; the
+    reference (which computes the oracle itself) float32, for its plumbing (checks, formats,
+    autograd); triton (interpreted) one shape in float32."""
+    if backend in ("cpu", "cuda"):
+        return True
+    if backend == "reference":
+        return dtype == torch.float32
+    return dtype == torch.float32 and shape == SHAPES["single-high-row"]
+
+
 # two segments for the argument checks and the module tests; three tiny ones for gradcheck/opcheck
 TWO_SEGMENTS = FrameLayout(clips=2, frames=(2, 3), rows=(0, 1))
 TINY = FrameLayout(clips=2, frames=(1, 2, 3), rows=(1, 2, 0))

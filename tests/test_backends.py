@@ -98,13 +98,14 @@ def _ran_kernels(fn):
 
 @cases()
 def test_ops_run_the_chosen_backend(backend, monkeypatch):
-    """Forward and backward of the three public ops reach every raw op ``ffn_kernels::<raw>``,
+    """Forward and backward of the public ops reach every raw op ``ffn_kernels::<raw>``,
     and its kernel is the chosen backend's: the compiled one for cpu and cuda (the Python
     kernels, which run :func:`kernels_for`, never run), the Python one, running Triton or the
     reference, otherwise."""
     layout = TWO_SEGMENTS
     p = {k: on(backend, v).requires_grad_() for k, v in make_params(2, 16).items()}
     x = on(backend, make_input(layout, 16, (3, 3))).requires_grad_()
+    taps = on(backend, make_params(3, 16)["weight"].t().contiguous()).requires_grad_()  # [C, 3]
     assert ffn_kernels.backend_name(x.device) == backend
     expected = {"reference": "ffn_kernels.reference", "triton": "ffn_kernels.triton"}
     assert getattr(backends.kernels_for(x), "__name__", "compiled") == expected.get(backend,
@@ -124,7 +125,10 @@ def test_ops_run_the_chosen_backend(backend, monkeypatch):
                                 p["bias"], activation="relu")
         out, nxt = ops.bn_add_relu_shift_alter(h, x, layout, p["weight"], p["bias"],
                                                alter_next=p["alter"])
-        (out.sum() + nxt.sum()).backward()
+        out = ops.temporal_conv(out, layout, taps)
+        out, _ = ops.freq_layer_norm(out.permute(0, 2, 3, 1), layout, p["weight"], p["bias"],
+                                     residual=nxt.permute(0, 2, 3, 1))  # pixels as tokens
+        out.sum().backward()
 
     names = _ran_kernels(step)
     for raw in backends.RAW_OPS:
@@ -173,7 +177,8 @@ def test_triton_traffic_meter():
     assert m.written == y.numel() * y.element_size()
     assert 0 < m.read - x.numel() * x.element_size() < 0.01 * x.numel() * x.element_size()
     table = traffic.report(clips=1, frames=(2, 3), channels=16, hw=(3, 4))
-    assert {row["op"] for row in table} == {"shift_alter", "freq_batch_norm", "bn_add_relu_shift_alter"}
+    assert {row["op"] for row in table} == {"shift_alter", "freq_batch_norm", "bn_add_relu_shift_alter",
+                                            "temporal_conv", "freq_layer_norm"}
     for row in table:
         assert row["measured"] >= row["minimum"] * 0.9
 

@@ -3,7 +3,7 @@ ResNet-18 made so equals ``FFNResNet(18)`` with the same weights; a MobileNetV2 
 at any frame count; ``ffn train model.arch=torchvision:...`` runs, in this process and from a shell;
 any module tree converts by a rule; timm's ResNet, EfficientNet and MobileNetV3 (activation-fused
 BN) equal the 2D model frame by frame; what would be silently wrong is refused (unknown BN
-subclasses, LayerNorm-only models) or warned about, and ``video.conversion`` says what was
+subclasses, GroupNorm-only models) or warned about, and ``video.conversion`` says what was
 converted. The torchvision and timm tests skip where they are absent."""
 
 import copy
@@ -28,7 +28,8 @@ from ffn.engine.checkpoint import load as load_checkpoint
 from ffn.engine.factory import build_model, load_trained
 from ffn.ffnify import ShiftedConv, first_conv, import_torchvision
 from ffn.losses import temporal_distillation_loss
-from ffn_kernels import FrameLayout, FreqBatchNorm2d, FreqBatchNormAct2d, ShiftAlter
+from ffn_kernels import (FrameLayout, FreqBatchNorm2d, FreqBatchNormAct2d, FreqLayerNorm, FreqLayerNorm2d,
+                         ShiftAlter)
 
 FRAMES = (2, 4, 8)
 
@@ -380,33 +381,75 @@ def test_timm_models_equal_the_2d_model_frame_by_frame(timm, name, act_bns):
         assert bn.weight.grad is not None and not isinstance(bn.act, nn.Identity)
 
 
-class LayerNorm2d(nn.LayerNorm):  # as timm's: LayerNorm over channels of [B, C, H, W]
+class ScaledLayerNorm(nn.LayerNorm):  # does more than LayerNorm: refused
     def forward(self, x):
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return 2 * super().forward(x)
 
 
-def layer_norm_cnn() -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), LayerNorm2d(8), nn.Conv2d(8, 8, 3, padding=1),
-                         nn.GroupNorm(2, 8), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+def group_norm_cnn() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.GroupNorm(2, 8), nn.GELU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
 
 
-def test_a_model_normalised_by_other_norms_than_batch_norm_is_refused(timm):
-    model = layer_norm_cnn()
+def test_a_model_normalised_by_other_norms_than_batch_or_layer_norm_is_refused():
+    model = group_norm_cnn()
     before = repr(model)
-    with pytest.raises(ValueError, match=r"Sequential normalises with GroupNorm x1, LayerNorm2d x1 and has no "
-                                          r"nn.BatchNorm2d.*no frequency-indexed GroupNorm, LayerNorm2d yet"):
+    with pytest.raises(ValueError, match=r"Sequential normalises with GroupNorm x1 and has no "
+                                          r"nn.BatchNorm2d or nn.LayerNorm.*no frequency-indexed GroupNorm yet"):
         ffnify(model, FRAMES, shift=False, weight_alteration=False)
     assert repr(model) == before
-    with pytest.raises(ValueError, match=r"ConvNeXt normalises with LayerNorm2d x\d+ and has no nn.BatchNorm2d"):
-        ffnify(timm.create_model("convnext_atto", num_classes=3), FRAMES)
+    model.insert(2, ScaledLayerNorm(8))
+    with pytest.raises(ValueError, match=r"module '2' \(test_ffnify.ScaledLayerNorm\) is a LayerNorm "
+                                         r"subclass with a forward of its own"):
+        ffnify(model, FRAMES, shift=False, weight_alteration=False)
+
+
+@pytest.mark.parametrize("name,kwargs", [("convnext_atto", {}),
+                                         ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8))])
+def test_timm_layer_norm_models_get_a_private_layer_norm_per_branch(timm, name, kwargs):
+    """ConvNeXt (LayerNorm2d and LayerNorm) and ViT (LayerNorm): every LayerNorm becomes per-branch,
+    rows starting from it, so in eval the video model is the 2D model frame by frame; a change to
+    one branch's rows changes that branch's logits only."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=3, **kwargs).eval()
+    image = copy.deepcopy(model)
+    norms = sum(isinstance(m, nn.LayerNorm) for m in image.modules())
+    video = ffnify(model, (2, 4), weight_alteration=False, shift=False).eval()
+    assert video.conversion.layer_norms == norms > 0 and video.conversion.shared_norms == {}
+    assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
+    assert [k.removeprefix("backbone.") for k in video.state_dict()] == list(image.state_dict())
+    with torch.no_grad():
+        (x,) = clips((2,), hw=32, seed=2)
+        frames = image(x.flatten(0, 1)).view(2, 2, -1).mean(1)
+        torch.testing.assert_close(video(x), frames, rtol=1e-5, atol=1e-5)
+        for m in model.modules():  # the 4-frame branch's rows only
+            if isinstance(m, FreqLayerNorm):
+                m.bias[1].add_(0.5)
+        torch.testing.assert_close(video(x), frames, rtol=1e-5, atol=1e-5)
+        (x4,) = clips((4,), hw=32, seed=4)
+        assert not torch.allclose(video(x4), image(x4.flatten(0, 1)).view(2, 4, -1).mean(1))
+
+
+def test_torchvision_convnext_shifts_every_block_and_trains(torchvision):
+    model = torchvision.models.convnext_tiny(num_classes=3)
+    video = ffnify(model, (2, 4))
+    c = video.conversion
+    blocks = sum(type(m).__name__ == "CNBlock" for m in model.modules())
+    assert (c.shifted_convs, c.weight_alterations, c.per_branch_norms) == (blocks, blocks, 0)
+    assert c.layer_norms == blocks + 5  # + the stem's, 3 downsamplings' and the head's LayerNorm2d
+    assert isinstance(model.features[0][1], FreqLayerNorm2d)
+    video.train()
+    temporal_distillation_loss(video(clips((2, 4), hw=32)), torch.tensor([0, 2])).total.backward()
+    ln = model.features[1][0].block[2]
+    assert isinstance(ln, FreqLayerNorm) and (ln.weight.grad != 0).any(dim=1).all()
 
 
 def test_other_norms_next_to_batch_norm_stay_shared_with_a_warning():
     model = tiny_cnn()
     model[3].body.append(nn.GroupNorm(2, 8))
     model.insert(5, nn.LayerNorm([8, 8, 8], elementwise_affine=False))  # nothing to share: not counted
-    with pytest.warns(UserWarning, match=r"1 normalisation layers of Sequential are not BatchNorm2d and stay "
-                                         r"shared by all branches \(GroupNorm x1\)"):
+    with pytest.warns(UserWarning, match=r"1 normalisation layers of Sequential are neither BatchNorm2d nor "
+                                         r"LayerNorm and stay shared by all branches \(GroupNorm x1\)"):
         video = ffnify(model, FRAMES, blocks=residual_blocks)
     assert str(video.conversion) == (
         "ffnify Sequential: 5 per-branch BatchNorm2d, 2 shifted convs, 2 Weight Alteration modules; "

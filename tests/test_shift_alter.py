@@ -13,7 +13,8 @@ from conftest import (DEVICE, DTYPES, FLOAT64_BACKENDS, FOLD_DIV, LAYOUT_IDS, LA
                       MEMORY_FORMATS, OPCHECK_BACKENDS, RAW_BACKENDS, ROWS, SHAPES, SMALL_SHAPES,
                       TINY, TWO_SEGMENTS, cases, check_differentiable_once, check_outputs,
                       compare_autograd, flat, fold_div_for, gradcheck, make_input, make_params,
-                      official_shift, official_wa, on, pick, run_raw)
+                      official_shift, official_wa, on, pick, public_grid, raw_grid,
+                      run_raw)
 
 ALTER = {"alter": True, "shift": False}
 
@@ -53,16 +54,6 @@ def test_reference_shift_never_crosses_clip_boundaries():
 # ---------------------------------------------------------------------------------------------
 
 
-def raw_grid(backend, shape, dtype, **_):
-    """cuda: every shape and dtype; cpu: the small shapes in float32 and float64 (the public op's
-    tests cover its half types); triton (interpreted): the small shapes in float32 and bfloat16."""
-    if backend == "cuda":
-        return True
-    if backend == "cpu":
-        return shape in SMALL_SHAPES.values() and dtype in (torch.float32, torch.float64)
-    return shape in SMALL_SHAPES.values() and dtype in (torch.float32, torch.bfloat16)
-
-
 @cases(RAW_BACKENDS, raw_grid, shape=SHAPES, dtype=DTYPES, memory_format=MEMORY_FORMATS,
        with_alter=ALTER)
 def test_shift_alter_raw(backend, shape, dtype, memory_format, with_alter):
@@ -91,16 +82,6 @@ def test_shift_alter_raw_cpu_kernels_refuse_empty_planes_instead_of_crashing():
 # ---------------------------------------------------------------------------------------------
 # The public op against the reference semantics
 # ---------------------------------------------------------------------------------------------
-
-
-def public_grid(backend, shape, dtype, memory_format, **_):
-    """cpu and cuda: the whole grid; the reference (which computes the oracle itself): float32,
-    for its plumbing (checks, formats, autograd); triton (interpreted): one shape in float32."""
-    if backend in ("cpu", "cuda"):
-        return True
-    if backend == "reference":
-        return dtype == torch.float32
-    return dtype == torch.float32 and shape == SHAPES["single-high-row"]
 
 
 @cases(keep=public_grid, shape=SMALL_SHAPES, dtype=pick(DTYPES, "float32", "bfloat16", "float16"),

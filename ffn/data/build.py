@@ -53,11 +53,13 @@ def num_classes_key(cfg: DataConfig) -> str:
 
 def train_dataset(cfg: DataConfig, frames: list[int], seed: int) -> TrainClips:
     transform = TrainTransform(cfg.size, flip=cfg.flip)
-    return TrainClips(build_source(cfg, "train"), frames, transform, cfg.nested, seed, cfg.skip_bad)
+    return TrainClips(build_source(cfg, "train"), frames, transform, cfg.nested, seed, cfg.skip_bad,
+                      cfg.decode_timeout)
 
 
 def eval_dataset(cfg: DataConfig, frames: int, twice: bool = False, crops: int = 1,
                  source: Source | None = None) -> EvalClips:
     """Validation clips of ``frames`` frames; pass ``source`` to reuse one across frame counts."""
     transform = EvalTransform(cfg.size, cfg.test_scale, crops)
-    return EvalClips(source or build_source(cfg, "val"), frames, transform, twice, cfg.skip_bad)
+    return EvalClips(source or build_source(cfg, "val"), frames, transform, twice, cfg.skip_bad,
+                     cfg.decode_timeout)

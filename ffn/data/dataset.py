@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from .records import BadSampleError, VideoRecord
 from .sampling import eval_indices, train_indices
+from .timeout import time_limit
 from .transforms import EvalTransform, TrainTransform
 
 
@@ -44,15 +45,17 @@ def _read(source: Source, i: int, index_lists: Sequence[np.ndarray]) -> tuple[np
 
 
 class _Clips(Dataset):
-    def __init__(self, source: Source, skip_bad: bool) -> None:
-        self.source, self.skip_bad = source, skip_bad
+    def __init__(self, source: Source, skip_bad: bool, decode_timeout: float) -> None:
+        self.source, self.skip_bad, self.decode_timeout = source, skip_bad, decode_timeout
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int):
+        record = self.source.record(i)
         try:
-            return self._load(i), self.source.record(i).label
+            with time_limit(self.decode_timeout, f"video {record.path}"):
+                return self._load(i), record.label
         except BadSampleError as e:
             if not self.skip_bad:
                 raise
@@ -66,12 +69,14 @@ class TrainClips(_Clips):
     """Item ``i``: ``([clip_b for each branch], label)``, ``clip_b`` float ``[frames[b], 3, size, size]``.
 
     The randomness of item ``i`` depends only on ``(seed, epoch, i)`` (call :meth:`set_epoch`), so a
-    resumed or distributed run sees exactly the clips an uninterrupted one does.
+    resumed or distributed run sees exactly the clips an uninterrupted one does. An item that takes
+    longer than ``decode_timeout`` seconds (0: no limit) raises :class:`BadSampleError` (as do
+    :class:`EvalClips`'), and with ``skip_bad`` is skipped.
     """
 
     def __init__(self, source: Source, frames: Sequence[int], transform: TrainTransform,
-                 nested: bool = False, seed: int = 0, skip_bad: bool = False) -> None:
-        super().__init__(source, skip_bad)
+                 nested: bool = False, seed: int = 0, skip_bad: bool = False, decode_timeout: float = 0) -> None:
+        super().__init__(source, skip_bad, decode_timeout)
         self.frames, self.transform, self.nested = tuple(frames), transform, nested
         self.seed, self.epoch = seed, 0
 
@@ -91,8 +96,8 @@ class EvalClips(_Clips):
     ``V = (2 if twice else 1) * transform.crops`` (sampling views outer, crops inner)."""
 
     def __init__(self, source: Source, frames: int, transform: EvalTransform, twice: bool = False,
-                 skip_bad: bool = False) -> None:
-        super().__init__(source, skip_bad)
+                 skip_bad: bool = False, decode_timeout: float = 0) -> None:
+        super().__init__(source, skip_bad, decode_timeout)
         self.frames, self.transform, self.twice = frames, transform, twice
 
     def _load(self, i: int) -> Tensor:

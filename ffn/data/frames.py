@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import file_problem
 from .records import BadSampleError, VideoRecord, read_list_file
 
 
@@ -41,10 +42,29 @@ class FrameFolderSource:
         for idx in indices:
             path = folder / self.template.format(idx + self.start_index)
             try:
+                problem = file_problem(path)  # a FIFO would block the open for ever
+                if problem:
+                    raise BadSampleError(f"video {folder}: frame {idx} ({path.name}) {problem}")
                 with Image.open(path) as img:
-                    frames.append(np.asarray(img.convert("RGB")))
+                    frames.append(rgb8(img))
+            except Image.DecompressionBombError as e:  # PIL's limit on pixels (Image.MAX_IMAGE_PIXELS)
+                raise BadSampleError(f"video {folder}: frame {idx} ({path.name}): too large, a "
+                                     f"decompression bomb? ({e})") from e
             except (OSError, UnidentifiedImageError, ValueError) as e:
                 raise BadSampleError(f"video {folder}: frame {idx} ({path.name}): {e}") from e
         if len({f.shape for f in frames}) > 1:
             raise BadSampleError(f"video {folder}: frames differ in size: {sorted({f.shape for f in frames})}")
         return np.stack(frames)
+
+
+def rgb8(img) -> np.ndarray:
+    """``img`` as uint8 ``[H, W, 3]``. 16-bit grey (PIL's ``I;16`` modes) keeps its high byte, as PIL
+    does for 16-bit colour (``convert`` would clip it at 255: a mostly white frame); 32-bit integer
+    and float images (modes ``I``, ``F``) have no stated range and raise ``ValueError``."""
+    if img.mode.startswith("I;16"):
+        grey = (np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if img.mode in ("I", "F"):
+        raise ValueError(f"a 32-bit {'float' if img.mode == 'F' else 'integer'} image (mode {img.mode}) has "
+                         "no 8-bit range: store frames as 8- or 16-bit images")
+    return np.asarray(img.convert("RGB"))

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import file_problem
 from .records import BadSampleError, VideoRecord, read_list_file
 
 
@@ -107,6 +108,9 @@ class VideoFileSource:
         import av
 
         path = self.records[i].path
+        problem = file_problem(path)  # FFmpeg would wait on a FIFO for ever, and read a device without end
+        if problem:
+            raise BadSampleError(f"video {path} {problem}")
         try:
             return av.open(path)
         except (OSError, av.FFmpegError) as e:

@@ -50,13 +50,11 @@ def build_model(cfg: ModelConfig, classes: int, pretrained: bool = True, report:
         imagenet = load_torchvision
     if pretrained and cfg.pretrained:
         load = imagenet if cfg.pretrained_format == "torchvision" else load_official
-        try:  # read by the checkpoint reader: one line naming the file, never torch's advice
-            weights = checkpoint.load(cfg.pretrained)
-        except UserError as e:
-            raise UserError(f"config model.pretrained: {e}") from None
         try:
-            load(model, weights)
-        except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
+            load(model, cfg.pretrained)
+        except checkpoint.CheckpointError as e:
+            raise UserError(f"config model.pretrained: {e}") from None
+        except (ValueError, KeyError, RuntimeError) as e:
             raise UserError(f"config model.pretrained: {cfg.pretrained} ({cfg.pretrained_format} format) does "
                             f"not fit model.arch={cfg.arch}: {str(e).splitlines()[0]}") from None
     return model
@@ -110,13 +108,8 @@ def load_trained(path: str | Path, overrides: list[str] = ()) -> tuple[FrameFlex
     ``model.arch``, ``model.width``, ``model.weight_alteration``, the number of classes) raises
     :class:`~ffn.config.UserError` naming the key and both values: the weights are those of the
     saved model, and e.g. other frame counts would map its branches to the wrong ones."""
-    state = checkpoint.load(path)
-    if "model" not in state or "config" not in state:
-        raise UserError(f"checkpoint {path} is not a checkpoint written by `ffn train` (no model/config)")
-    try:
-        saved = load_config(base=state["config"])
-    except UserError as e:
-        raise UserError(f"checkpoint {path}: its config is not valid here: {e}") from None
+    state = checkpoint.load_run(path)
+    saved = load_config(base=state["config"])
     cfg = load_config(overrides=overrides, base=state["config"])
     for key in MODEL_KEYS:
         old, new = getattr(saved.model, key), getattr(cfg.model, key)
@@ -128,9 +121,6 @@ def load_trained(path: str | Path, overrides: list[str] = ()) -> tuple[FrameFlex
         raise UserError(f"{num_classes_key(cfg.data)}={new} contradicts checkpoint {path}, whose classifier "
                         f"has {old} classes")
     model = build_model(cfg.model, new, pretrained=False, report=False)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise UserError(f"checkpoint {path}: its weights do not fit the model its config describes: "
-                        f"{str(e).splitlines()[1 if len(str(e).splitlines()) > 1 else 0].strip()}") from None
+    checkpoint.check_weights(state["model"], model, path)
+    model.load_state_dict(state["model"])
     return model, cfg

@@ -39,7 +39,7 @@ RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "log.csv", "log.png")
 RESUME_MAY_CHANGE = frozenset({
     "train.epochs", "train.out", "train.device", "train.progress", "train.log_every", "train.val_twice",
     "train.val_crops",
-    "data.root", "data.train_list", "data.val_list", "data.workers", "data.skip_bad",
+    "data.root", "data.train_list", "data.val_list", "data.workers", "data.skip_bad", "data.decode_timeout",
     "model.impl", "model.pretrained", "model.pretrained_format",
 })
 
@@ -175,7 +175,7 @@ class Trainer:
         and a ``best.pt`` of the epoch being saved, which a resume drops or rewrites as it redoes it."""
         out = self.out
         if resume:
-            self.restore(checkpoint.load(resume), resume)
+            self.restore(checkpoint.load_run(resume, resume=True), resume)
         if self.d.main:
             for name in (*RUN_FILES, rundir.CONFIG_FILE):  # temporary files of a killed save
                 (out / (name + ".tmp")).unlink(missing_ok=True)
@@ -309,15 +309,15 @@ class Trainer:
         }
 
     def restore(self, state: dict, path) -> None:
-        """Load a checkpoint of this run: its config must match ``self.cfg`` except for the keys of
-        :data:`RESUME_MAY_CHANGE` (those are printed)."""
-        missing = sorted({"epoch", "best", "config", "model", "optimizer", "scheduler", "scaler", "rng"} - set(state))
-        if missing:
-            raise UserError(f"--resume {path}: not a training checkpoint of `ffn train` (no {', '.join(missing)})")
+        """Load a checkpoint of this run (:func:`~ffn.engine.checkpoint.load_run`): its config must
+        match ``self.cfg`` except for the keys of :data:`RESUME_MAY_CHANGE` (those are printed), and
+        every state must fit this run's (checked before any is loaded)."""
         changes = resume_changes(state["config"], self.cfg, path)
         if state["epoch"] > self.cfg.train.epochs:
             raise UserError(f"train.epochs (--epochs) is {self.cfg.train.epochs} but {path} has already "
                             f"completed {state['epoch']} epochs")
+        checkpoint.check_weights(state["model"], self.model, path)
+        checkpoint.check_training_state(state, path, self.optimizer, self.scheduler, self.scaler, self.device)
         if changes and self.d.main:
             print(f"resuming {path} with {'; '.join(changes)}", flush=True)
         self.model.load_state_dict(state["model"])

@@ -43,6 +43,14 @@ def _frame_layout_table(clips: int, frames: tuple, rows: tuple, chunk_frames: in
     return torch.tensor(table, dtype=torch.int32, device=device), len(seg)
 
 
+def check_dtype(x: torch.Tensor) -> None:
+    if x.dtype not in _DTYPES:
+        raise TypeError(
+            f"ffn_kernels.triton: x has dtype {x.dtype}; the Triton kernels take float32, "
+            "float16 or bfloat16 (use the reference or C++ backend for float64)"
+        )
+
+
 def _pow2_divisor(n: int, cap: int = 16) -> int:
     """The largest power of two <= ``cap`` dividing ``n`` (``cap`` for 0)."""
     return cap if n == 0 else min(cap, n & -n)
@@ -62,11 +70,7 @@ class Plan:
     that respect the fold boundaries (see :mod:`.kernels`)."""
 
     def __init__(self, x: torch.Tensor, clips: int, frames, rows, fold_div=None):
-        if x.dtype not in _DTYPES:
-            raise TypeError(
-                f"ffn_kernels.triton: x has dtype {x.dtype}; the Triton kernels take float32, "
-                "float16 or bfloat16 (use the reference or C++ backend for float64)"
-            )
+        check_dtype(x)
         self.fmt = memory_format_of(x)
         self.channels_last = self.fmt == torch.channels_last
         if not x.is_contiguous(memory_format=self.fmt):
