@@ -137,7 +137,8 @@ def test_only_the_main_process_takes_the_lock(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "Trainer", lambda *args: SimpleNamespace(run=lambda resume: out))
     with rundir.locked(out):
         assert fit(load_config(overrides=[*TINY, f"train.out={out}"])) == out
-    assert started == ["auto"] and sorted(p.name for p in out.iterdir()) == []
+        assert sorted(p.name for p in out.iterdir()) == [rundir.LOCK_FILE]  # the test's own
+    assert started == ["auto"]
 
 
 def test_a_run_refused_after_taking_the_lock_releases_it(tmp_path):
@@ -145,9 +146,11 @@ def test_a_run_refused_after_taking_the_lock_releases_it(tmp_path):
     code, err = ffn("train", *TINY, "--out", out, "data.kind=frames", f"data.train_list={tmp_path / 'none.txt'}",
                     "data.num_classes=2")
     assert code == 2 and "none.txt" in one_line(err)
-    assert not (out / rundir.LOCK_FILE).exists()
+    assert not out.exists()  # made for the lock, removed with it
+    (out / "kept").mkdir(parents=True)
     with rundir.locked(out):
         pass
+    assert sorted(p.name for p in out.iterdir()) == ["kept"]  # a folder it did not make stays
 
 
 # --- --resume without a config, Ctrl-C ----------------------------------------------------------------

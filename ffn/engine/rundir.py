@@ -25,9 +25,11 @@ def locked(out: str | Path):
     """Hold ``out``'s exclusive lock (``flock`` on :data:`LOCK_FILE`, which names this process) for
     the body: a second training into ``out`` is refused with :class:`UserError` naming the holder.
     The system releases the lock when the process dies, however it dies; the file is removed on a
-    normal exit (a killed run's stale file is taken over by the next run)."""
+    normal exit (a killed run's stale file is taken over by the next run), and so is the folder if
+    this made it and nothing was written there (a run refused as it starts leaves no folder)."""
     out = Path(out)
     check_out_folder(out, "train.out (--out)")
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK_FILE
     while True:
@@ -57,6 +59,9 @@ def locked(out: str | Path):
     finally:
         path.unlink(missing_ok=True)  # before unlocking: no one locks a file that is going away
         os.close(fd)
+        if made:
+            with contextlib.suppress(OSError):  # not empty: the run's
+                out.rmdir()
 
 
 def check_out_folder(out: str | Path, what: str) -> None:
