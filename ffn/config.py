@@ -513,8 +513,12 @@ _SHORT.maxlevel = 3
 
 
 def _merge(into: dict, new: dict) -> None:
+    """Merges ``new`` into ``into``, copying its tables: overrides later set into ``into`` must not
+    reach the caller's ``base`` (a checkpoint's config)."""
     for k, v in new.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
+        if isinstance(v, dict):
+            if not isinstance(into.get(k), dict):
+                into[k] = {}
             _merge(into[k], v)
         else:
             into[k] = v

@@ -1,6 +1,7 @@
 """The recipes shipped in ffn/configs: found by name from any folder, valid, and the demo's
 settings unchanged (the README's demo table was measured with them)."""
 
+import copy
 import pytest
 
 from ffn.config import SHIPPED, UserError, config_path, load_config, shipped_configs
@@ -48,3 +49,13 @@ def test_a_path_wins_and_an_unknown_name_lists_the_recipes(tmp_path, monkeypatch
         load_config("ssv2")
     with pytest.raises(UserError, match="does not exist"):
         load_config("configs/demo.toml")  # no shipped lookup for a path
+
+
+def test_overrides_leave_the_base_config_unchanged():
+    """A checkpoint's config given as ``base`` is read, not written: the overrides go into a copy."""
+    from ffn.config import Config, load_config
+
+    base = Config().to_dict()
+    before = copy.deepcopy(base)
+    config = load_config(overrides=["optim.lr=0.5", "model.frames=[2,4]"], base=base)
+    assert config.optim.lr == 0.5 and base == before
