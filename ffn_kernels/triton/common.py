@@ -93,7 +93,7 @@ class Plan:
         chunk_frames = max(1, _CHUNK // (bc * hw))
         self.layout, self.nch = _frame_layout_table(int(clips), tuple(frames), tuple(rows),
                                                    chunk_frames, x.device)
-        self.C, self.S = C, len(frames)
+        self.C, self.S, self.hw = C, len(frames), hw
         self.grid = (self.nch, nblocks)
         self.combine_block = min(triton.next_power_of_2(C), 256)
         self.combine_grid = (triton.cdiv(C, self.combine_block),)
@@ -121,14 +121,15 @@ def stats(plan, x, running_mean, running_var, training, momentum, eps):
         new_rm, new_rv = unused_acc(x), unused_acc(x)
     part = mean
     if batch:
-        part = x.new_empty((3, plan.nch, C), dtype=torch.float32)
+        part = x.new_empty((2, plan.nch, C), dtype=torch.float32)
         K._stats_kernel[plan.grid](x, part, *plan.args, **plan.kw)
     update = batch and has_running
     for s_lo in range(0, S, _MOMENTA):  # momenta as scalar arguments, 8 segments per launch
         s_hi = min(S, s_lo + _MOMENTA)
         moms = [float(m) for m in momentum[s_lo:s_hi]] if update else []
         K._stats_combine_kernel[plan.combine_grid](
-            part, mean, invstd, new_rm, new_rv, plan.layout, plan.nch, S, C, float(eps), s_lo, s_hi,
+            part, mean, invstd, new_rm, new_rv, plan.layout, plan.nch, S, C, plan.hw,
+            float(eps), s_lo, s_hi,
             *moms, *[0.0] * (_MOMENTA - len(moms)),
             BATCH=batch, UPDATE=update, BLOCK_C=plan.combine_block,
         )
