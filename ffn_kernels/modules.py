@@ -119,13 +119,20 @@ class FreqBatchNorm2d(nn.Module):
 
     def _args(self, x: Tensor, layout: FrameLayout) -> tuple:
         """(weight, bias, running_mean, running_var, training, momentum) for one call."""
+        if max(layout.rows) >= self.num_branches:  # before any counter moves
+            raise ValueError(f"layout rows {layout.rows} index row {max(layout.rows)}, but "
+                             f"{type(self).__name__} has num_branches={self.num_branches}")
         use_batch_stats = self.training or not self.track_running_stats
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
-            if self.momentum is None:  # cumulative moving average per branch, counted on the host
-                counts = self._host_counts()
+            # the host copy counts every training call, as num_batches_tracked does, so that
+            # momentum switched 0.1 -> None resumes the cumulative average from the true count
+            # (nn.BatchNorm2d counts in both modes)
+            counts = self._host_counts() if self.momentum is None else self._counts
+            if counts is not None:
                 for r in layout.rows:
                     counts[r] += 1
+            if self.momentum is None:  # cumulative moving average per branch
                 momentum = [1.0 / counts[r] for r in layout.rows]
             # one view per row: indexing with the list would copy it to the device every call
             for r in layout.rows:
