@@ -101,6 +101,7 @@ class SyncFreqBatchNorm2d(FreqBatchNorm2d):
                 for s, (r, m) in enumerate(zip(rows, momenta(momentum, layout))):
                     running_mean[r].lerp_(mean[s].to(running_mean.dtype), m)
                     running_var[r].lerp_(unbiased[s].to(running_var.dtype), m)
+        self._count(layout)
         return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
 

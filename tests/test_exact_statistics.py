@@ -126,6 +126,7 @@ def test_eps_1e_50_stays_finite_as_batchnorm2d(backend):
 
 @cases(momentum={"momentum0.1": 0.1, "cumulative": None})
 def test_rows_beyond_num_branches_are_refused_before_any_counter_moves(backend, momentum):
+    """So is any call the op refuses (here x with 5 channels for 4)."""
     fbn = FreqBatchNorm2d(4, num_branches=2, momentum=momentum).to(DEVICE[backend])
     fbn(on(backend, make_input(LAYOUT, 4)), LAYOUT)  # warm: the host counter exists
     before = {k: v.clone() for k, v in fbn.state_dict().items()}
@@ -133,6 +134,8 @@ def test_rows_beyond_num_branches_are_refused_before_any_counter_moves(backend, 
     with pytest.raises(ValueError, match=r"layout rows \(0, 2\) index row 2, but FreqBatchNorm2d "
                                          r"has num_branches=2"):
         fbn(on(backend, make_input(bad, 4)), bad)
+    with pytest.raises(ValueError, match=r"weight must have shape \[rows, C=5\]"):
+        fbn(on(backend, make_input(LAYOUT, 5)), LAYOUT)
     for name, value in fbn.state_dict().items():
         assert torch.equal(value, before[name]), name
     # the counters go on from where they were: a cumulative average stays 1 / count
