@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ffn_kernels import FrameLayout, FreqBatchNorm2d, ops, reference
-from conftest import TWO_SEGMENTS, make_input, make_params
+from conftest import TWO_SEGMENTS, make_input, make_params, only
 
 X = make_input(TWO_SEGMENTS, 8, hw=(3, 2))
 P = make_params(2, 8)
@@ -217,3 +217,13 @@ def test_numpy_and_0d_tensor_scalars_give_the_reference_result(kwargs):
         plain.pop("training", True), alter_next=P["alter"], **plain)
     for got, ref in zip((*out, rm, rv), (*want, rm_ref, rv_ref)):
         torch.testing.assert_close(got, ref)
+
+
+@only("triton")
+def test_triton_refuses_more_frames_than_its_int32_layout_table_indexes():
+    from ffn_kernels.triton.common import Plan
+
+    x = torch.empty(2**31, 1, 1, 1, device="meta")  # a size check only: nothing is allocated
+    with pytest.raises(ValueError, match=r"x has 2147483648 frames; the Triton kernels take fewer "
+                                         r"than 2\*\*31"):
+        Plan(x, 2**31, (1,), (0,))

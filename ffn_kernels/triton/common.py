@@ -71,8 +71,11 @@ class Plan:
         self.channels_last = self.fmt == torch.channels_last
         if not x.is_contiguous(memory_format=self.fmt):
             raise ValueError("ffn_kernels.triton: x must be NCHW contiguous or channels_last")
-        _, C, H, W = x.shape
+        F, C, H, W = x.shape
         hw = H * W
+        if F >= 2**31:
+            raise ValueError(f"ffn_kernels.triton: x has {F} frames; the Triton kernels take fewer "
+                             "than 2**31 (their layout table is int32)")
         if C * hw >= 2**31:
             raise ValueError("ffn_kernels.triton: a frame (C*H*W) must have fewer than 2**31 "
                              "elements (int32 offsets inside a frame)")
