@@ -135,7 +135,9 @@ _INT64_MAX = 2**63 - 1
 def _as_int(name: str, value, symbolic: bool = False):
     """``value`` as an int: any integral scalar (int, a numpy integer, a 0-dim integer tensor), not
     a bool or a float; with ``symbolic`` a ``torch.SymInt`` (a size under tracing) stays as is."""
-    if symbolic and isinstance(value, torch.SymInt):
+    # (under torch.compile a traced size passes isinstance(value, int); it must stay unconverted)
+    if (isinstance(value, int) and not isinstance(value, bool)) or (
+            symbolic and isinstance(value, torch.SymInt)):
         return value
     if isinstance(value, torch.Tensor):
         integral = value.dim() == 0 and not (value.is_floating_point() or value.is_complex()
@@ -159,7 +161,10 @@ def _int_tuple(name: str, value: Sequence[int], symbolic: bool = False) -> tuple
 
 def _check_sizes(clips, frames: tuple, rows: tuple) -> None:
     """Refuse sizes the kernels cannot index: a frame count or row past int32, or a total number
-    of frames past int64 (which C++ would wrap: clips=2**62+1 x 4 frames is 4 frames there)."""
+    of frames past int64 (which C++ would wrap: clips=2**62+1 x 4 frames is 4 frames there).
+    Not while tracing: traced sizes come from a tensor's shape (and would each need a guard)."""
+    if torch.compiler.is_compiling():
+        return
     concrete = [t for t in frames if isinstance(t, int)]
     for name, values in (("frames", concrete), ("rows", rows)):
         if any(v > _INT32_MAX for v in values):
