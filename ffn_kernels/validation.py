@@ -106,7 +106,10 @@ def tensor(name: str, value, optional: bool = False):
 def writable(name: str, t: Tensor) -> None:
     """Running statistics are written back in place: refuse, before the op runs, a tensor that
     cannot take the write (an expanded view, whose elements share memory, or an inference tensor
-    outside inference mode) instead of failing in torch's in-place copy after the op."""
+    outside inference mode) instead of failing in torch's in-place copy after the op. Not while
+    tracing: torch.compile cannot trace ``is_inference`` (and guards would be per stride)."""
+    if torch.compiler.is_compiling():
+        return
     if any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape)):
         raise ValueError(f"{name} is an expanded view (stride 0, elements sharing memory) and "
                          f"cannot be updated in place; pass a tensor of its own (.clone())")
