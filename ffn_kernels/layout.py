@@ -13,8 +13,9 @@ from __future__ import annotations
 import numbers
 import operator
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -47,7 +48,7 @@ class FrameLayout:
     rows: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        clips = _as_int("FrameLayout: clips", self.clips, symbolic=True)
+        clips = as_int("FrameLayout: clips", self.clips, symbolic=True)
         _require(clips >= 1, lambda: f"FrameLayout: clips must be a positive int, got {clips!r}")
         frames = _int_tuple("frames", self.frames, symbolic=True)
         if not frames:
@@ -132,7 +133,7 @@ _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
 
 
-def _as_int(name: str, value, symbolic: bool = False):
+def as_int(name: str, value, symbolic: bool = False):
     """``value`` as an int: any integral scalar (int, a numpy integer, a 0-dim integer tensor), not
     a bool or a float; with ``symbolic`` a ``torch.SymInt`` (a size under tracing) stays as is."""
     # (under torch.compile a traced size passes isinstance(value, int); it must stay unconverted)
@@ -154,7 +155,7 @@ def _int_tuple(name: str, value: Sequence[int], symbolic: bool = False) -> tuple
         raise TypeError(f"FrameLayout: {name} must be a sequence of ints, got {value!r}")
     items = tuple(value)
     try:
-        return tuple(_as_int(name, v, symbolic) for v in items)
+        return tuple(as_int(name, v, symbolic) for v in items)
     except TypeError:
         raise TypeError(f"FrameLayout: {name} must hold ints, got {items!r}") from None
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .layout import FrameLayout, _as_int
+from .layout import FrameLayout, as_int
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
@@ -81,7 +81,7 @@ def real(name: str, value) -> float:
 def integer(name: str, value) -> int:
     """An integral scalar (int, numpy integer, 0-dim integer tensor; not a bool) as an int that
     fits the int64 of the op's schema."""
-    value = _as_int(name, value)
+    value = as_int(name, value)
     if not -2**63 <= value < 2**63:
         raise ValueError(f"{name} must fit in int64, got {value}")
     return value
