@@ -332,7 +332,8 @@ std::vector<ffn::Welford<double>> segment_stats(const Geom& g, const FrameLayout
       for (int64_t k = L.start[s] * nblk; k < L.start[s + 1] * nblk; ++k)
         for (int64_t c = c0; c < c1; ++c) {
           const ffn::Welford<acc_t>& p = part[k * C + c];
-          out[s * C + c] = ffn::welford_merge(out[s * C + c], ffn::Welford<double>{p.n, p.mean, p.m2});
+          out[s * C + c] =
+              ffn::welford_merge(out[s * C + c], ffn::Welford<double>{p.n, p.mean, p.m2});
         }
   });
   return out;
