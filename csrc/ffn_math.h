@@ -35,36 +35,39 @@ FFN_HOST_DEVICE inline int shift_source_delta(int c, int fold, int t, int T, boo
 
 // ---------------------------------------------------------------------------------------------
 // Statistics. Partials are (count, mean, M2 = sum of squared deviations); Chan's pairwise merge
-// combines them without the cancellation of E[x^2] - E[x]^2.
+// combines them without the cancellation of E[x^2] - E[x]^2. The count is an integer: a float
+// count stops growing at 2^24 (a segment of 2^24 + k values per channel would be normalised as if
+// it had 2^24), and T only needs the relative precision of mean and M2.
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
 struct Welford {  // an aggregate (no initialisers) so it may live in CUDA shared memory
-  T n, mean, m2;
+  int64_t n;
+  T mean, m2;
 };
 
 template <typename T>
 FFN_HOST_DEVICE inline void welford_add(Welford<T>& w, T x) {
-  w.n += T(1);
+  ++w.n;
   const T d = x - w.mean;
-  w.mean += d / w.n;
+  w.mean += d / static_cast<T>(w.n);
   w.m2 += d * (x - w.mean);
 }
 
 template <typename T>
 FFN_HOST_DEVICE inline Welford<T> welford_merge(const Welford<T>& a, const Welford<T>& b) {
-  if (b.n == T(0)) return a;
-  if (a.n == T(0)) return b;
-  const T n = a.n + b.n;
+  if (b.n == 0) return a;
+  if (a.n == 0) return b;
+  const int64_t n = a.n + b.n;
   const T d = b.mean - a.mean;
-  const T wb = b.n / n;
-  return {n, a.mean + d * wb, a.m2 + b.m2 + d * d * a.n * wb};
+  const T wb = static_cast<T>(b.n) / static_cast<T>(n);
+  return {n, a.mean + d * wb, a.m2 + b.m2 + d * d * static_cast<T>(a.n) * wb};
 }
 
 // Biased (population) variance, what BatchNorm normalises with.
 template <typename T>
 FFN_HOST_DEVICE inline T welford_var(const Welford<T>& w) {
-  return w.m2 / w.n;
+  return w.m2 / static_cast<T>(w.n);
 }
 
 // Unbiased variance from the biased one over n elements, what the running variance tracks.
@@ -79,12 +82,15 @@ FFN_HOST_DEVICE inline T running_update(T running, T batch, T momentum) {
   return momentum * batch + (T(1) - momentum) * running;
 }
 
+// 1 / sqrt(var + eps) in double, as ATen's CPU BatchNorm computes it: an eps below float's range
+// (1e-50) rounds to 0 in float, and a constant channel would get invstd = inf (NaN outputs).
 template <typename T>
-FFN_HOST_DEVICE inline T inv_std(T var, T eps) {
+FFN_HOST_DEVICE inline T inv_std(T var, double eps) {
+  const double v = static_cast<double>(var) + eps;
 #ifdef __CUDA_ARCH__
-  return rsqrt(var + eps);
+  return static_cast<T>(rsqrt(v));
 #else
-  return T(1) / std::sqrt(var + eps);
+  return static_cast<T>(1.0 / std::sqrt(v));
 #endif
 }
 

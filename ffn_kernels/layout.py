@@ -10,7 +10,10 @@ dynamic shapes, ``clips`` and ``frames`` may be ``torch.SymInt`` (taken from the
 
 from __future__ import annotations
 
+import numbers
+import operator
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -45,10 +48,8 @@ class FrameLayout:
     rows: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if not _is_int(self.clips, symbolic=True):
-            raise ValueError(f"FrameLayout: clips must be a positive int, got {self.clips!r}")
-        _require(self.clips >= 1,
-                 lambda: f"FrameLayout: clips must be a positive int, got {self.clips!r}")
+        clips = as_int("FrameLayout: clips", self.clips, symbolic=True)
+        _require(clips >= 1, lambda: f"FrameLayout: clips must be a positive int, got {clips!r}")
         frames = _int_tuple("frames", self.frames, symbolic=True)
         if not frames:
             raise ValueError("FrameLayout: frames must name at least one segment")
@@ -63,6 +64,8 @@ class FrameLayout:
             )
         if any(r < 0 for r in rows):
             raise ValueError(f"FrameLayout: rows must be >= 0, got rows={rows}")
+        _check_sizes(clips, frames, rows)
+        object.__setattr__(self, "clips", clips)
         object.__setattr__(self, "frames", frames)
         object.__setattr__(self, "rows", rows)
 
@@ -124,21 +127,53 @@ def _require(ok, message: Callable[[], str]) -> None:
         raise ValueError(message())
 
 
-def _is_int(value, symbolic: bool = False) -> bool:
-    """An int (not a bool), or with ``symbolic`` also a ``torch.SymInt`` (a size under tracing)."""
-    kinds = (int, torch.SymInt) if symbolic else int
-    return isinstance(value, kinds) and not isinstance(value, bool)
+# The kernels index frame counts and rows as int32 (csrc/cpu and csrc/cuda keep them as int,
+# Triton's layout table is int32) and frame offsets as int64.
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+
+
+def as_int(name: str, value, symbolic: bool = False):
+    """``value`` as an int: any integral scalar (int, a numpy integer, a 0-dim integer tensor), not
+    a bool or a float; with ``symbolic`` a ``torch.SymInt`` (a size under tracing) stays as is."""
+    # (under torch.compile a traced size passes isinstance(value, int); it must stay unconverted)
+    if (isinstance(value, int) and not isinstance(value, bool)) or (
+            symbolic and isinstance(value, torch.SymInt)):
+        return value
+    if isinstance(value, torch.Tensor):
+        integral = value.dim() == 0 and not (value.is_floating_point() or value.is_complex()
+                                             or value.dtype == torch.bool)
+    else:
+        integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not integral:
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    return operator.index(value)
 
 
 def _int_tuple(name: str, value: Sequence[int], symbolic: bool = False) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"FrameLayout: {name} must be a sequence of ints, got {value!r}")
+    items = tuple(value)
     try:
-        items = tuple(value)
+        return tuple(as_int(name, v, symbolic) for v in items)
     except TypeError:
-        raise TypeError(f"FrameLayout: {name} must be a sequence of ints, got {value!r}") from None
-    for v in items:
-        if not _is_int(v, symbolic):
-            raise TypeError(f"FrameLayout: {name} must hold ints, got {v!r} in {items}")
-    return items
+        raise TypeError(f"FrameLayout: {name} must hold ints, got {items!r}") from None
+
+
+def _check_sizes(clips, frames: tuple, rows: tuple) -> None:
+    """Refuse sizes the kernels cannot index: a frame count or row past int32, or a total number
+    of frames past int64 (which C++ would wrap: clips=2**62+1 x 4 frames is 4 frames there).
+    Not while tracing: traced sizes come from a tensor's shape (and would each need a guard)."""
+    if torch.compiler.is_compiling():
+        return
+    concrete = [t for t in frames if isinstance(t, int)]
+    for name, values in (("frames", concrete), ("rows", rows)):
+        if any(v > _INT32_MAX for v in values):
+            raise ValueError(f"FrameLayout: {name} must be < 2**31 (the kernels index them as "
+                             f"int32), got {name}={tuple(values)}")
+    if isinstance(clips, int) and len(concrete) == len(frames) and clips * sum(frames) > _INT64_MAX:
+        raise ValueError(f"FrameLayout: clips={clips} x frames={frames} is more than 2**63 - 1 "
+                         "frames (int64 overflow)")
 
 
 # --- the layout of the current call, by context (docs/design.md §5.7) -------------------------------

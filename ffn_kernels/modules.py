@@ -125,18 +125,16 @@ class FreqBatchNorm2d(nn.Module):
         )
 
     def _args(self, x: Tensor, layout: FrameLayout) -> tuple:
-        """(weight, bias, running_mean, running_var, training, momentum) for one call."""
+        """(weight, bias, running_mean, running_var, training, momentum) for one call. Nothing is
+        counted here: :meth:`_count` does it once the call succeeded."""
+        if max(layout.rows) >= self.num_branches:
+            raise ValueError(f"layout rows {layout.rows} index row {max(layout.rows)}, but "
+                             f"{type(self).__name__} has num_branches={self.num_branches}")
         use_batch_stats = self.training or not self.track_running_stats
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            if self.momentum is None:  # cumulative moving average per branch, counted on the host
-                counts = self._host_counts()
-                for r in layout.rows:
-                    counts[r] += 1
-                momentum = [1.0 / counts[r] for r in layout.rows]
-            # one view per row: indexing with the list would copy it to the device every call
-            for r in layout.rows:
-                self.num_batches_tracked[r].add_(1)
+        if self.training and self.track_running_stats and self.momentum is None:
+            counts = self._host_counts()  # cumulative moving average per branch, this call included
+            momentum = [1.0 / (counts[r] + 1) for r in layout.rows]
         weight, bias = self.weight, self.bias
         if not self.affine:
             shape = (self.num_branches, self.num_features)
@@ -146,6 +144,18 @@ class FreqBatchNorm2d(nn.Module):
         track = self.track_running_stats
         return (weight, bias, self.running_mean if track else None,
                 self.running_var if track else None, use_batch_stats, momentum)
+
+    def _count(self, layout: FrameLayout) -> None:
+        """After a training call: ``num_batches_tracked[row] += 1`` per segment, and its host copy
+        too whatever the momentum, as nn.BatchNorm2d counts every batch (momentum switched
+        0.1 -> None resumes the cumulative average from the true count)."""
+        if not (self.training and self.track_running_stats):
+            return
+        for r in layout.rows:
+            # one view per row: indexing with the list would copy it to the device every call
+            self.num_batches_tracked[r].add_(1)
+            if self._counts is not None:
+                self._counts[r] += 1
 
     def forward(
         self,
@@ -158,9 +168,11 @@ class FreqBatchNorm2d(nn.Module):
         defaults to the context's (``ffn_kernels.frame_layout``)."""
         layout = resolve_layout(layout, type(self).__name__)
         w, b, rm, rv, training, momentum = self._args(x, layout)
-        return ops.freq_batch_norm(
+        y = ops.freq_batch_norm(
             x, layout, w, b, rm, rv, training, momentum, self.eps, activation, residual
         )
+        self._count(layout)
+        return y
 
     def add_relu_shift_alter(
         self,
@@ -173,9 +185,11 @@ class FreqBatchNorm2d(nn.Module):
         """The residual-block boundary with this BN: ``(relu(BN(z) + identity), shift_alter(...))``."""
         layout = resolve_layout(layout, type(self).__name__)
         w, b, rm, rv, training, momentum = self._args(z, layout)
-        return ops.bn_add_relu_shift_alter(
+        out = ops.bn_add_relu_shift_alter(
             z, identity, layout, w, b, rm, rv, training, momentum, self.eps, alter_next, fold_div
         )
+        self._count(layout)
+        return out
 
 
 class FreqBatchNormAct2d(FreqBatchNorm2d):

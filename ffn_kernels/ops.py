@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import backend
 from .layout import FrameLayout
-from .validation import momenta
+from .validation import boolean, integer, momenta, real, tensor, writable
 
 if backend.extension_loaded():
     _shift_alter = torch.ops.ffn_kernels.shift_alter.default
@@ -44,6 +44,20 @@ else:
 def _check_layout(layout) -> None:
     if type(layout) is not FrameLayout:
         raise TypeError(f"layout must be a ffn_kernels.FrameLayout, got {type(layout).__name__}")
+
+
+def _norm_args(weight, bias, running_mean, running_var, training, eps) -> tuple:
+    """The BN ops' per-row tensors, ``training`` and ``eps``, checked for type (one-line errors
+    naming the argument); running statistics that training would write back must be writable."""
+    weight, bias = tensor("weight", weight), tensor("bias", bias)
+    running_mean = tensor("running_mean", running_mean, optional=True)
+    running_var = tensor("running_var", running_var, optional=True)
+    training = boolean("training", training)
+    if training:
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is not None:
+                writable(name, t)
+    return weight, bias, running_mean, running_var, training, real("eps", eps)
 
 
 def _write_back(training, running_mean, running_var, new_rm, new_rv) -> None:
@@ -73,7 +87,8 @@ def shift_alter(
         ``[F, C, H, W]`` in the memory format of ``x``.
     """
     _check_layout(layout)
-    return _shift_alter(x, layout.clips, layout.frames, layout.rows, alter, fold_div)
+    return _shift_alter(tensor("x", x), layout.clips, layout.frames, layout.rows,
+                        tensor("alter", alter, optional=True), integer("fold_div", fold_div))
 
 
 def freq_batch_norm(
@@ -113,9 +128,12 @@ def freq_batch_norm(
     _check_layout(layout)
     if activation not in (None, "relu"):
         raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    weight, bias, running_mean, running_var, training, eps = _norm_args(
+        weight, bias, running_mean, running_var, training, eps)
     y, _, _, new_rm, new_rv = _freq_batch_norm(
-        x, layout.clips, layout.frames, layout.rows, weight, bias, running_mean, running_var,
-        bool(training), momenta(momentum, layout), float(eps), activation == "relu", residual,
+        tensor("x", x), layout.clips, layout.frames, layout.rows, weight, bias, running_mean,
+        running_var, training, momenta(momentum, layout), eps, activation == "relu",
+        tensor("residual", residual, optional=True),
     )
     _write_back(training, running_mean, running_var, new_rm, new_rv)
     return y
@@ -152,9 +170,12 @@ def bn_add_relu_shift_alter(
         ``(out, next_in)``, both ``[F, C, H, W]`` in the memory format of ``z``.
     """
     _check_layout(layout)
+    weight, bias, running_mean, running_var, training, eps = _norm_args(
+        weight, bias, running_mean, running_var, training, eps)
     out, next_in, _, _, new_rm, new_rv = _bn_add_relu_shift_alter(
-        z, identity, layout.clips, layout.frames, layout.rows, weight, bias, running_mean,
-        running_var, bool(training), momenta(momentum, layout), float(eps), alter_next, fold_div,
+        tensor("z", z), tensor("identity", identity), layout.clips, layout.frames, layout.rows,
+        weight, bias, running_mean, running_var, training, momenta(momentum, layout), eps,
+        tensor("alter_next", alter_next, optional=True), integer("fold_div", fold_div),
     )
     _write_back(training, running_mean, running_var, new_rm, new_rv)
     return out, next_in

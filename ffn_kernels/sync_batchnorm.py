@@ -74,16 +74,19 @@ class SyncFreqBatchNorm2d(FreqBatchNorm2d):
         weight, bias, running_mean, running_var, _, momentum = self._args(x, layout)
         rows = layout.rows
         segments = [s.float() for s in layout.split(x)]
-        sums = torch.stack([s.sum((0, 2, 3)) for s in segments])  # [S, C]
+        # the ranks' sums and counts are added in float64: a float32 count is inexact past 2**24
+        # (as the fused kernels' int64 counts are exact), and so is a float32 sum of the partials
+        sums = torch.stack([s.sum((0, 2, 3)) for s in segments]).double()  # [S, C]
         # filled on the device (a tensor built from a host list would be a copy per call)
         counts = torch.stack([sums.new_full((), float(s.numel() // s.shape[1])) for s in segments])
         totals = _AllReduceSum.apply(torch.cat([sums, counts[:, None]], 1), self.process_group)
         count = totals[:, -1:].detach()  # [S, 1]
-        mean = totals[:, :-1] / count
+        mean = (totals[:, :-1] / count).float()
         centred = [s - m.view(1, -1, 1, 1) for s, m in zip(segments, mean)]
-        squares = torch.stack([(c * c).sum((0, 2, 3)) for c in centred])
+        squares = torch.stack([(c * c).sum((0, 2, 3)) for c in centred]).double()
         var = _AllReduceSum.apply(squares, self.process_group) / count
-        scale = torch.stack([weight[r] for r in rows]).float() * torch.rsqrt(var + self.eps)
+        # float64 eps, as the fused ops (an eps of 1e-50 is 0 in float32)
+        scale = torch.stack([weight[r] for r in rows]).float() * torch.rsqrt(var + self.eps).float()
         y = torch.cat([c * k.view(1, -1, 1, 1) + bias[r].float().view(1, -1, 1, 1)
                        for c, k, r in zip(centred, scale, rows)])
         if residual is not None:
@@ -98,6 +101,7 @@ class SyncFreqBatchNorm2d(FreqBatchNorm2d):
                 for s, (r, m) in enumerate(zip(rows, momenta(momentum, layout))):
                     running_mean[r].lerp_(mean[s].to(running_mean.dtype), m)
                     running_var[r].lerp_(unbiased[s].to(running_var.dtype), m)
+        self._count(layout)
         return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
 

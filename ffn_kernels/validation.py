@@ -6,11 +6,13 @@ broadcast or truncated, docs/design.md §3.5) are in C++, ``csrc/ops/dispatch.cp
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
-from .layout import FrameLayout
+from .layout import FrameLayout, as_int
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
@@ -45,14 +47,72 @@ def momenta(momentum, layout: FrameLayout) -> list[float]:
             "momentum=None (cumulative average) needs a batch counter: use "
             "ffn_kernels.FreqBatchNorm2d(momentum=None), or pass 1/num_batches_tracked"
         )
-    if isinstance(momentum, (int, float)) and not isinstance(momentum, bool):
+    if _is_real(momentum):
         return [float(momentum)] * layout.num_segments
-    try:
-        values = [float(m) for m in momentum]
-    except TypeError:
-        raise TypeError(f"momentum must be a float or a sequence of floats, got {momentum!r}") from None
+    values = list(momentum) if isinstance(momentum, Iterable) and not isinstance(
+        momentum, (str, bytes, Tensor)) else None
+    if values is None or not all(_is_real(m) for m in values):
+        raise TypeError(f"momentum must be a float or a sequence of floats, got {momentum!r}")
     if len(values) != layout.num_segments:
         raise ValueError(
             f"momentum has {len(values)} values but the layout has {layout.num_segments} segments"
         )
-    return values
+    return [float(m) for m in values]
+
+
+# --- the Python wrappers' argument types (ffn_kernels.ops): our one-line errors naming the
+# argument instead of torch's schema messages ("Expected a value of type 'Tensor' for argument
+# 'weight'...") or a later failure inside the op
+
+
+def _is_real(value) -> bool:
+    """A real scalar: a Python or numpy int/float, or a 0-dim floating tensor (not a bool)."""
+    if isinstance(value, Tensor):
+        return value.dim() == 0 and value.is_floating_point()
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def real(name: str, value) -> float:
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a float, got {value!r} ({type(value).__name__})")
+    return float(value)
+
+
+def integer(name: str, value) -> int:
+    """An integral scalar (int, numpy integer, 0-dim integer tensor; not a bool) as an int that
+    fits the int64 of the op's schema."""
+    value = as_int(name, value)
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+    return value
+
+
+def boolean(name: str, value) -> bool:
+    """A bool or a numpy bool: ``training="no"`` must not count as True."""
+    if not (isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")):  # numpy 2, 1
+        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def tensor(name: str, value, optional: bool = False):
+    if value is None and optional:
+        return None
+    if not isinstance(value, Tensor):
+        kind = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    return value
+
+
+def writable(name: str, t: Tensor) -> None:
+    """Running statistics are written back in place: refuse, before the op runs, a tensor that
+    cannot take the write (an expanded view, whose elements share memory, or an inference tensor
+    outside inference mode) instead of failing in torch's in-place copy after the op. Not while
+    tracing: torch.compile cannot trace ``is_inference`` (and guards would be per stride)."""
+    if torch.compiler.is_compiling():
+        return
+    if any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape)):
+        raise ValueError(f"{name} is an expanded view (stride 0, elements sharing memory) and "
+                         f"cannot be updated in place; pass a tensor of its own (.clone())")
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"{name} is an inference tensor and cannot be updated in place outside "
+                         f"torch.inference_mode(); pass a tensor of its own (.clone())")

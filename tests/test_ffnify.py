@@ -131,7 +131,9 @@ def test_ffnified_mobilenet_v2_trains_and_evaluates_at_any_frame_count(torchvisi
     assert {n.removesuffix(".conv.0.0") for n, m in model.named_modules() if isinstance(m, ShiftedConv)} == residual
 
     inputs, labels = clips(FRAMES, hw=16), torch.tensor([1, 3])
-    optimizer = torch.optim.SGD(video.parameters(), lr=0.05, momentum=0.9)
+    # lr 0.05 oscillated: whether the third loss fell below the first hung on float rounding in
+    # the BN statistics (1.35 -> 0.77 -> 0.90, and 1.35 -> 0.85 -> 1.40 with a float64 merge)
+    optimizer = torch.optim.SGD(video.parameters(), lr=0.02, momentum=0.9)
     losses = []
     for _ in range(3):
         loss = temporal_distillation_loss(video(inputs), labels)

@@ -32,14 +32,13 @@ BnStats bn_stats(const Tensor& x, const Geom& g, const FrameLayout& L,
             has_running ? running_var->clone() : at::empty({0}, opts)};
   acc_t* mean = r.mean.data_ptr<acc_t>();
   acc_t* invstd = r.invstd.data_ptr<acc_t>();
-  const acc_t e = static_cast<acc_t>(eps);
   if (!training && has_running) {
     const acc_t* rm = running_mean->data_ptr<acc_t>();
     const acc_t* rv = running_var->data_ptr<acc_t>();
     for (int64_t s = 0; s < L.S; ++s)
       for (int64_t c = 0; c < g.C; ++c) {
         mean[s * g.C + c] = rm[L.rows[s] * g.C + c];
-        invstd[s * g.C + c] = ffn::inv_std(rv[L.rows[s] * g.C + c], e);
+        invstd[s * g.C + c] = ffn::inv_std(rv[L.rows[s] * g.C + c], eps);
       }
     return r;
   }
@@ -47,16 +46,16 @@ BnStats bn_stats(const Tensor& x, const Geom& g, const FrameLayout& L,
   for (int64_t s = 0; s < L.S; ++s) {
     const acc_t m = static_cast<acc_t>(momentum[s]);
     for (int64_t c = 0; c < g.C; ++c) {
-      const ffn::Welford<acc_t>& w = stats[s * g.C + c];
-      const acc_t var = ffn::welford_var(w);
-      mean[s * g.C + c] = w.mean;
-      invstd[s * g.C + c] = ffn::inv_std(var, e);
+      const ffn::Welford<double>& w = stats[s * g.C + c];
+      const double var = ffn::welford_var(w);
+      mean[s * g.C + c] = static_cast<acc_t>(w.mean);
+      invstd[s * g.C + c] = static_cast<acc_t>(ffn::inv_std(var, eps));
       if (training && has_running) {
         const int64_t rc = L.rows[s] * g.C + c;
         acc_t* rm = r.new_rm.data_ptr<acc_t>();
         acc_t* rv = r.new_rv.data_ptr<acc_t>();
-        rm[rc] = ffn::running_update(rm[rc], w.mean, m);
-        rv[rc] = ffn::running_update(rv[rc], ffn::unbiased_var(var, w.n), m);
+        rm[rc] = ffn::running_update(rm[rc], static_cast<acc_t>(w.mean), m);
+        rv[rc] = ffn::running_update(rv[rc], static_cast<acc_t>(ffn::unbiased_var(var, w.n)), m);
       }
     }
   }

@@ -280,10 +280,12 @@ std::vector<acc_t> segment_sums(const Geom& g, const FrameLayout& L, Visit&& vis
   return out;
 }
 
-// Batch statistics per (segment, channel): a two-pass (mean, M2) per chunk, Chan-merged in chunk
-// order. Returns [S, C] Welford triples.
+// Batch statistics per (segment, channel): a two-pass (mean, M2) per chunk in acc_t, Chan-merged
+// in chunk order in double. A segment can have millions of chunks (one per 1x1 frame), and a
+// float merge of that many partials loses digits as a float sum of that many values does.
+// Returns [S, C] Welford triples.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
-std::vector<ffn::Welford<acc_t>> segment_stats(const Geom& g, const FrameLayout& L,
+std::vector<ffn::Welford<double>> segment_stats(const Geom& g, const FrameLayout& L,
                                                const scalar_t* x) {
   const int64_t C = g.C, nblk = g.channels_last ? g.chunks : 1, lanes = lane_count(g);
   const int64_t width = g.channels_last ? C : g.planes * lanes,
@@ -318,18 +320,21 @@ std::vector<ffn::Welford<acc_t>> segment_stats(const Geom& g, const FrameLayout&
                  }
                });
     if (g.channels_last) {
-      for (int64_t c = 0; c < C; ++c) part[(f * nblk + q) * C + c] = {acc_t(n), mean[c], m2[c]};
+      for (int64_t c = 0; c < C; ++c) part[(f * nblk + q) * C + c] = {n, mean[c], m2[c]};
     } else {
       for (int64_t k = 0; k < c_end - c_first; ++k)
-        part[f * C + c_first + k] = {acc_t(n), mean[k], sum_lanes(m2 + k * lanes, lanes)};
+        part[f * C + c_first + k] = {n, mean[k], sum_lanes(m2 + k * lanes, lanes)};
     }
   });
-  std::vector<ffn::Welford<acc_t>> out(L.S * C, ffn::Welford<acc_t>{});
+  std::vector<ffn::Welford<double>> out(L.S * C, ffn::Welford<double>{});
   at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
     for (int64_t s = 0; s < L.S; ++s)
       for (int64_t k = L.start[s] * nblk; k < L.start[s + 1] * nblk; ++k)
-        for (int64_t c = c0; c < c1; ++c)
-          out[s * C + c] = ffn::welford_merge(out[s * C + c], part[k * C + c]);
+        for (int64_t c = c0; c < c1; ++c) {
+          const ffn::Welford<acc_t>& p = part[k * C + c];
+          out[s * C + c] =
+              ffn::welford_merge(out[s * C + c], ffn::Welford<double>{p.n, p.mean, p.m2});
+        }
   });
   return out;
 }

@@ -144,7 +144,7 @@ __device__ __forceinline__ int64_t chunk_count(const FrameLayout& seg, const Geo
 // the row's running statistics instead.
 template <typename acc_t>
 __global__ void stats_combine_kernel(const acc_t* __restrict__ partials, int num_chunks,
-                                     const FrameLayout seg, const Geom g, acc_t eps, bool batch,
+                                     const FrameLayout seg, const Geom g, double eps, bool batch,
                                      const acc_t* __restrict__ running_mean,
                                      const acc_t* __restrict__ running_var, acc_t* mean,
                                      acc_t* invstd, acc_t* new_rm, acc_t* new_rv) {
@@ -163,7 +163,7 @@ __global__ void stats_combine_kernel(const acc_t* __restrict__ partials, int num
     ffn::Welford<acc_t> part;
     part.mean = partials[static_cast<int64_t>(k) * g.C + c];
     part.m2 = partials[(static_cast<int64_t>(num_chunks) + k) * g.C + c];
-    part.n = static_cast<acc_t>(chunk_count(seg, g, s, k));
+    part.n = chunk_count(seg, g, s, k);
     w = ffn::welford_merge(w, part);
   }
   const acc_t var = ffn::welford_var(w);
@@ -171,9 +171,8 @@ __global__ void stats_combine_kernel(const acc_t* __restrict__ partials, int num
   invstd[sc] = ffn::inv_std(var, eps);
   if (new_rm != nullptr) {
     const acc_t m = static_cast<acc_t>(seg.momentum[s]);
-    const int64_t n = (seg.start[s + 1] - seg.start[s]) * g.HW;
     new_rm[rc] = ffn::running_update(running_mean[rc], w.mean, m);
-    new_rv[rc] = ffn::running_update(running_var[rc], ffn::unbiased_var(var, n), m);
+    new_rv[rc] = ffn::running_update(running_var[rc], ffn::unbiased_var(var, w.n), m);
   }
 }
 
@@ -269,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(
     using acc_t = scalar_t;
     const dim3 grid((g.C + kThreads - 1) / kThreads, seg.n);
     stats_combine_kernel<acc_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        batch ? partials.data_ptr<acc_t>() : nullptr, num_chunks, seg, g, static_cast<acc_t>(eps),
+        batch ? partials.data_ptr<acc_t>() : nullptr, num_chunks, seg, g, eps,
         batch, has_running ? rm.data_ptr<acc_t>() : nullptr,
         has_running ? rv.data_ptr<acc_t>() : nullptr, mean.data_ptr<acc_t>(),
         invstd.data_ptr<acc_t>(), update ? new_rm.data_ptr<acc_t>() : nullptr,

@@ -203,12 +203,12 @@ void launch_frame_map(const Op& op, const FrameLayout& seg, const Geom& g, bool 
 // Accumulators of the per-channel reductions.
 // ---------------------------------------------------------------------------------------------
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t shfl_down(acc_t v, int off) {
+template <typename T>
+__device__ __forceinline__ T shfl_down(T v, int off) {
   return __shfl_down_sync(0xffffffffu, v, off);
 }
 
-// Welford state (count kept in acc_t: exact for the per-thread and per-chunk counts used here).
+// Welford state (an int64 count, as every backend keeps it: docs/design.md §3.2).
 template <typename acc_t>
 struct WelfordAcc {
   static constexpr int kFields = 2;  // partials store mean and m2; counts are implied by chunks

@@ -3,6 +3,9 @@
 
 #include <ATen/FuncTorchTLS.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/util/safe_numerics.h>
+
+#include <cstdint>
 
 namespace ffn_kernels {
 namespace ops {
@@ -65,6 +68,16 @@ void check_input(const char* name, const Tensor& x, const c10::SymInt& clips,
     TORCH_CHECK_VALUE(holds(frames[s].sym_ge(1)), "layout: every frame count must be >= 1, got ",
                       frames);
     TORCH_CHECK_VALUE(rows[s] >= 0, "layout: rows must be >= 0, got ", rows);
+    // the kernels index frame counts and rows as int32, frames as int64
+    TORCH_CHECK_VALUE(holds(frames[s].sym_le(INT32_MAX)) && rows[s] <= INT32_MAX,
+                      "layout: frame counts and rows must be < 2^31, got frames=", frames,
+                      ", rows=", rows);
+    const auto c = clips.maybe_as_int(), t = frames[s].maybe_as_int(), sum = total.maybe_as_int();
+    int64_t n = 0, next = 0;
+    TORCH_CHECK_VALUE(!(c && t && sum) || (!c10::mul_overflows(*c, *t, &n) &&
+                                           !c10::add_overflows(*sum, n, &next)),
+                      "layout: clips=", clips, " x frames=", frames,
+                      " is more than 2^63 - 1 frames (int64 overflow)");
     total = total + clips * frames[s];
   }
   TORCH_CHECK_VALUE(holds(x.sym_size(0).sym_eq(total)), name, ".shape[0] is ", x.sym_size(0),

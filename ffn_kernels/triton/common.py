@@ -75,8 +75,11 @@ class Plan:
         self.channels_last = self.fmt == torch.channels_last
         if not x.is_contiguous(memory_format=self.fmt):
             raise ValueError("ffn_kernels.triton: x must be NCHW contiguous or channels_last")
-        _, C, H, W = x.shape
+        F, C, H, W = x.shape
         hw = H * W
+        if F >= 2**31:
+            raise ValueError(f"ffn_kernels.triton: x has {F} frames; the Triton kernels take fewer "
+                             "than 2**31 (their layout table is int32)")
         if C * hw >= 2**31:
             raise ValueError("ffn_kernels.triton: a frame (C*H*W) must have fewer than 2**31 "
                              "elements (int32 offsets inside a frame)")
@@ -97,7 +100,7 @@ class Plan:
         chunk_frames = max(1, _CHUNK // (bc * hw))
         self.layout, self.nch = _frame_layout_table(int(clips), tuple(frames), tuple(rows),
                                                    chunk_frames, x.device)
-        self.C, self.S = C, len(frames)
+        self.C, self.S, self.hw = C, len(frames), hw
         self.grid = (self.nch, nblocks)
         self.combine_block = min(triton.next_power_of_2(C), 256)
         self.combine_grid = (triton.cdiv(C, self.combine_block),)
@@ -125,14 +128,15 @@ def stats(plan, x, running_mean, running_var, training, momentum, eps):
         new_rm, new_rv = unused_acc(x), unused_acc(x)
     part = mean
     if batch:
-        part = x.new_empty((3, plan.nch, C), dtype=torch.float32)
+        part = x.new_empty((2, plan.nch, C), dtype=torch.float32)
         K._stats_kernel[plan.grid](x, part, *plan.args, **plan.kw)
     update = batch and has_running
     for s_lo in range(0, S, _MOMENTA):  # momenta as scalar arguments, 8 segments per launch
         s_hi = min(S, s_lo + _MOMENTA)
         moms = [float(m) for m in momentum[s_lo:s_hi]] if update else []
         K._stats_combine_kernel[plan.combine_grid](
-            part, mean, invstd, new_rm, new_rv, plan.layout, plan.nch, S, C, float(eps), s_lo, s_hi,
+            part, mean, invstd, new_rm, new_rv, plan.layout, plan.nch, S, C, plan.hw,
+            float(eps), s_lo, s_hi,
             *moms, *[0.0] * (_MOMENTA - len(moms)),
             BATCH=batch, UPDATE=update, BLOCK_C=plan.combine_block,
         )

@@ -125,21 +125,25 @@ def _tile(p0, c, cmask, C, HW, CHANNELS_LAST: tl.constexpr, HW_ALIGN: tl.constex
 
 @triton.jit
 def _welford_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
-    """Chan et al. merge of two (mean, M2, count) summaries."""
+    """Chan et al. merge of two (mean, M2, count) summaries, in the dtype of ``mean_a``/``m2_a``.
+    Inside a chunk the counts are float32 (at most ``_CHUNK`` values: exact); across chunks they
+    are int64, as a float32 count stops growing at 2**24. The weight is a float32 division (a
+    float64 one would call ptxas's slow path, which uses stack)."""
     n = n_a + n_b
-    w_b = n_b / tl.maximum(n, 1.0)
+    w_b = n_b.to(tl.float32) / tl.maximum(n, 1).to(tl.float32)
     delta = mean_b - mean_a
-    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b, n
+    return mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a.to(tl.float32) * w_b, n
 
 
 @triton.jit
 def _stats_kernel(x_ptr,  # [F, C, H, W] activation
-                  part_ptr,  # [3, NCH, C] float32 out: per-chunk (mean, M2, count)
+                  part_ptr,  # [2, NCH, C] float32 out: per-chunk (mean, M2)
                   layout_ptr, NCH, S, C, HW, fold, nb0,
                   REGIONS: tl.constexpr, ALIGN: tl.constexpr, HW_ALIGN: tl.constexpr,
                   CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Per-lane Welford over the chunk, merged across lanes; writes ``part[3, NCH, C]`` =
-    (mean, M2, count) of this chunk's frames x pixels for each channel."""
+    """Per-lane Welford over the chunk, merged across lanes; writes ``part[2, NCH, C]`` =
+    (mean, M2) of this chunk's frames x pixels for each channel (its count, frames x ``HW``, is
+    in the layout table)."""
     k, seg, f0, nf = _chunk(layout_ptr, NCH, S)
     c, cmask, step = _channels(C, fold, nb0, REGIONS, ALIGN, BLOCK_C)
     mean = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
@@ -158,21 +162,22 @@ def _stats_kernel(x_ptr,  # [F, C, H, W] activation
     out = part_ptr + k * C + c
     tl.store(out, mean, mask=cmask)
     tl.store(out + NCH * C, m2, mask=cmask)
-    tl.store(out + 2 * NCH * C, cnt, mask=cmask)
 
 
 @triton.jit
-def _stats_combine_kernel(part_ptr,  # [3, NCH, C] float32 from _stats_kernel
+def _stats_combine_kernel(part_ptr,  # [2, NCH, C] float32 from _stats_kernel
                           mean_ptr, invstd_ptr,  # [S, C] float32 out
                           rm_ptr, rv_ptr,  # [P, C] float32 running stats (updated copies)
-                          layout_ptr, NCH, S, C, eps, s_lo, s_hi,
+                          layout_ptr, NCH, S, C, HW, eps: tl.float64, s_lo, s_hi,
                           mom0, mom1, mom2, mom3, mom4, mom5, mom6, mom7,
                           BATCH: tl.constexpr, UPDATE: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per segment ``s_lo <= s < s_hi`` (at most 8): merge the chunks' partials (``BATCH``) or
     read the row's running statistics, write ``mean``/``invstd[S, C]`` and (``UPDATE``) blend
     the batch statistics into the running statistics ``rm``/``rv`` (updated copies) with the
     segment's momentum and unbiased variance. The momenta ``mom0..mom7`` of segments ``s_lo..`` are
-    scalar arguments: no host-to-device copy per call (and nothing that breaks graph capture)."""
+    scalar arguments: no host-to-device copy per call (and nothing that breaks graph capture).
+    Counts are int64 (exact at any size) and ``invstd`` is computed in float64 with a float64
+    ``eps``, as ATen's CPU BatchNorm does (an ``eps`` of 1e-50 is 0 in float32)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     first_chunk = layout_ptr + 3 * NCH + 3 * (S + 1)
@@ -180,16 +185,19 @@ def _stats_combine_kernel(part_ptr,  # [3, NCH, C] float32 from _stats_kernel
         start, stop, T, row = _segment(layout_ptr, NCH, S, s)
         prow = row * C + c
         if BATCH:
-            mean = tl.zeros([BLOCK_C], tl.float32)
-            m2 = tl.zeros([BLOCK_C], tl.float32)
-            n = tl.zeros([BLOCK_C], tl.float32)
+            # merged in float64: a segment may have tens of thousands of chunks, and a float32
+            # merge of that many partials loses digits as a float32 sum of that many values does
+            mean64 = tl.zeros([BLOCK_C], tl.float64)
+            m2 = tl.zeros([BLOCK_C], tl.float64)
+            n = tl.zeros([BLOCK_C], tl.int64)
             for k in range(tl.load(first_chunk + s), tl.load(first_chunk + s + 1)):
                 src = part_ptr + k * C + c
-                mean, m2, n = _welford_combine(
-                    mean, m2, n, tl.load(src, mask=cmask, other=0.0),
-                    tl.load(src + NCH * C, mask=cmask, other=0.0),
-                    tl.load(src + 2 * NCH * C, mask=cmask, other=0.0))
-            var = m2 / tl.maximum(n, 1.0)
+                count = tl.load(layout_ptr + 2 * NCH + k).to(tl.int64) * HW  # chunk frames x HW
+                mean64, m2, n = _welford_combine(
+                    mean64, m2, n, tl.load(src, mask=cmask, other=0.0).to(tl.float64),
+                    tl.load(src + NCH * C, mask=cmask, other=0.0).to(tl.float64), count)
+            mean = mean64.to(tl.float32)
+            var = m2 * (1.0 / tl.maximum(n, 1).to(tl.float32)).to(tl.float64)
             if UPDATE:
                 j = s - s_lo
                 mom = tl.where(j == 0, mom0, tl.where(j == 1, mom1, tl.where(j == 2, mom2, tl.where(
@@ -197,14 +205,15 @@ def _stats_combine_kernel(part_ptr,  # [3, NCH, C] float32 from _stats_kernel
                         j == 6, mom6, mom7)))))))
                 rm = tl.load(rm_ptr + prow, mask=cmask)
                 rv = tl.load(rv_ptr + prow, mask=cmask)
-                unbiased = var * n / tl.maximum(n - 1.0, 1.0)
+                unbiased = (var * (n.to(tl.float32) / tl.maximum(n - 1, 1).to(tl.float32))).to(
+                    tl.float32)
                 tl.store(rm_ptr + prow, (1.0 - mom) * rm + mom * mean, mask=cmask)
                 tl.store(rv_ptr + prow, (1.0 - mom) * rv + mom * unbiased, mask=cmask)
         else:
             mean = tl.load(rm_ptr + prow, mask=cmask, other=0.0)
-            var = tl.load(rv_ptr + prow, mask=cmask, other=1.0)
+            var = tl.load(rv_ptr + prow, mask=cmask, other=1.0).to(tl.float64)
         tl.store(mean_ptr + s * C + c, mean, mask=cmask)
-        tl.store(invstd_ptr + s * C + c, 1.0 / tl.sqrt(var + eps), mask=cmask)
+        tl.store(invstd_ptr + s * C + c, tl.math.rsqrt(var + eps).to(tl.float32), mask=cmask)
 
 
 @triton.jit
@@ -290,7 +299,7 @@ def _bwd_kernel(dy_ptr, dnext_ptr,  # [F, C, H, W] gradients of y (HAS_DY) and o
         istd = tl.load(invstd_ptr + seg * C + c, mask=cmask, other=0.0)
         scale = tl.load(w_ptr + prow, mask=cmask, other=0.0) * istd
         if STORE and TRAINING:
-            n = ((stop - start) * HW).to(tl.float32)
+            n = ((stop - start).to(tl.int64) * HW).to(tl.float32)  # > 2**31 values per channel
             mean_gx = tl.load(sums_ptr + seg * C + c, mask=cmask, other=0.0) / n
             mean_g = tl.load(sums_ptr + (S + seg) * C + c, mask=cmask, other=0.0) / n
     acc_gx = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
