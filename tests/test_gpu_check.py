@@ -51,7 +51,8 @@ def test_dry_run_prints_every_step_without_torch_or_a_gpu(tmp_path):
     # the op tests' cuda and triton cases on the GPU: a missing CUDA kernel fails, Triton not
     # interpreted
     op_tests = " ".join(f"tests/test_{name}.py" for name in (
-        "shift_alter", "freq_batch_norm", "bn_add_relu_shift_alter", "shared_rows", "backends"))
+        "shift_alter", "freq_batch_norm", "bn_add_relu_shift_alter", "temporal_conv",
+        "freq_layer_norm", "freq_batch_norm3d", "shared_rows", "backends"))
     assert "pytest" in cmds["test_cuda"] and cmds["test_cuda"].endswith(f"-m cuda {op_tests}")
     assert "FFN_KERNELS_EXPECT_CUDA=1" in cmds["test_cuda"]
     assert cmds["test_triton"].endswith(f"-m triton {op_tests}")
