@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -398,3 +399,30 @@ def pytest_report_header(config):
     return (f"ffn_kernels backend for cpu: {ffn_kernels.backend_name('cpu')} "
             f"(FFN_KERNELS_BACKEND={os.environ.get('FFN_KERNELS_BACKEND', 'auto')}); "
             f"skipped backends: {({k: v for k, v in SKIP_REASON.items() if v}) or 'none'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the CLI and bad-input tests
+# ---------------------------------------------------------------------------------------------
+
+# `ffn train` overrides for a ResNet-18 of width 8 on 8x8 crops, one step per epoch: a run takes a
+# second or two
+TINY_RUN = [
+    "data.synthetic.train_videos=4", "data.synthetic.val_videos=2", "data.synthetic.num_frames=4",
+    "data.synthetic.frame_size=16", "data.size=8", "data.scale_size=8", "data.batch_size=2",
+    "data.workers=0", "model.frames=[1,2]", "model.width=8", "model.dropout=0", "train.epochs=1",
+    "train.max_steps=1", "train.progress=false",
+]
+
+
+@pytest.fixture
+def no_hang():
+    """A read that blocks (a FIFO opened) fails the test instead of hanging the suite."""
+    def hung(*_):
+        raise TimeoutError("hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

@@ -6,7 +6,6 @@ and bit flips of a real checkpoint either loads the identical state or is refuse
 import os
 import random
 import shutil
-import signal
 from contextlib import redirect_stderr, redirect_stdout
 from io import StringIO
 from pathlib import Path
@@ -29,17 +28,7 @@ SMALL = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def no_hang():
-    """A read that blocks (a FIFO opened) fails the test instead of hanging the suite."""
-    def hung(*_):
-        raise TimeoutError("hung")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+pytestmark = pytest.mark.usefixtures("no_hang")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,8 @@ import torch
 from ffn.cli import main
 from ffn.config import MAX_YAML_DEPTH, Config, UserError, check_config, load_config
 from ffn.engine.trainer import fit
+from conftest import TINY_RUN as TINY
 
-TINY = [
-    "data.synthetic.train_videos=4", "data.synthetic.val_videos=2", "data.synthetic.num_frames=4",
-    "data.synthetic.frame_size=16", "data.size=8", "data.scale_size=8", "data.batch_size=2",
-    "data.workers=0", "model.frames=[1,2]", "model.width=8", "model.dropout=0", "train.epochs=1",
-    "train.max_steps=1", "train.progress=false",
-]
 
 DEEP = "[" * 5000 + "]" * 5000
 # config files: name -> text

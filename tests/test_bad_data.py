@@ -21,17 +21,7 @@ from ffn.data import (BadSampleError, EvalClips, EvalTransform, FrameFolderSourc
 from ffn.data.timeout import time_limit
 
 
-@pytest.fixture(autouse=True)
-def no_hang():
-    """A read that blocks (a FIFO opened) fails the test instead of hanging the suite."""
-    def hung(*_):
-        raise TimeoutError("hung")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+pytestmark = pytest.mark.usefixtures("no_hang")
 
 
 def one_line(e: pytest.ExceptionInfo, *names) -> str:

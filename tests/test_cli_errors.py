@@ -18,16 +18,9 @@ import torch
 from ffn.cli import main
 from ffn.config import load_config
 from ffn.engine.trainer import fit
+from conftest import TINY_RUN as TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# ResNet-18 of width 8 on 8x8 crops, one step per epoch: a run takes a second or two
-TINY = [
-    "data.synthetic.train_videos=4", "data.synthetic.val_videos=2", "data.synthetic.num_frames=4",
-    "data.synthetic.frame_size=16", "data.size=8", "data.scale_size=8", "data.batch_size=2",
-    "data.workers=0", "model.frames=[1,2]", "model.width=8", "model.dropout=0", "train.epochs=1",
-    "train.max_steps=1", "train.progress=false",
-]
 
 
 def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
