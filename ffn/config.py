@@ -116,6 +116,7 @@ class TrainConfig:
     max_steps: int = 0  # cap on steps per epoch (smoke tests); 0 = whole epoch
     val_twice: bool = False
     val_crops: int = 1
+    dist_timeout: float = 10.0  # minutes a process waits for the others (joining, collectives)
 
 
 @dataclass
@@ -468,6 +469,7 @@ def check_ranges(config: Config) -> None:
     count("train.seed", t.seed, 0)
     count("train.max_steps", t.max_steps, 0, what=" (0 = whole epoch)")
     count("train.log_every", t.log_every, 1, what=" steps")
+    finite("train.dist_timeout", t.dist_timeout, 0, lo_open=True, hi=24 * 60)
     need(t.val_crops in (1, 3), "train.val_crops", t.val_crops, "must be 1 or 3")
     need(bool(t.out), "train.out (--out)", t.out, "must name a folder")
     count("data.size", d.size, 1, MAX_SIZE, " pixels")

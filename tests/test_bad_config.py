@@ -72,6 +72,8 @@ CASES = [
     ("train train.epochs=99999999999", "config train.epochs"),
     ("train train.max_steps=-5", "config train.max_steps"),
     ("train train.log_every=0", "config train.log_every"),
+    ("train train.dist_timeout=0", "config train.dist_timeout"),
+    ("train train.dist_timeout=nan", "config train.dist_timeout"),
     ("train data.start_index=-1", "config data.start_index"),
     # lists of integers
     ("train model.frames=[1,1e9]", "config model.frames[1]: expected int"),

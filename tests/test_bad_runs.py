@@ -280,3 +280,22 @@ def test_a_failed_write_is_one_line_and_leaves_the_checkpoints(run, monkeypatch,
     monkeypatch.undo()
     assert digests(run) == before and checkpoint.load(run / "last.pt")["epoch"] == 1
     assert not list(run.glob("*.tmp")) and not (run / rundir.LOCK_FILE).exists()
+
+
+def test_a_rank_whose_peers_never_start_fails_within_train_dist_timeout(tmp_path):
+    """An orphaned process (rank 1 of 2, nobody listening at MASTER_PORT) gives up after
+    train.dist_timeout minutes with one line, not after torch's 30 minutes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "ffn", "train", *TINY, f"train.out={tmp_path / 'run'}",
+                           "train.dist_timeout=0.02"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and time.monotonic() - start < 60
+    assert proc.stderr.rstrip().splitlines()[-1].startswith(
+        "ffn train: error: config train.dist_timeout: rank 1 of 2 could not join the others within 0.02 min")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -29,9 +30,11 @@ class Dist:
         return self.world > 1
 
 
-def setup(device: str = "auto") -> tuple[Dist, torch.device]:
+def setup(device: str = "auto", timeout: float = 10.0) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``): NCCL on
-    GPUs, gloo on CPUs. ``device`` is auto, cpu or cuda."""
+    GPUs, gloo on CPUs. ``device`` is auto, cpu or cuda. ``timeout`` (minutes, ``train.dist_timeout``)
+    bounds the wait for the other processes, to join and in every collective: a process whose
+    peers died or never started fails then, instead of after torch's 30 minutes."""
     d = Dist(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
              int(os.environ.get("LOCAL_RANK", 0)))
     if device == "cuda" and not torch.cuda.is_available():
@@ -44,7 +47,14 @@ def setup(device: str = "auto") -> tuple[Dist, torch.device]:
     else:
         dev = torch.device("cpu")
     if d.enabled and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=d.rank, world_size=d.world)
+        try:
+            dist.init_process_group("nccl" if use_cuda else "gloo", rank=d.rank, world_size=d.world,
+                                    timeout=timedelta(minutes=timeout))
+        except dist.DistError as e:  # the store or the peers did not answer in time
+            raise UserError(
+                f"config train.dist_timeout: rank {d.rank} of {d.world} could not join the others "
+                f"within {timeout:g} min ({type(e).__name__}); are all processes of the run "
+                f"started (torchrun), and MASTER_ADDR/MASTER_PORT right?") from None
     return d, dev
 
 

@@ -40,6 +40,7 @@ RESUME_MAY_CHANGE = frozenset({
     "train.epochs", "train.out", "train.device", "train.progress", "train.log_every", "train.val_twice",
     "train.val_crops",
     "data.root", "data.train_list", "data.val_list", "data.workers", "data.skip_bad", "data.decode_timeout",
+    "train.dist_timeout",
     "model.impl", "model.pretrained", "model.pretrained_format",
 })
 
@@ -63,7 +64,7 @@ def fit(cfg: Config, resume: Optional[str | Path] = None, overwrite: bool = Fals
             if found and main:  # before any rank can write (setup waits for all)
                 for name in RUN_FILES:
                     (out / name).unlink(missing_ok=True)
-        d, device = distributed.setup(cfg.train.device)
+        d, device = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
         try:
             return Trainer(cfg, d, device, sigint).run(resume)
         finally:
