@@ -128,7 +128,7 @@ def test_the_lock_of_a_process_that_dies_is_released(tmp_path):
 def test_only_the_main_process_takes_the_lock(tmp_path, monkeypatch):
     out, started = tmp_path / "run", []
     monkeypatch.setenv("RANK", "1")  # a rank of the training that holds the lock goes on
-    monkeypatch.setattr(distributed, "setup", lambda device: started.append(device) or (None, None))
+    monkeypatch.setattr(distributed, "setup", lambda device, timeout: started.append(device) or (None, None))
     monkeypatch.setattr(trainer, "Trainer", lambda *args: SimpleNamespace(run=lambda resume: out))
     with rundir.locked(out):
         assert fit(load_config(overrides=[*TINY, f"train.out={out}"])) == out
