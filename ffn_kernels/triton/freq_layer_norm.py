@@ -11,10 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_dtype, on_device
-
-_TILE = 2048  # elements of a [BLOCK_M, BLOCK_C] tile
-_MAXNREG = 128  # the sm_90 register cap (.ci/triton_sm90.py)
+from .common import _MAXNREG, _TILE, check_dtype, on_device
 
 
 @functools.lru_cache(maxsize=256)
