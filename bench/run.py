@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import warnings
 from pathlib import Path
 
 import torch
 
 import ffn_kernels
+from ffn_kernels.info import cpu_model
 from ffn import allocator
 
 # bench/'s modules import each other by plain name: `python bench/run.py` puts bench/ first on
@@ -110,18 +110,6 @@ def op_section(args, report: Report) -> None:
     report.print_ops()
 
 
-def cpu_name() -> str:
-    """The CPU model (rows are keyed by device), from /proc/cpuinfo where there is one."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
@@ -130,7 +118,7 @@ def main(argv=None) -> None:
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     report = Report(args.out, meta={
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "device_type": device.type, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "ffn_kernels": ffn_kernels.__version__,
         "backend": ffn_kernels.backend_name(device), "dtype": args.dtype,

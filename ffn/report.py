@@ -6,17 +6,27 @@ import csv
 import json
 from pathlib import Path
 
-Results = dict[str, dict[int, dict]]  # model label -> frame count -> {"top1", "top5", ...}
+# model label -> frame count -> {"top1", "top5", ...}; a summary over runs (seeds) also holds
+# "top1_min" and "top1_max"
+Results = dict[str, dict[int, dict]]
 
 
 def markdown_table(results: Results, metric: str = "top1", fmt: str = "{:.1f}") -> str:
+    """Frame counts down, models across; a cell with a range reads ``mean (min..max)``."""
     labels = list(results)
     frames = sorted({n for r in results.values() for n in r})
     lines = ["| frames | " + " | ".join(labels) + " |", "|---:|" + "---:|" * len(labels)]
     for n in frames:
-        cells = [fmt.format(results[m][n][metric]) if n in results[m] else "" for m in labels]
+        cells = [cell(results[m][n], metric, fmt) if n in results[m] else "" for m in labels]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def cell(entry: dict, metric: str, fmt: str) -> str:
+    text = fmt.format(entry[metric])
+    if f"{metric}_min" in entry:
+        text += f" ({fmt.format(entry[f'{metric}_min'])}..{fmt.format(entry[f'{metric}_max'])})"
+    return text
 
 
 def write_results(results: Results, out: str | Path, title: str = "Top-1 accuracy vs frames",
@@ -55,12 +65,16 @@ def plot(results: Results, path: str | Path, title: str, chance: float | None = 
 
 
 def plot_accuracy(ax, results: Results, chance: float | None = None) -> None:
-    """Top-1 vs frames on the matplotlib axes ``ax``, one line per model."""
+    """Top-1 vs frames on the matplotlib axes ``ax``, one line per model (a shaded band where the
+    results hold a min..max range)."""
     from matplotlib.ticker import MaxNLocator
 
     for label, r in results.items():
         frames = sorted(r)
-        ax.plot(frames, [r[n]["top1"] for n in frames], marker="o", markersize=3, label=label)
+        line, = ax.plot(frames, [r[n]["top1"] for n in frames], marker="o", markersize=3, label=label)
+        if all("top1_min" in r[n] for n in frames):
+            ax.fill_between(frames, [r[n]["top1_min"] for n in frames], [r[n]["top1_max"] for n in frames],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

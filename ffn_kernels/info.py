@@ -67,6 +67,18 @@ def _usable() -> str:
                      for name, ok in rows.items())
 
 
+def cpu_model() -> str:
+    """The CPU's model name, from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _choice(device: str) -> str:
     try:
         return backend.backend_name(device)
@@ -81,7 +93,7 @@ def report() -> list[tuple[str, str]]:
         ("ffn_kernels", __version__),
         ("Python", sys.version.split()[0] + f" ({sys.executable})"),
         ("OS", platform.platform()),
-        ("CPU", f"{platform.machine()}, ISA {torch.backends.cpu.get_cpu_capability()}, "
+        ("CPU", f"{cpu_model()} ({platform.machine()}), ISA {torch.backends.cpu.get_cpu_capability()}, "
                 f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}"),
         ("torch", torch.__version__),
         ("torch CUDA build", torch.version.cuda or "none (CPU-only torch)"),

@@ -131,21 +131,46 @@ def test_train_then_eval_ffn_and_a_single_frame_count_baseline(tmp_path, capsys)
     assert "eval tsm4: frame count 5/5, frames 5, top1 " in printed.err and "\r" not in printed.err
 
 
-def test_demo_trains_both_models_and_reports_every_frame_count(tmp_path, capsys):
-    small = ["data.synthetic.train_videos=4", "data.synthetic.val_videos=3", "data.synthetic.num_frames=16",
-             "data.synthetic.frame_size=16", "data.size=16", "data.scale_size=16", "data.batch_size=4",
-             "data.workers=0", "train.epochs=1", "train.progress=false"]
-    assert main(["demo", "--out", str(tmp_path), *small]) == 0
-    assert {p.name for p in (tmp_path / "tsm16").iterdir()} >= {"last.pt", "log.csv"}
-    assert [r["epoch"] for r in read_log(tmp_path / "ffn")] == ["1"]
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert list(results) == ["TSM, 16 frames", "FFN, 4/8/16 frames"]
-    assert all(list(r) == [str(n) for n in range(2, 21)] and all(v["videos"] == 3 for v in r.values())
-               for r in results.values())
-    report = (tmp_path / "report.md").read_text()
-    assert "| frames | TSM, 16 frames | FFN, 4/8/16 frames |" in report and "| 20 |" in report
-    assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| 20 |" in capsys.readouterr().out
+DEMO_SMALL = ["data.synthetic.train_videos=4", "data.synthetic.val_videos=3", "data.synthetic.num_frames=16",
+              "data.synthetic.frame_size=16", "data.size=16", "data.scale_size=16", "data.batch_size=4",
+              "data.workers=0", "train.epochs=1", "train.progress=false"]
+
+
+def test_demo_compares_ffn_with_separated_training_over_seeds(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert main(["demo", "--out", str(out), "--seeds", "2", *DEMO_SMALL]) == 0
+    for seed in (0, 1):
+        assert {p.name for p in (out / f"seed{seed}").iterdir()} == {"tsm16", "st4", "st8", "ffn"}
+    assert [r["epoch"] for r in read_log(out / "seed1" / "st4")] == ["1"]
+    runs = json.loads((out / "seeds.json").read_text())
+    assert runs["st8"][1]["settings"] == ["model.frames=[8]", "model.weight_alteration=false", "train.seed=1",
+                                          *DEMO_SMALL]
+    # the ST row is, at each count, the nearest ST model's accuracy there: ST-4 up to 5, ST-8 6..11
+    summary = json.loads((out / "results.json").read_text())
+    assert list(summary) == ["TSM, trained at 16", "ST, nearest of 4/8/16", "FFN, trained at 4/8/16"]
+    for n, model in ((5, "st4"), (6, "st8"), (11, "st8"), (12, "tsm16")):
+        top1 = [runs[model][s]["results"][str(n)]["top1"] for s in (0, 1)]
+        cell = summary["ST, nearest of 4/8/16"][str(n)]
+        assert (cell["top1"], cell["top1_min"], cell["top1_max"]) == (sum(top1) / 2, min(top1), max(top1))
+    report = (out / "report.md").read_text()
+    assert "| frames | TSM, trained at 16 | ST, nearest of 4/8/16 | FFN, trained at 4/8/16 |" in report
+    assert "- 16 frames, FFN vs ST-16 (the TSM-16): " in report and "threads" in report
+    assert "| parameters stored |" in report and "| 16 | " in report.split("| frames | GFLOPs")[1]
+    assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    # same command, same machine and threads: the same tables; --resume reuses the finished models
+    assert main(["demo", "--out", str(tmp_path / "b"), "--seeds", "2", *DEMO_SMALL]) == 0
+    assert (tmp_path / "b" / "seeds.json").read_text().count('"top1"') == 2 * 4 * 19
+    assert strip_minutes(tmp_path / "b" / "seeds.json") == strip_minutes(out / "seeds.json")
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--seeds", "2", "--resume", *DEMO_SMALL]) == 0
+    assert capsys.readouterr().out.count("finished before, reused") == 8
+    assert json.loads((out / "results.json").read_text()) == summary
+
+
+def strip_minutes(path) -> list:
+    """A demo's per-model records without their (timed) training minutes."""
+    runs = json.loads(path.read_text())
+    return [{k: v for k, v in r.items() if k != "train_minutes"} for records in runs.values() for r in records]
 
 
 def test_checkpoints_load_weights_only_and_hold_the_whole_state(tmp_path):
