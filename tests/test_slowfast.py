@@ -261,17 +261,20 @@ def test_official_checkpoint_of_another_width_names_the_key():
         load_official(FFNSlowFast(frames=FRAMES, num_classes=5, width=16), official_checkpoint())
 
 
-def test_parameter_count():
+def test_parameter_counts():
     model = FFNSlowFast(frames=FRAMES, num_classes=174)
     count = sum(p.numel() for p in model.parameters())
     head_in = model.head["projection"].in_features
-    print(f"slowfast_r50 FFN params: 174 classes {count}, 400 classes {count + 226 * (head_in + 1)}")
-    assert (count, head_in) == (SLOWFAST_FFN_174, 2304)
+    one = FFNSlowFast(frames=(32,), num_classes=400)  # one branch, less its WA: plain SlowFast
+    plain = sum(p.numel() for n, p in one.named_parameters() if "adaconv" not in n)
+    print(f"slowfast_r50 FFN params: 174 classes {count}, 400 classes {count + 226 * (head_in + 1)}; "
+          f"plain SlowFast-R50 400 classes {plain}")
+    assert (count, head_in, plain) == (SLOWFAST_FFN_174, 2304, SLOWFAST_PLAIN_400)
 
 
 # SlowFast-R50 FFN, 3 branches, width 64 (README): 174 classes (Something-Something) 34,212,606;
-# 400 (Kinetics) 34,733,536.
-SLOWFAST_FFN_174 = 34_212_606
+# 400 (Kinetics) 34,733,536. Plain SlowFast-R50 (one BN per layer, no WA), 400 classes: 34,566,488.
+SLOWFAST_FFN_174, SLOWFAST_PLAIN_400 = 34_212_606, 34_566_488
 
 
 TINY = [
