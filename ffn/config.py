@@ -476,6 +476,8 @@ def check_ranges(config: Config) -> None:
              f"{m.arch} (the fast pathway has width / 8 channels)")
         need(m.weight_alteration, "model.weight_alteration", m.weight_alteration,
              f"must stay true with model.arch={m.arch}: SlowFast-FFN's blocks always have it")
+        need(not t.sync_bn, "train.sync_bn", t.sync_bn, f"is not supported with model.arch={m.arch} "
+             "yet: FreqBatchNorm3d has no synchronised counterpart")
         need(not m.pretrained or m.pretrained_format in ("official", "pyslowfast"),
              "model.pretrained_format", m.pretrained_format, f"must be official (a SlowFast-FFN "
              f"checkpoint) or pyslowfast (a plain PySlowFast SlowFast-R50) with model.arch={m.arch}")

@@ -309,9 +309,32 @@ def test_ffn_train_eval_and_diagnose_slowfast(tmp_path, capsys):
     ("model.width=12", "model.width"),
     ("model.weight_alteration=false", "model.weight_alteration"),
     ("model.pretrained=x.pyth", "model.pretrained_format"),
+    ("train.sync_bn=true", "train.sync_bn"),
 ])
 def test_config_refuses_what_slowfast_cannot_take(override, key):
     from ffn.config import UserError, load_config
 
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         load_config(overrides=["model.arch=slowfast_r50", override])
+
+
+def test_pyslowfast_format_is_for_slowfast_only():
+    from ffn.config import UserError, load_config
+
+    with pytest.raises(UserError, match=r"model\.pretrained_format"):
+        load_config(overrides=["model.pretrained_format=pyslowfast"])
+
+
+@pytest.mark.parametrize("fmt, branches", [("official", SUFFIXES), ("pyslowfast", None)])
+def test_model_pretrained_reads_a_pyslowfast_file(tmp_path, fmt, branches):
+    from ffn.config import load_config
+    from ffn.engine.factory import build_model
+
+    ckpt = official_checkpoint(classes=5, branches=branches)
+    torch.save(ckpt, tmp_path / "sf.pyth")  # as PySlowFast saves it: epoch, cfg text, model_state
+    cfg = load_config(overrides=["model.arch=slowfast_r50", "model.width=8", "model.frames=[16,32,64]",
+                                 f"model.pretrained={tmp_path / 'sf.pyth'}",
+                                 f"model.pretrained_format={fmt}"])
+    model = build_model(cfg.model, 5)
+    key = "s1_fuse.bn_16.running_mean" if branches else "s1_fuse.bn.running_mean"
+    torch.testing.assert_close(model.s1_fuse.bn.running_mean[2], ckpt["model_state"][key].float())
