@@ -221,8 +221,8 @@ class FFNSlowFast(FrameFlexible):
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.normal_(self.head.projection.weight, 0, 0.01)
-        nn.init.zeros_(self.head.projection.bias)
+        nn.init.normal_(self.head["projection"].weight, 0, 0.01)
+        nn.init.zeros_(self.head["projection"].bias)
 
     @property
     def min_frames(self) -> int:
@@ -251,7 +251,7 @@ class FFNSlowFast(FrameFlexible):
         return self.head["projection"](self.dropout(pooled))
 
     def branch_logits(self, x: Tensor, layout: FrameLayout) -> tuple[Tensor, ...]:
-        # each segment is one branch's N clips of T frames, frame-major per clip: [N, 3, T, H, W]
+        # each segment is one branch's N clips of T frames (clip-major): viewed as [N, 3, T, H, W]
         return tuple(self.clip_logits(xs.view(seg.clips, seg.frames, *xs.shape[1:]).transpose(1, 2),
                                       seg.row)
                      for xs, seg in zip(layout.split(x), layout.segments()))
