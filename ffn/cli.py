@@ -270,9 +270,10 @@ def _checkpoints(args) -> tuple[list[str], list[str], list[str]]:
 def _check_frames(model, frames: list[int], path: str) -> None:
     """``--frames`` the model can take: SlowFast needs at least ``alpha`` frames per clip."""
     if frames[0] < model.min_frames:
-        raise UserError(f"--frames: the model in {path} takes at least {model.min_frames} frames per "
-                        f"clip (its slow pathway samples one of every {model.min_frames}), got "
-                        f"{frames[0]}; ask for e.g. --frames {model.min_frames}..{max(frames[-1], 2 * model.min_frames)}")
+        least = model.min_frames
+        raise UserError(f"--frames: the model in {path} takes at least {least} frames per clip (its "
+                        f"slow pathway samples one of every {least}), got {frames[0]}; ask for e.g. "
+                        f"--frames {least}..{max(frames[-1], 2 * least)}")
 
 
 def _eval(args) -> int:
