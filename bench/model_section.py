@@ -1,5 +1,7 @@
-"""Benchmark section: TSM-ResNet FFN (``--arch resnet --depth D``) or TEA-FFN (``--arch tea50``), the packed fused model vs its eager twin (the official
-branch-by-branch structure), each in NCHW and channels_last, vs ``torch.compile`` of the twin: one
+"""Benchmark section: TSM-ResNet FFN (``--arch resnet --depth D``), TEA-FFN (``--arch tea50``) or
+SlowFast-R50 FFN (``--arch slowfast_r50``), the fused model vs its eager twin (the official
+branch-by-branch structure), each in NCHW and channels_last (NCTHW and channels_last_3d for
+SlowFast's 3D convs), vs ``torch.compile`` of the twin: one
 three-branch training step (forward, distillation loss, backward), selected-branch inference and
 the folded single branch (``export_branch``, TSM only) as the inference floor. Every ratio is taken against
 the best eager configuration measured in this run; rows carry min/median/max."""
@@ -11,20 +13,49 @@ import time
 import torch
 
 from ffn import EagerFFNResNet, FFNResNet
+from ffn.slowfast import EagerFFNSlowFast, FFNSlowFast
 from ffn.tea import EagerFFNTEA, FFNTEA
 from ffn.export import export_branch
 from ffn.losses import temporal_distillation_loss
 from timing import measure, peak_memory, saved_tensor_bytes
 
 FRAMES = (4, 8, 16)
-EVAL_FRAMES = 8
+# SlowFast's counts are the fast pathway's, multiples of its alpha (4): the official 16/32/64
+SLOWFAST_FRAMES = (16, 32, 64)
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+FORMATS_3D = {"ncthw": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
+
+
+def _slowfast(args) -> bool:
+    return getattr(args, "arch", "resnet") == "slowfast_r50"
+
+
+def frames(args) -> tuple[int, ...]:
+    """The branches' frame counts of the training step."""
+    return SLOWFAST_FRAMES if _slowfast(args) else FRAMES
+
+
+def eval_frames(args) -> int:
+    """The inference clip's frame count: the middle branch's."""
+    return frames(args)[1]
+
+
+def formats(args) -> dict:
+    return FORMATS_3D if _slowfast(args) else FORMATS
+
+
+def contiguous_fused(args) -> str:
+    """The name of the fused model in the contiguous format ("fused nchw")."""
+    return f"fused {next(iter(formats(args)))}"
 
 
 def _arch(args):
     """(packed model class, its keyword arguments, the eager twin's class) of ``--arch``."""
     if getattr(args, "arch", "resnet") == "tea50":
         return FFNTEA, dict(frames=FRAMES, num_classes=args.classes, width=args.width), EagerFFNTEA
+    if _slowfast(args):
+        return (FFNSlowFast, dict(frames=SLOWFAST_FRAMES, num_classes=args.classes, width=args.width),
+                EagerFFNSlowFast)
     return (FFNResNet, dict(depth=args.depth, frames=FRAMES, num_classes=args.classes,
                             width=getattr(args, "width", 64)), EagerFFNResNet)
 
@@ -33,6 +64,8 @@ def _title(args) -> str:
     width = "" if getattr(args, "width", 64) == 64 else f" width {args.width}"
     if getattr(args, "arch", "resnet") == "tea50":
         return f"TEA-FFN (Res2Net-50 26w x 4s, ME + MTA){width}"
+    if _slowfast(args):
+        return f"SlowFast-R50 FFN (alpha 4, fast pathway 1/8 of the channels){width}"
     return f"TSM-ResNet-{args.depth} FFN{width}"
 
 
@@ -41,7 +74,7 @@ def _models(args, device) -> dict:
     torch.manual_seed(0)
     base = cls(**kw).to(device)
     models = {}
-    for name, fmt in FORMATS.items():
+    for name, fmt in formats(args).items():
         fused = cls(**kw).to(device)
         fused.load_state_dict(base.state_dict())
         models[f"fused {name}"] = fused.to(memory_format=fmt)
@@ -89,12 +122,13 @@ def train_steps(args, device, clips, target, models: dict, report, task: str,
 
 
 def inference(args, device, test_clip, models: dict, report) -> None:
-    task = f"inference {EVAL_FRAMES} frames"
-    row = models["fused nchw"].branch_for(EVAL_FRAMES)
+    task = f"inference {eval_frames(args)} frames"
     runs = dict(models)
-    for name, fmt in FORMATS.items():  # the folded branch: plain convs, the floor for a branch
-        if isinstance(models["fused nchw"], FFNResNet):  # TEA has no folded export (yet)
-            runs[f"folded {name}"] = export_branch(models["fused nchw"], row).to(memory_format=fmt)
+    packed = models[contiguous_fused(args)]
+    for name, fmt in formats(args).items():  # the folded branch: plain convs, the floor for a branch
+        if isinstance(packed, FFNResNet):  # TEA and SlowFast have no folded export (yet)
+            row = packed.branch_for(eval_frames(args))
+            runs[f"folded {name}"] = export_branch(packed, row).to(memory_format=fmt)
     for name, model in runs.items():
         getattr(model, "_orig_mod", model).eval()
 
@@ -131,9 +165,9 @@ def add_ratios(rows: list[dict]) -> None:
 def inputs(args, device):
     size = 64 if args.quick else args.size
     g = torch.Generator().manual_seed(0)
-    clips = [torch.randn(args.clips, t, 3, size, size, generator=g).to(device) for t in FRAMES]
+    clips = [torch.randn(args.clips, t, 3, size, size, generator=g).to(device) for t in frames(args)]
     target = torch.randint(args.classes, (args.clips,), generator=g).to(device)
-    test_clip = torch.randn(args.clips, EVAL_FRAMES, 3, size, size, generator=g).to(device)
+    test_clip = torch.randn(args.clips, eval_frames(args), 3, size, size, generator=g).to(device)
     return size, clips, target, test_clip
 
 
@@ -144,14 +178,14 @@ def model_section(args, report) -> None:
     device = torch.device(args.device)
     size, clips, target, test_clip = inputs(args, device)
     models = _models(args, device)
-    task = f"train step {'+'.join(map(str, FRAMES))}"
+    task = f"train step {'+'.join(map(str, frames(args)))}"
     train_steps(args, device, clips, target, models, report, task, memory=not args.train_only)
     if args.train_only:  # the allocator comparison's child process
         return
     if args.compile_model:
         # the twin compiled in the format a user would pick: the faster eager one
-        fmt = FORMATS[_best(report.sections["model"], task, "eager")["impl"].split(" ", 1)[1]]
-        twin = _arch(args)[2].twin(models["fused nchw"]).to(memory_format=fmt)
+        fmt = formats(args)[_best(report.sections["model"], task, "eager")["impl"].split(" ", 1)[1]]
+        twin = _arch(args)[2].twin(models[contiguous_fused(args)]).to(memory_format=fmt)
         compiled = {"compile eager": torch.compile(twin)}
         train_steps(args, device, clips, target, compiled, report, task)
         models.update(compiled)
@@ -162,7 +196,7 @@ def model_section(args, report) -> None:
     add_ratios(rows)
     report.print_section(
         "model",
-        f"{_title(args)}, {args.clips} clips x {FRAMES} frames, {size}x{size}, "
+        f"{_title(args)}, {args.clips} clips x {frames(args)} frames, {size}x{size}, "
         f"allocator {report.meta['allocator']}: median, min, max of {args.repeats} runs; "
         "best_eager/ms > 1 means faster than the best eager configuration of the same task",
         ["task", "impl", "ms", "min_ms", "max_ms", "clips_per_s", "best_eager/ms", "ms/folded",

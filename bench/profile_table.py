@@ -10,7 +10,7 @@ _COPIES = ("aten::copy_", "aten::cat", "aten::clone", "aten::_to_copy", "aten::f
 
 
 def category(op: str) -> str:
-    if "convolution" in op:
+    if "convolution" in op or op.startswith("aten::slow_conv"):  # ATen's fallback conv3d kernels
         return "convolutions"
     if op.startswith("ffn_kernels"):
         return "fused ops"

@@ -2,10 +2,11 @@
 
 * :mod:`ffn.models` — :class:`FFNResNet`, the packed model (one conv call for all branches);
 * :mod:`ffn.tea` — :class:`FFNTEA` (TEA-FFN: Res2Net-50 with ME and MTA) and its eager twin;
+* :mod:`ffn.slowfast` — :class:`FFNSlowFast` (SlowFast-R50 FFN, 3D convs) and its eager twin;
 * :mod:`ffn.ffnify` — :func:`ffnify`: a torchvision ResNet, MobileNetV2 or other 2D CNN as an FFN;
 * :mod:`ffn.eager` — :class:`EagerFFNResNet`, its branch-by-branch twin with the same ``state_dict``;
 * :mod:`ffn.losses` — the temporal distillation loss;
-* :mod:`ffn.convert` — loaders for official FFN and torchvision ImageNet checkpoints;
+* :mod:`ffn.convert` — loaders for official FFN, PySlowFast and ImageNet checkpoints;
 * :mod:`ffn.export` — one branch folded into plain convolutions for deployment.
 
 The public names below are imported on first use (PEP 562), so ``import ffn`` and the ``ffn``
@@ -21,11 +22,11 @@ import types
 _EXPORTS = {
     "FFNResNet": ".models", "EagerFFNResNet": ".eager", "FFNVideo": ".ffnify", "FrameFlexible": ".models",
     "ffnify": ".ffnify", "nearest_branch": ".models", "pack_clips": ".models",
-    "FFNTEA": ".tea", "EagerFFNTEA": ".tea",
+    "FFNTEA": ".tea", "EagerFFNTEA": ".tea", "FFNSlowFast": ".slowfast", "EagerFFNSlowFast": ".slowfast",
 }
 
 __all__ = ["FFNResNet", "EagerFFNResNet", "FFNVideo", "FrameFlexible", "ffnify", "nearest_branch",
-           "pack_clips", "FFNTEA", "EagerFFNTEA"]
+           "pack_clips", "FFNTEA", "EagerFFNTEA", "FFNSlowFast", "EagerFFNSlowFast"]
 
 
 def __getattr__(name: str):

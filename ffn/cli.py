@@ -276,6 +276,15 @@ def _checkpoints(args) -> tuple[list[str], list[str], list[str]]:
     return labels, checkpoints, overrides
 
 
+def _check_frames(model, frames: list[int], path: str) -> None:
+    """``--frames`` the model can take: SlowFast needs at least ``alpha`` frames per clip."""
+    if frames[0] < model.min_frames:
+        least = model.min_frames
+        raise UserError(f"--frames: the model in {path} takes at least {least} frames per clip (its "
+                        f"slow pathway samples one of every {least}), got {frames[0]}; ask for e.g. "
+                        f"--frames {least}..{max(frames[-1], 2 * least)}")
+
+
 def _eval(args) -> int:
     import torch
 
@@ -293,6 +302,7 @@ def _eval(args) -> int:
     try:
         for label, path in zip(labels, checkpoints):
             model, cfg = load_trained(path, overrides)
+            _check_frames(model, args.frames, path)
             model.to(device)
             # a bar on a terminal, else a line per frame count (on stderr: stdout is the table)
             with torch.no_grad(), Progress(len(args.frames), f"eval {label}", unit="frame count", every=1,
@@ -321,6 +331,7 @@ def _diagnose(args) -> int:
     results = {}
     for label, path in zip(labels, checkpoints):
         model, cfg = load_trained(path, overrides)
+        _check_frames(model, args.frames, path)
         results[label] = diagnose(model.to(device), cfg.data, args.frames, device, AMP_DTYPES[cfg.optim.amp],
                                   cfg.train.progress, desc=label)
     paths = write_diagnosis(results, args.out, chance=100 / num_classes(cfg.data))

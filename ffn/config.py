@@ -75,18 +75,20 @@ class DataConfig:
 
 # model.arch "torchvision:NAME": torchvision.models.get_model(NAME) made frame-flexible by ffn.ffnify
 TORCHVISION_ARCH = "torchvision:"
+SLOWFAST_ARCH = "slowfast_r50"  # ffn.slowfast.FFNSlowFast: model.frames are the fast pathway's
+SLOWFAST_ALPHA = 4  # its slow pathway takes one of every 4 frames (the official config's ALPHA)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"  # resnet18/34/50/101 (FFNResNet) | tea50 (FFNTEA) | torchvision:NAME (a ResNet or mobilenet_v2)
-    width: int = 64  # first-stage channels (64 = standard ResNet; smaller for quick CPU runs); resnetN and tea50
+    arch: str = "resnet18"  # resnet18/34/50/101 (FFNResNet) | tea50 (FFNTEA) | slowfast_r50 (FFNSlowFast) | torchvision:NAME (a ResNet or mobilenet_v2)
+    width: int = 64  # first-stage channels (64 = standard ResNet; smaller for quick CPU runs); resnetN, tea50, slowfast_r50 (its slow stem; a multiple of 8)
     impl: str = "fused"  # fused: FFNResNet on the ffn_kernels ops | eager: EagerFFNResNet (same weights)
     frames: list[int] = field(default_factory=lambda: [4, 8, 16])  # one entry = single-frame-count model
     weight_alteration: bool = True  # False with one frame count = a plain TSM baseline
     dropout: float = 0.5  # before the classifier (torchvision:NAME: the dropout before its last Linear)
     pretrained: str = ""  # initial weights, loaded via ffn.convert
-    pretrained_format: str = "torchvision"  # torchvision (ImageNet ResNet; tea50: timm's res2net50_26w_4s) | official (FFN-pytorch; tea50: TEA-FFN or plain TEA)
+    pretrained_format: str = "torchvision"  # torchvision (ImageNet ResNet; tea50: timm's res2net50_26w_4s) | official (FFN-pytorch; tea50: TEA-FFN or plain TEA; slowfast_r50: SlowFast-FFN) | pyslowfast (slowfast_r50: a plain PySlowFast SlowFast-R50)
     distill_weight: float = 1.0  # lambda of the temporal distillation loss
 
 
@@ -383,7 +385,7 @@ CHOICES = {
     "data.kind": ("synthetic", "frames", "video"),
     "data.synthetic.task": ("direction", "speed"),
     "model.impl": ("fused", "eager"),
-    "model.pretrained_format": ("torchvision", "official"),
+    "model.pretrained_format": ("torchvision", "official", "pyslowfast"),
     "optim.schedule": ("cosine", "step"),
     "optim.amp": ("off", "fp16", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -465,6 +467,23 @@ def check_ranges(config: Config) -> None:
     need(bool(m.frames) and m.frames[0] >= 1 and m.frames[-1] <= MAX_FRAMES
          and all(a < b for a, b in zip(m.frames, m.frames[1:])),
          "model.frames", m.frames, f"must be frame counts in 1..{MAX_FRAMES} in increasing order")
+    slowfast = m.arch.lower() == SLOWFAST_ARCH
+    if slowfast:
+        need(all(t % SLOWFAST_ALPHA == 0 for t in m.frames), "model.frames", m.frames,
+             f"must be multiples of {SLOWFAST_ALPHA} with model.arch={m.arch} (the fast pathway's "
+             f"counts: the slow pathway takes one of every {SLOWFAST_ALPHA}, e.g. [16,32,64])")
+        need(m.width % 8 == 0, "model.width", m.width, f"must be a multiple of 8 with model.arch="
+             f"{m.arch} (the fast pathway has width / 8 channels)")
+        need(m.weight_alteration, "model.weight_alteration", m.weight_alteration,
+             f"must stay true with model.arch={m.arch}: SlowFast-FFN's blocks always have it")
+        need(not t.sync_bn, "train.sync_bn", t.sync_bn, f"is not supported with model.arch={m.arch} "
+             "yet: FreqBatchNorm3d has no synchronised counterpart")
+        need(not m.pretrained or m.pretrained_format in ("official", "pyslowfast"),
+             "model.pretrained_format", m.pretrained_format, f"must be official (a SlowFast-FFN "
+             f"checkpoint) or pyslowfast (a plain PySlowFast SlowFast-R50) with model.arch={m.arch}")
+    else:
+        need(m.pretrained_format != "pyslowfast", "model.pretrained_format", m.pretrained_format,
+             f"pyslowfast is for model.arch={SLOWFAST_ARCH} only")
     count("train.epochs (--epochs)", t.epochs, 1)
     count("train.seed", t.seed, 0)
     count("train.max_steps", t.max_steps, 0, what=" (0 = whole epoch)")

@@ -1,5 +1,5 @@
-"""Checkpoint converters into :class:`ffn.FFNResNet` and :class:`ffn.FFNTEA` (and their eager
-twins, which share their keys).
+"""Checkpoint converters into :class:`ffn.FFNResNet`, :class:`ffn.FFNTEA` and
+:class:`ffn.FFNSlowFast` (and their eager twins, which share their keys).
 
 * :func:`load_official` — checkpoints of the official FFN code (BeSpontaneous/FFN-pytorch,
   ``2D_Network``): ``module.base_model.layer1.0.bn1_4.weight``, ``...adaconv_8.weight``
@@ -9,6 +9,12 @@ twins, which share their keys).
   For :class:`ffn.tea.FFNTEA` it reads TEA-FFN checkpoints (``resnet_TEA_FFN.py``: ``bn1_4``,
   ``bns_8.0``, ``me.bn3_16``, ``shifts.0.conv.weight``, ...) and plain TEA ones (``resnet_TEA.py``,
   every branch row from its one BN).
+  For :class:`ffn.slowfast.FFNSlowFast` it reads the SlowFast-FFN checkpoints of ``3D_Network``
+  (PySlowFast's ``{"model_state": ...}``: ``s1.pathway0_stem.bn_4.*``, ``s1_fuse.bn_8.*``,
+  ``s2.pathway0_res0.branch2.a_bn_16.*``, ``...branch2.adaconv_4.weight`` ``[C, 1, 1, 1, 1]``,
+  ``...branch1_bn_4.*``, ``head.projection.*``).
+* :func:`load_pyslowfast` — a plain PySlowFast SlowFast-R50 (one BN per layer), for
+  :class:`ffn.slowfast.FFNSlowFast`: every branch row from its BN; WA and the head stay fresh.
 * :func:`load_res2net` — ImageNet Res2Net-50 26w x 4s in timm's ``res2net50_26w_4s`` naming, for
   :class:`ffn.tea.FFNTEA` (ME and the temporal convs keep their initialisation).
 * :func:`load_torchvision` — torchvision ImageNet ResNets: every branch's BN starts from the same
@@ -29,10 +35,11 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ffn_kernels import FreqBatchNorm2d, ShiftAlter
+from ffn_kernels import FreqBatchNorm2d, FreqBatchNorm3d, ShiftAlter
 
 from .engine.checkpoint import check_tensors, load
 from .models import FFNResNet
+from .slowfast import FFNSlowFast, WeightAlteration
 from .tea import FFNTEA, TemporalConv
 
 Checkpoint = Union[str, os.PathLike, Mapping[str, Tensor]]
@@ -43,25 +50,32 @@ Source = Union[None, str, list[str]]
 
 def read_state_dict(checkpoint: Checkpoint) -> dict[str, Tensor]:
     """A state dict from a path (:func:`ffn.engine.checkpoint.load`) or a mapping; unwraps
-    ``{"state_dict": ...}`` (the official training script's format) and a ``module.``
-    (DataParallel) prefix. Every value must be a dense tensor of finite values."""
+    ``{"state_dict": ...}`` (the official 2D training script's format) or ``{"model_state": ...}``
+    (PySlowFast's, the official 3D one's) and a ``module.`` (DataParallel) prefix. Every value must
+    be a dense tensor of finite values."""
     where = checkpoint if not isinstance(checkpoint, Mapping) else "state dict"
     if not isinstance(checkpoint, Mapping):
         checkpoint = load(checkpoint)
-    if "state_dict" in checkpoint:
-        checkpoint = checkpoint["state_dict"]
+    for wrapper in ("state_dict", "model_state"):
+        if wrapper in checkpoint:
+            checkpoint = checkpoint[wrapper]
+            break
     check_tensors(checkpoint, where, "the state dict")
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
 
-def load_official(model: FFNResNet | FFNTEA, checkpoint: Checkpoint,
-                  suffixes: Sequence[str] = ("4", "8", "16")) -> FFNResNet | FFNTEA:
+def load_official(model: FFNResNet | FFNTEA | FFNSlowFast, checkpoint: Checkpoint,
+                  suffixes: Sequence[str] = ("4", "8", "16")) -> FFNResNet | FFNTEA | FFNSlowFast:
     """Load an official FFN checkpoint; branch row ``p`` reads the modules ending in
     ``_{suffixes[p]}``. For :class:`~ffn.tea.FFNTEA`: a TEA-FFN checkpoint
     (``resnet_TEA_FFN.py``), or a plain TEA one (``resnet_TEA.py``, one BN per layer: every branch
-    row starts from it), told apart by its stem BN key (``bn1_4.weight`` or ``bn1.weight``)."""
+    row starts from it), told apart by its stem BN key (``bn1_4.weight`` or ``bn1.weight``).
+    For :class:`~ffn.slowfast.FFNSlowFast`: a SlowFast-FFN checkpoint (``suffixes`` name the
+    branches in order of frames, as the official ``bn_4/8/16`` do for fast 16/32/64)."""
     if isinstance(model, FFNTEA):
         return _load_official_tea(model, checkpoint, suffixes)
+    if isinstance(model, FFNSlowFast):
+        return _load_official_slowfast(model, checkpoint, suffixes)
     if len(suffixes) != model.num_branches:
         raise ValueError(f"the model has {model.num_branches} branches but suffixes={tuple(suffixes)}")
     sd, origin = _official_keys(checkpoint)  # origin: ours -> the checkpoint's, for messages
@@ -123,6 +137,40 @@ def _load_official_tea(model: FFNTEA, checkpoint: Checkpoint, suffixes: Sequence
     return _load(model, sd, source, "official TEA-FFN", origin)
 
 
+def _load_official_slowfast(model: FFNSlowFast, checkpoint: Checkpoint,
+                            suffixes: Sequence[str]) -> FFNSlowFast:
+    if len(suffixes) != model.num_branches:
+        raise ValueError(f"the model has {model.num_branches} branches but suffixes={tuple(suffixes)}")
+    sd = read_state_dict(checkpoint)
+    if "s1.pathway0_stem.bn.weight" in sd:
+        raise ValueError("this is a plain PySlowFast SlowFast checkpoint (one BN per layer, "
+                         "'s1.pathway0_stem.bn.weight'), not a SlowFast-FFN one: load it with "
+                         "model.pretrained_format=pyslowfast (ffn.convert.load_pyslowfast)")
+
+    def source(path: str, module: nn.Module) -> Source:
+        # our module names are the official ones; per-branch modules add the branch suffix
+        if isinstance(module, (FreqBatchNorm3d, WeightAlteration)):
+            return [f"{path}_{s}" for s in suffixes]
+        return path
+
+    return _load(model, sd, source, "official SlowFast-FFN")
+
+
+def load_pyslowfast(model: FFNSlowFast, checkpoint: Checkpoint) -> FFNSlowFast:
+    """Initialise :class:`~ffn.slowfast.FFNSlowFast` from a plain PySlowFast SlowFast-R50
+    checkpoint of the same width (``{"model_state": ...}``, one BN per layer): every branch's BN
+    starts from it; WA and the classifier keep the model's fresh initialisation (a new head, as the
+    official FFN fine-tuning starts from a Kinetics model)."""
+    sd = {k: v for k, v in read_state_dict(checkpoint).items() if not k.startswith("head.")}
+
+    def source(path: str, module: nn.Module) -> Source:
+        if isinstance(module, WeightAlteration) or path.startswith("head"):
+            return None
+        return [path] * model.num_branches if isinstance(module, FreqBatchNorm3d) else path
+
+    return _load(model, sd, source, "PySlowFast SlowFast")
+
+
 def _res2net_source(model: FFNTEA, temporal: bool, fc: bool) -> Callable[[str, nn.Module], Source]:
     """Res2Net naming (the official plain TEA, timm's ``res2net50_26w_4s``): ``downsample.0/1``,
     one BN per layer for every branch row. ``temporal``: ME and the temporal convs are in the
@@ -179,8 +227,7 @@ def _load(model: nn.Module, sd: Mapping[str, Tensor], source: Callable[[str, nn.
             if isinstance(src, str):
                 state[name] = take(keys[0], ours.shape, name)
                 continue
-            # one row per branch; the official WA conv weight is [C, 1, 1, 1] per branch
-            row = _wa_shape(ours) if isinstance(module, ShiftAlter) else ours.shape[1:]
+            row = _row_shape(module, ours)
             state[name] = torch.stack([take(k, row, name).reshape(ours.shape[1:]) for k in keys])
     unused = sorted(origin.get(k, k) for k in set(sd) - used)
     if unused:
@@ -190,5 +237,11 @@ def _load(model: nn.Module, sd: Mapping[str, Tensor], source: Callable[[str, nn.
     return model
 
 
-def _wa_shape(weight: Tensor) -> torch.Size:
-    return torch.Size((weight.shape[1], 1, 1, 1))
+def _row_shape(module: nn.Module, ours: Tensor) -> torch.Size:
+    """The checkpoint's tensor for one branch row of ``ours``: the official WA is a depthwise conv
+    weight, ``[C, 1, 1, 1]`` (2D) or ``[C, 1, 1, 1, 1]`` (SlowFast)."""
+    if isinstance(module, ShiftAlter):
+        return torch.Size((ours.shape[1], 1, 1, 1))
+    if isinstance(module, WeightAlteration):
+        return torch.Size((ours.shape[1], 1, 1, 1, 1))
+    return ours.shape[1:]

@@ -188,8 +188,11 @@ class FrameFlexible(nn.Module):
     * a packed ``[F, 3, H, W]`` tensor and its :class:`~ffn_kernels.FrameLayout` -> a tuple of
       logits per segment.
 
-    Subclasses compute :meth:`branch_logits` of packed frames.
+    Subclasses compute :meth:`branch_logits` of packed frames. ``min_frames``: the fewest frames
+    per clip the model can take (SlowFast's ``alpha``).
     """
+
+    min_frames = 1
 
     def __init__(self, frames: Sequence[int]) -> None:
         super().__init__()
@@ -235,12 +238,23 @@ class FrameFlexible(nn.Module):
         """Logits ``[clips, classes]`` per segment of packed frames ``x``."""
         raise NotImplementedError
 
+    @classmethod
+    def twin(cls, model: "FrameFlexible") -> "FrameFlexible":
+        """A ``cls`` (e.g. the eager twin) with ``model``'s configuration (``model.config``, the
+        constructor's arguments, recorded by the models that have a twin), weights, dtype, device
+        and mode."""
+        like = next(model.parameters())
+        twin = cls(**model.config).to(like.device, like.dtype)
+        twin.load_state_dict(model.state_dict())
+        return twin.train(model.training)
+
 
 class ResNetTrunk(FrameFlexible):
     """The ResNet skeleton that :class:`FFNResNet` and :class:`~ffn.tea.FFNTEA` share: a stem
     (7x7 conv, per-branch BN, max pool), four stages of blocks (stage ``i`` has ``width << i``
     planes; the first block of stages 2-4 strides 2), dropout and the classifier, He-initialised
-    as the official code does. ``config`` holds the constructor's arguments (:meth:`twin`)."""
+    as the official code does. ``config`` holds the constructor's arguments
+    (:meth:`~FrameFlexible.twin`)."""
 
     config: dict
 
@@ -274,15 +288,6 @@ class ResNetTrunk(FrameFlexible):
 
     def blocks(self) -> list[nn.Module]:
         return [b for i in range(1, 5) for b in getattr(self, f"layer{i}")]
-
-    @classmethod
-    def twin(cls, model: "ResNetTrunk") -> "ResNetTrunk":
-        """A ``cls`` (e.g. the eager twin) with ``model``'s configuration, weights, dtype, device
-        and mode."""
-        like = next(model.parameters())
-        twin = cls(**model.config).to(like.device, like.dtype)
-        twin.load_state_dict(model.state_dict())
-        return twin.train(model.training)
 
 
 class FFNResNet(ResNetTrunk):

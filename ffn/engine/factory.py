@@ -7,13 +7,14 @@ from pathlib import Path
 
 from torch import nn
 
-from ..config import Config, ModelConfig, UserError, load_config, torchvision_arch
-from ..convert import load_official, load_res2net, load_torchvision
+from ..config import SLOWFAST_ALPHA, SLOWFAST_ARCH, Config, ModelConfig, UserError, load_config, torchvision_arch
+from ..convert import load_official, load_pyslowfast, load_res2net, load_torchvision
 from ..data import num_classes
 from ..data.build import num_classes_key
 from ..eager import EagerFFNResNet
 from ..ffnify import FFNVideo, ffnify, import_torchvision
 from ..models import DEPTHS, FFNResNet, FrameFlexible
+from ..slowfast import EagerFFNSlowFast, FFNSlowFast
 from ..tea import EagerFFNTEA, FFNTEA
 from . import checkpoint
 
@@ -22,7 +23,7 @@ def depth_of(arch: str) -> int:
     depth = arch.lower().removeprefix("resnet")
     if not depth.isdigit() or int(depth) not in DEPTHS:
         raise UserError(f"config model.arch must be one of {[f'resnet{d}' for d in DEPTHS]}, "
-                        f"{TEA_ARCH} or torchvision:NAME (a torchvision ResNet or mobilenet_v2), "
+                        f"{TEA_ARCH}, {SLOWFAST_ARCH} or torchvision:NAME (a torchvision ResNet or mobilenet_v2), "
                         f"got {arch!r}")
     return int(depth)
 
@@ -43,13 +44,18 @@ def build_model(cfg: ModelConfig, classes: int, pretrained: bool = True, report:
         cls = FFNTEA if cfg.impl == "fused" else EagerFFNTEA
         model = cls(cfg.frames, classes, dropout=cfg.dropout, width=cfg.width)
         imagenet = load_res2net  # model.pretrained_format=torchvision: timm's res2net50_26w_4s
+    elif cfg.arch.lower() == SLOWFAST_ARCH:
+        cls = FFNSlowFast if cfg.impl == "fused" else EagerFFNSlowFast
+        model = cls(cfg.frames, classes, dropout=cfg.dropout, width=cfg.width, alpha=SLOWFAST_ALPHA)
+        imagenet = None  # no ImageNet weights: the config allows official and pyslowfast only
     else:
         cls = FFNResNet if cfg.impl == "fused" else EagerFFNResNet
         model = cls(depth_of(cfg.arch), cfg.frames, classes, dropout=cfg.dropout,
                     weight_alteration=cfg.weight_alteration, width=cfg.width)
         imagenet = load_torchvision
     if pretrained and cfg.pretrained:
-        load = imagenet if cfg.pretrained_format == "torchvision" else load_official
+        load = {"torchvision": imagenet, "official": load_official,
+                "pyslowfast": load_pyslowfast}[cfg.pretrained_format]
         try:
             load(model, cfg.pretrained)
         except checkpoint.CheckpointError as e:
