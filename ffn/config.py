@@ -75,18 +75,19 @@ class DataConfig:
 
 # model.arch "torchvision:NAME": torchvision.models.get_model(NAME) made frame-flexible by ffn.ffnify
 TORCHVISION_ARCH = "torchvision:"
+UNIFORMER_ARCH = "uniformer_s"  # ffn.uniformer.FFNUniFormer: UniFormer-S FFN (video)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"  # resnet18/34/50/101 (FFNResNet) | tea50 (FFNTEA) | torchvision:NAME (a ResNet or mobilenet_v2)
-    width: int = 64  # first-stage channels (64 = standard ResNet; smaller for quick CPU runs); resnetN and tea50
+    arch: str = "resnet18"  # resnet18/34/50/101 (FFNResNet) | tea50 (FFNTEA) | uniformer_s (FFNUniFormer) | torchvision:NAME (a ResNet or mobilenet_v2)
+    width: int = 64  # first-stage channels (64 = standard ResNet, UniFormer-S; smaller for quick CPU runs); resnetN, tea50, uniformer_s
     impl: str = "fused"  # fused: FFNResNet on the ffn_kernels ops | eager: EagerFFNResNet (same weights)
     frames: list[int] = field(default_factory=lambda: [4, 8, 16])  # one entry = single-frame-count model
     weight_alteration: bool = True  # False with one frame count = a plain TSM baseline
     dropout: float = 0.5  # before the classifier (torchvision:NAME: the dropout before its last Linear)
     pretrained: str = ""  # initial weights, loaded via ffn.convert
-    pretrained_format: str = "torchvision"  # torchvision (ImageNet ResNet; tea50: timm's res2net50_26w_4s) | official (FFN-pytorch; tea50: TEA-FFN or plain TEA)
+    pretrained_format: str = "torchvision"  # torchvision (ImageNet ResNet; tea50: timm's res2net50_26w_4s; uniformer_s: plain UniFormer-S, ImageNet or Kinetics) | official (FFN-pytorch; tea50: TEA-FFN or plain TEA; uniformer_s: UniFormer-FFN)
     distill_weight: float = 1.0  # lambda of the temporal distillation loss
 
 
@@ -462,6 +463,9 @@ def check_ranges(config: Config) -> None:
         need(not m.pretrained, "model.pretrained", m.pretrained, f"is not supported with model.arch="
              f"{m.arch} yet: load the ImageNet weights into the torchvision model, then call "
              "ffn.ffnify in Python")
+    if m.arch.lower() == UNIFORMER_ARCH:  # ffn.uniformer.MIN_SIZE: four patch embeddings, 32x
+        need(d.size >= 32, "data.size", d.size, f"must be >= 32 pixels with model.arch={m.arch} (its "
+             "patch embeddings reduce each side 32-fold)")
     need(bool(m.frames) and m.frames[0] >= 1 and m.frames[-1] <= MAX_FRAMES
          and all(a < b for a, b in zip(m.frames, m.frames[1:])),
          "model.frames", m.frames, f"must be frame counts in 1..{MAX_FRAMES} in increasing order")

@@ -9,6 +9,14 @@ twins, which share their keys).
   For :class:`ffn.tea.FFNTEA` it reads TEA-FFN checkpoints (``resnet_TEA_FFN.py``: ``bn1_4``,
   ``bns_8.0``, ``me.bn3_16``, ``shifts.0.conv.weight``, ...) and plain TEA ones (``resnet_TEA.py``,
   every branch row from its one BN).
+  For :class:`ffn.uniformer.FFNUniFormer` it reads UniFormer-FFN checkpoints (``uniformer_FFN.py``,
+  PySlowFast's ``{"model_state": ...}``: ``patch_embed1.norm_4``, ``blocks1.0.norm1_8``,
+  ``blocks3.0.adaconv_16.weight`` ``[C, 1, 1, 1, 1]``, ``norm_4``, ``head``) and plain UniFormer
+  ones (:func:`load_uniformer`).
+* :func:`load_uniformer` — UniFormer-S in the UniFormer repository's naming (one norm per layer),
+  Kinetics video weights or ImageNet 2D ones (2D convs inflated over time as UniFormer does): every
+  branch row starts from the one norm; WA keeps its initialisation, the head too unless it has the
+  model's class count.
 * :func:`load_res2net` — ImageNet Res2Net-50 26w x 4s in timm's ``res2net50_26w_4s`` naming, for
   :class:`ffn.tea.FFNTEA` (ME and the temporal convs keep their initialisation).
 * :func:`load_torchvision` — torchvision ImageNet ResNets: every branch's BN starts from the same
@@ -29,11 +37,12 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ffn_kernels import FreqBatchNorm2d, ShiftAlter
+from ffn_kernels import FreqBatchNorm2d, FreqLayerNorm, ShiftAlter
 
 from .engine.checkpoint import check_tensors, load
 from .models import FFNResNet
 from .tea import FFNTEA, TemporalConv
+from .uniformer import FFNUniFormer
 
 Checkpoint = Union[str, os.PathLike, Mapping[str, Tensor]]
 # checkpoint module path(s) for one of our modules: None keeps the model's own tensors, a string
@@ -48,8 +57,10 @@ def read_state_dict(checkpoint: Checkpoint) -> dict[str, Tensor]:
     where = checkpoint if not isinstance(checkpoint, Mapping) else "state dict"
     if not isinstance(checkpoint, Mapping):
         checkpoint = load(checkpoint)
-    if "state_dict" in checkpoint:
-        checkpoint = checkpoint["state_dict"]
+    for wrapper in ("state_dict", "model_state", "model"):  # official TSM/TEA, PySlowFast, UniFormer
+        if isinstance(checkpoint.get(wrapper), Mapping):
+            checkpoint = checkpoint[wrapper]
+            break
     check_tensors(checkpoint, where, "the state dict")
     return {k.removeprefix("module."): v for k, v in checkpoint.items()}
 
@@ -59,9 +70,13 @@ def load_official(model: FFNResNet | FFNTEA, checkpoint: Checkpoint,
     """Load an official FFN checkpoint; branch row ``p`` reads the modules ending in
     ``_{suffixes[p]}``. For :class:`~ffn.tea.FFNTEA`: a TEA-FFN checkpoint
     (``resnet_TEA_FFN.py``), or a plain TEA one (``resnet_TEA.py``, one BN per layer: every branch
-    row starts from it), told apart by its stem BN key (``bn1_4.weight`` or ``bn1.weight``)."""
+    row starts from it), told apart by its stem BN key (``bn1_4.weight`` or ``bn1.weight``). For
+    :class:`~ffn.uniformer.FFNUniFormer`: a UniFormer-FFN checkpoint, or a plain UniFormer one
+    (:func:`load_uniformer`), told apart by ``patch_embed1.norm.weight``."""
     if isinstance(model, FFNTEA):
         return _load_official_tea(model, checkpoint, suffixes)
+    if isinstance(model, FFNUniFormer):
+        return _load_official_uniformer(model, checkpoint, suffixes)
     if len(suffixes) != model.num_branches:
         raise ValueError(f"the model has {model.num_branches} branches but suffixes={tuple(suffixes)}")
     sd, origin = _official_keys(checkpoint)  # origin: ours -> the checkpoint's, for messages
@@ -123,6 +138,51 @@ def _load_official_tea(model: FFNTEA, checkpoint: Checkpoint, suffixes: Sequence
     return _load(model, sd, source, "official TEA-FFN", origin)
 
 
+def _load_official_uniformer(model: FFNUniFormer, checkpoint: Checkpoint,
+                             suffixes: Sequence[str]) -> FFNUniFormer:
+    if len(suffixes) != model.num_branches:
+        raise ValueError(f"the model has {model.num_branches} branches but suffixes={tuple(suffixes)}")
+    sd = read_state_dict(checkpoint)
+    if "patch_embed1.norm.weight" in sd:
+        return load_uniformer(model, sd)
+
+    def source(path: str, module: nn.Module) -> Source:
+        # every per-branch module (norms, WA) is the official name + _4/_8/_16; WA is "adaconv"
+        if isinstance(module, (FreqBatchNorm2d, FreqLayerNorm, ShiftAlter)):
+            name = path.replace("alter", "adaconv")
+            return [f"{name}_{s}" for s in suffixes]
+        return path or None
+
+    return _load(model, sd, source, "official UniFormer-FFN", wa_dims=3)
+
+
+def load_uniformer(model: FFNUniFormer, checkpoint: Checkpoint) -> FFNUniFormer:
+    """Initialise :class:`~ffn.uniformer.FFNUniFormer` from UniFormer-S weights in the UniFormer
+    repository's naming (``{"model": ...}``; ``patch_embed1.norm``, ``blocks1.0.norm1``, ``norm``,
+    ``head``): Kinetics video weights, or ImageNet 2D ones whose ``[O, I, k, k]`` convs are inflated
+    to the model's ``[O, I, t, k, k]`` as UniFormer does (repeated over t and divided by t, so a
+    clip of identical frames gives the image's activations). Every branch row starts from the one
+    norm; WA keeps its initialisation; the head is read only if it has the model's class count (the
+    official code drops it otherwise, e.g. Kinetics-400 weights for Something-Something)."""
+    sd = read_state_dict(checkpoint)
+    ours = model.state_dict()
+    if sd.get("head.weight") is not None and sd["head.weight"].shape != ours["head.weight"].shape:
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    for k, v in sd.items():
+        if v.dim() == 4 and k in ours and ours[k].dim() == 5:
+            t = ours[k].shape[2]
+            sd[k] = v.unsqueeze(2).repeat(1, 1, t, 1, 1) / t
+
+    def source(path: str, module: nn.Module) -> Source:
+        if isinstance(module, ShiftAlter) or (path == "head" and "head.weight" not in sd):
+            return None
+        if isinstance(module, (FreqBatchNorm2d, FreqLayerNorm)):
+            return [path] * model.num_branches
+        return path or None
+
+    return _load(model, sd, source, "UniFormer")
+
+
 def _res2net_source(model: FFNTEA, temporal: bool, fc: bool) -> Callable[[str, nn.Module], Source]:
     """Res2Net naming (the official plain TEA, timm's ``res2net50_26w_4s``): ``downsample.0/1``,
     one BN per layer for every branch row. ``temporal``: ME and the temporal convs are in the
@@ -150,7 +210,8 @@ def load_res2net(model: FFNTEA, checkpoint: Checkpoint) -> FFNTEA:
 
 
 def _load(model: nn.Module, sd: Mapping[str, Tensor], source: Callable[[str, nn.Module], Source],
-          kind: str, origin: Optional[Mapping[str, str]] = None) -> nn.Module:
+          kind: str, origin: Optional[Mapping[str, str]] = None, wa_dims: int = 2) -> nn.Module:
+    """``wa_dims``: the spatial dims of the official WA conv (2: ``[C, 1, 1, 1]``, 3: 3D)."""
     state = model.state_dict()
     used: set[str] = set()
     origin = origin or {}
@@ -180,7 +241,8 @@ def _load(model: nn.Module, sd: Mapping[str, Tensor], source: Callable[[str, nn.
                 state[name] = take(keys[0], ours.shape, name)
                 continue
             # one row per branch; the official WA conv weight is [C, 1, 1, 1] per branch
-            row = _wa_shape(ours) if isinstance(module, ShiftAlter) else ours.shape[1:]
+            row = (torch.Size((ours.shape[1], 1, *[1] * wa_dims)) if isinstance(module, ShiftAlter)
+                   else ours.shape[1:])
             state[name] = torch.stack([take(k, row, name).reshape(ours.shape[1:]) for k in keys])
     unused = sorted(origin.get(k, k) for k in set(sd) - used)
     if unused:
@@ -189,6 +251,3 @@ def _load(model: nn.Module, sd: Mapping[str, Tensor], source: Callable[[str, nn.
     model.load_state_dict(state)
     return model
 
-
-def _wa_shape(weight: Tensor) -> torch.Size:
-    return torch.Size((weight.shape[1], 1, 1, 1))

@@ -56,9 +56,9 @@ class Moments:
     m2: Optional[Tensor] = None
 
     def add(self, x: Tensor) -> None:
-        """Add the values of ``x`` ``[F, C, H, W]``, per channel."""
+        """Add the values of ``x`` ``[F, C, H, W]`` (or ``[N, C, T, H, W]``), per channel."""
         n = x.numel() // x.shape[1]
-        var, mean = torch.var_mean(x.detach().float(), dim=(0, 2, 3), correction=0)
+        var, mean = torch.var_mean(x.detach().float(), dim=[0, *range(2, x.dim())], correction=0)
         mean, m2 = mean.double(), var.double() * n
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2

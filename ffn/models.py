@@ -235,14 +235,22 @@ class FrameFlexible(nn.Module):
         """Logits ``[clips, classes]`` per segment of packed frames ``x``."""
         raise NotImplementedError
 
+    @classmethod
+    def twin(cls, model: "FrameFlexible") -> "FrameFlexible":
+        """A ``cls`` (e.g. the eager twin) with ``model``'s configuration (``model.config``: its
+        constructor's arguments, set by the models that have a twin), weights, dtype, device and
+        mode."""
+        like = next(model.parameters())
+        twin = cls(**model.config).to(like.device, like.dtype)
+        twin.load_state_dict(model.state_dict())
+        return twin.train(model.training)
+
 
 class ResNetTrunk(FrameFlexible):
     """The ResNet skeleton that :class:`FFNResNet` and :class:`~ffn.tea.FFNTEA` share: a stem
     (7x7 conv, per-branch BN, max pool), four stages of blocks (stage ``i`` has ``width << i``
     planes; the first block of stages 2-4 strides 2), dropout and the classifier, He-initialised
     as the official code does. ``config`` holds the constructor's arguments (:meth:`twin`)."""
-
-    config: dict
 
     def _build_trunk(self, width: int, counts: Sequence[int], expansion: int,
                      make_block: Callable[[int, int, int, bool], nn.Module], dropout: float,
@@ -274,15 +282,6 @@ class ResNetTrunk(FrameFlexible):
 
     def blocks(self) -> list[nn.Module]:
         return [b for i in range(1, 5) for b in getattr(self, f"layer{i}")]
-
-    @classmethod
-    def twin(cls, model: "ResNetTrunk") -> "ResNetTrunk":
-        """A ``cls`` (e.g. the eager twin) with ``model``'s configuration, weights, dtype, device
-        and mode."""
-        like = next(model.parameters())
-        twin = cls(**model.config).to(like.device, like.dtype)
-        twin.load_state_dict(model.state_dict())
-        return twin.train(model.training)
 
 
 class FFNResNet(ResNetTrunk):

@@ -7,14 +7,15 @@ from pathlib import Path
 
 from torch import nn
 
-from ..config import Config, ModelConfig, UserError, load_config, torchvision_arch
-from ..convert import load_official, load_res2net, load_torchvision
+from ..config import UNIFORMER_ARCH, Config, ModelConfig, UserError, load_config, torchvision_arch
+from ..convert import load_official, load_res2net, load_torchvision, load_uniformer
 from ..data import num_classes
 from ..data.build import num_classes_key
 from ..eager import EagerFFNResNet
 from ..ffnify import FFNVideo, ffnify, import_torchvision
 from ..models import DEPTHS, FFNResNet, FrameFlexible
 from ..tea import EagerFFNTEA, FFNTEA
+from ..uniformer import EagerFFNUniFormer, FFNUniFormer
 from . import checkpoint
 
 
@@ -22,7 +23,7 @@ def depth_of(arch: str) -> int:
     depth = arch.lower().removeprefix("resnet")
     if not depth.isdigit() or int(depth) not in DEPTHS:
         raise UserError(f"config model.arch must be one of {[f'resnet{d}' for d in DEPTHS]}, "
-                        f"{TEA_ARCH} or torchvision:NAME (a torchvision ResNet or mobilenet_v2), "
+                        f"{TEA_ARCH}, {UNIFORMER_ARCH} or torchvision:NAME (a torchvision ResNet or mobilenet_v2), "
                         f"got {arch!r}")
     return int(depth)
 
@@ -43,6 +44,11 @@ def build_model(cfg: ModelConfig, classes: int, pretrained: bool = True, report:
         cls = FFNTEA if cfg.impl == "fused" else EagerFFNTEA
         model = cls(cfg.frames, classes, dropout=cfg.dropout, width=cfg.width)
         imagenet = load_res2net  # model.pretrained_format=torchvision: timm's res2net50_26w_4s
+    elif cfg.arch.lower() == UNIFORMER_ARCH:
+        cls = FFNUniFormer if cfg.impl == "fused" else EagerFFNUniFormer
+        model = cls(cfg.frames, classes, dropout=cfg.dropout, width=cfg.width,
+                    weight_alteration=cfg.weight_alteration)
+        imagenet = load_uniformer  # model.pretrained_format=torchvision: plain UniFormer-S
     else:
         cls = FFNResNet if cfg.impl == "fused" else EagerFFNResNet
         model = cls(depth_of(cfg.arch), cfg.frames, classes, dropout=cfg.dropout,
