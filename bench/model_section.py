@@ -1,4 +1,5 @@
-"""Benchmark section: TSM-ResNet FFN (``--arch resnet --depth D``) or TEA-FFN (``--arch tea50``), the packed fused model vs its eager twin (the official
+"""Benchmark section: TSM-ResNet FFN (``--arch resnet --depth D``), TEA-FFN (``--arch tea50``) or
+UniFormer-S FFN (``--arch uniformer_s``), the fused model vs its eager twin (the official
 branch-by-branch structure), each in NCHW and channels_last, vs ``torch.compile`` of the twin: one
 three-branch training step (forward, distillation loss, backward), selected-branch inference and
 the folded single branch (``export_branch``, TSM only) as the inference floor. Every ratio is taken against
@@ -12,6 +13,7 @@ import torch
 
 from ffn import EagerFFNResNet, FFNResNet
 from ffn.tea import EagerFFNTEA, FFNTEA
+from ffn.uniformer import EagerFFNUniFormer, FFNUniFormer
 from ffn.export import export_branch
 from ffn.losses import temporal_distillation_loss
 from timing import measure, peak_memory, saved_tensor_bytes
@@ -21,10 +23,20 @@ EVAL_FRAMES = 8
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
+def _formats(args) -> dict:
+    """The memory formats compared; a 3D model's channels-last is ``channels_last_3d``."""
+    if getattr(args, "arch", "resnet") == "uniformer_s":
+        return {"nchw": torch.contiguous_format, "channels_last": torch.channels_last_3d}
+    return FORMATS
+
+
 def _arch(args):
     """(packed model class, its keyword arguments, the eager twin's class) of ``--arch``."""
     if getattr(args, "arch", "resnet") == "tea50":
         return FFNTEA, dict(frames=FRAMES, num_classes=args.classes, width=args.width), EagerFFNTEA
+    if getattr(args, "arch", "resnet") == "uniformer_s":
+        return (FFNUniFormer, dict(frames=FRAMES, num_classes=args.classes, width=args.width),
+                EagerFFNUniFormer)
     return (FFNResNet, dict(depth=args.depth, frames=FRAMES, num_classes=args.classes,
                             width=getattr(args, "width", 64)), EagerFFNResNet)
 
@@ -33,6 +45,8 @@ def _title(args) -> str:
     width = "" if getattr(args, "width", 64) == 64 else f" width {args.width}"
     if getattr(args, "arch", "resnet") == "tea50":
         return f"TEA-FFN (Res2Net-50 26w x 4s, ME + MTA){width}"
+    if getattr(args, "arch", "resnet") == "uniformer_s":
+        return f"UniFormer-S FFN (video){width}"
     return f"TSM-ResNet-{args.depth} FFN{width}"
 
 
@@ -41,7 +55,7 @@ def _models(args, device) -> dict:
     torch.manual_seed(0)
     base = cls(**kw).to(device)
     models = {}
-    for name, fmt in FORMATS.items():
+    for name, fmt in _formats(args).items():
         fused = cls(**kw).to(device)
         fused.load_state_dict(base.state_dict())
         models[f"fused {name}"] = fused.to(memory_format=fmt)
@@ -92,7 +106,7 @@ def inference(args, device, test_clip, models: dict, report) -> None:
     task = f"inference {EVAL_FRAMES} frames"
     row = models["fused nchw"].branch_for(EVAL_FRAMES)
     runs = dict(models)
-    for name, fmt in FORMATS.items():  # the folded branch: plain convs, the floor for a branch
+    for name, fmt in _formats(args).items():  # the folded branch: plain convs, the floor for a branch
         if isinstance(models["fused nchw"], FFNResNet):  # TEA has no folded export (yet)
             runs[f"folded {name}"] = export_branch(models["fused nchw"], row).to(memory_format=fmt)
     for name, model in runs.items():
@@ -150,7 +164,7 @@ def model_section(args, report) -> None:
         return
     if args.compile_model:
         # the twin compiled in the format a user would pick: the faster eager one
-        fmt = FORMATS[_best(report.sections["model"], task, "eager")["impl"].split(" ", 1)[1]]
+        fmt = _formats(args)[_best(report.sections["model"], task, "eager")["impl"].split(" ", 1)[1]]
         twin = _arch(args)[2].twin(models["fused nchw"]).to(memory_format=fmt)
         compiled = {"compile eager": torch.compile(twin)}
         train_steps(args, device, clips, target, compiled, report, task)

@@ -46,8 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-stages", default="layer1",
                    help="comma-separated stages whose ops are also compiled (compiling is slow on CPU), or 'all'")
     p.add_argument("--depth", type=int, default=50, choices=[18, 34, 50, 101], help="model depth")
-    p.add_argument("--arch", default="resnet", choices=["resnet", "tea50"],
-                   help="model section: TSM-ResNet (--depth) or TEA-FFN (Res2Net-50 with ME and MTA)")
+    p.add_argument("--arch", default="resnet", choices=["resnet", "tea50", "uniformer_s"],
+                   help="model section: TSM-ResNet (--depth), TEA-FFN (Res2Net-50 with ME and MTA) "
+                        "or UniFormer-S FFN (video)")
     p.add_argument("--width", type=int, default=64, help="model section: stem channels (64 standard)")
     p.add_argument("--size", type=int, default=112, help="model input size (64 with --quick)")
     p.add_argument("--classes", type=int, default=400)
