@@ -89,6 +89,7 @@ class ModelConfig:
     pretrained: str = ""  # initial weights, loaded via ffn.convert
     pretrained_format: str = "torchvision"  # torchvision (ImageNet ResNet; tea50: timm's res2net50_26w_4s; uniformer_s: plain UniFormer-S, ImageNet or Kinetics) | official (FFN-pytorch; tea50: TEA-FFN or plain TEA; uniformer_s: UniFormer-FFN)
     distill_weight: float = 1.0  # lambda of the temporal distillation loss
+    drop_path: float = 0.0  # uniformer_s: stochastic depth rate of the last block (official 0.1), 0 at the first
 
 
 @dataclass
@@ -451,6 +452,7 @@ def check_ranges(config: Config) -> None:
          o.milestones, "must be increasing epochs >= 1")
     finite("model.dropout", m.dropout, 0, hi=0.999)
     finite("model.distill_weight", m.distill_weight, 0, hi=1000)
+    finite("model.drop_path", m.drop_path, 0, hi=0.999)
     count("model.width", m.width, 1, MAX_WIDTH, " (first-stage channels; its weights grow as its square)")
     tv = torchvision_arch(m.arch)
     if tv is not None:  # ffn.ffnify of a torchvision model: what only FFNResNet has is refused
@@ -463,6 +465,8 @@ def check_ranges(config: Config) -> None:
         need(not m.pretrained, "model.pretrained", m.pretrained, f"is not supported with model.arch="
              f"{m.arch} yet: load the ImageNet weights into the torchvision model, then call "
              "ffn.ffnify in Python")
+    need(m.drop_path == 0 or m.arch.lower() == UNIFORMER_ARCH, "model.drop_path", m.drop_path,
+         f"must be 0 with model.arch={m.arch} (stochastic depth is {UNIFORMER_ARCH}'s)")
     if m.arch.lower() == UNIFORMER_ARCH:  # ffn.uniformer.MIN_SIZE: four patch embeddings, 32x
         need(d.size >= 32, "data.size", d.size, f"must be >= 32 pixels with model.arch={m.arch} (its "
              "patch embeddings reduce each side 32-fold)")

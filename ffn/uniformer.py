@@ -93,22 +93,38 @@ class CMlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """What both block kinds have: WA (``alter``, ``[P, C]``) and the positional depthwise 3x3x3
-    conv applied as ``x + pos_embed(x)`` to the altered input."""
+def drop_path(x: Tensor, rate: float, clips: int, frames: Sequence[int] = (1,)) -> Tensor:
+    """Stochastic depth (timm's ``DropPath``): each clip's ``x`` is zeroed with probability
+    ``rate``, else divided by ``1 - rate``. Dim 0 of ``x`` holds segment after segment, each
+    ``clips`` clips of ``frames[s]`` entries (``[N, ...]`` for one clip per entry, packed tokens
+    ``[N·ΣT, ...]`` with the token layout)."""
+    keep = 1 - rate
+    mask = x.new_empty(len(frames), clips).bernoulli_(keep).div_(keep)
+    mask = torch.cat([m.repeat_interleave(t) for m, t in zip(mask, frames)])
+    return x * mask.view(-1, *[1] * (x.dim() - 1))
 
-    def __init__(self, dim: int, branches: int, weight_alteration: bool) -> None:
+
+class Block(nn.Module):
+    """What both block kinds have: WA (``alter``, ``[P, C]``), the positional depthwise 3x3x3
+    conv applied as ``x + pos_embed(x)`` to the altered input, and the stochastic depth rate of
+    both residual branches."""
+
+    def __init__(self, dim: int, branches: int, weight_alteration: bool, drop: float) -> None:
         super().__init__()
         self.alter = ShiftAlter(dim, branches, alter=weight_alteration, shift=False)
         self.pos_embed = conv3d(dim, dim, 3, groups=dim)
+        self.drop = drop
+
+    def dropped(self, x: Tensor, clips: int, frames: Sequence[int] = (1,)) -> Tensor:
+        return drop_path(x, self.drop, clips, frames) if self.training and self.drop > 0 else x
 
 
 class CBlock(Block):
     """Convolutional block: local aggregation ``conv2(attn(conv1(BN1 x)))`` (attn a depthwise
     5x5x5 conv) and a 1x1x1-conv MLP after BN2, both residual; BNs per branch."""
 
-    def __init__(self, dim: int, branches: int, weight_alteration: bool) -> None:
-        super().__init__(dim, branches, weight_alteration)
+    def __init__(self, dim: int, branches: int, weight_alteration: bool, drop: float) -> None:
+        super().__init__(dim, branches, weight_alteration, drop)
         self.norm1 = FreqBatchNorm3d(dim, branches)
         self.conv1 = conv3d(dim, dim, 1)
         self.attn = conv3d(dim, dim, 5, groups=dim)
@@ -120,8 +136,10 @@ class CBlock(Block):
         out = []
         for x, row in zip(xs, rows):
             x = passes.alter_pos(self, x, row)
-            x = x + self.conv2(self.attn(self.conv1(passes.batch_norm(self.norm1, x, row))))
-            out.append(x + self.mlp(passes.batch_norm(self.norm2, x, row)))
+            n = x.shape[0]
+            h = self.conv2(self.attn(self.conv1(passes.batch_norm(self.norm1, x, row))))
+            x = x + self.dropped(h, n)
+            out.append(x + self.dropped(self.mlp(passes.batch_norm(self.norm2, x, row)), n))
         return out
 
 
@@ -158,8 +176,9 @@ class SABlock(Block):
     """Self-attention block: pre-LN attention and MLP, both residual; LNs per branch. The
     per-token work runs on the packed tokens of all branches, the attention per clip."""
 
-    def __init__(self, dim: int, heads: int, branches: int, weight_alteration: bool) -> None:
-        super().__init__(dim, branches, weight_alteration)
+    def __init__(self, dim: int, heads: int, branches: int, weight_alteration: bool,
+                 drop: float) -> None:
+        super().__init__(dim, branches, weight_alteration, drop)
         self.norm1 = FreqLayerNorm(dim, branches, eps=SA_EPS)
         self.attn = Attention(dim, heads)
         self.norm2 = FreqLayerNorm(dim, branches, eps=SA_EPS)
@@ -169,8 +188,9 @@ class SABlock(Block):
         xs = [passes.alter_pos(self, x, row) for x, row in zip(xs, rows)]
         t, layout = to_tokens(xs), token_layout(xs, rows)
         a = self.attn(passes.layer_norm(self.norm1, t, layout), layout, passes)
+        a = self.dropped(a, layout.clips, layout.frames)
         h, s = passes.layer_norm(self.norm2, a, layout, residual=t)  # s = t + a, h = LN2(s)
-        return from_tokens(s + self.mlp(h), xs)
+        return from_tokens(s + self.dropped(self.mlp(h), layout.clips, layout.frames), xs)
 
 
 class FFNUniFormer(FrameFlexible):
@@ -180,23 +200,28 @@ class FFNUniFormer(FrameFlexible):
     channels and heads of 64 channels, i.e. 1, 2, 5, 8 heads); the head width scales with it, so a
     small width (CPU tests) keeps the head counts. Frames must be at least 32x32 pixels; any frame
     count works (the first patch embedding halves T, rounding up). ``dropout`` is applied before
-    the classifier (the official UniFormer-FFN has none: 0 reproduces it)."""
+    the classifier (the official UniFormer-FFN has none: 0 reproduces it). ``drop_path``: the
+    stochastic depth rate of the last block, rising linearly from 0 at the first (official: 0.1)."""
 
     def __init__(self, frames: Sequence[int] = (4, 8, 16), num_classes: int = 400,
-                 dropout: float = 0.0, width: int = 64, weight_alteration: bool = True) -> None:
+                 dropout: float = 0.0, width: int = 64, weight_alteration: bool = True,
+                 drop_path: float = 0.0) -> None:
         super().__init__(frames)
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
+        if not 0 <= drop_path < 1:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
         self.config = dict(frames=self.frames, num_classes=num_classes, dropout=dropout,
-                           width=width, weight_alteration=weight_alteration)
+                           width=width, weight_alteration=weight_alteration, drop_path=drop_path)
         p, dims = self.num_branches, [width * d for d in DIMS]
         self.patch_embed1 = PatchEmbed(3, dims[0], (3, 4, 4), (2, 4, 4), (1, 0, 0), p)
         for i in range(1, 4):
             self.add_module(f"patch_embed{i + 1}", PatchEmbed(dims[i - 1], dims[i], (1, 2, 2),
                                                               (1, 2, 2), 0, p))
+        rates = iter(torch.linspace(0, drop_path, sum(DEPTHS), device="cpu").tolist())  # as timm
         for i, (dim, depth) in enumerate(zip(dims, DEPTHS)):
-            make = ((lambda: CBlock(dim, p, weight_alteration)) if i < 2 else
-                    (lambda: SABlock(dim, dim // width, p, weight_alteration)))
+            make = ((lambda: CBlock(dim, p, weight_alteration, next(rates))) if i < 2 else
+                    (lambda: SABlock(dim, dim // width, p, weight_alteration, next(rates))))
             self.add_module(f"blocks{i + 1}", nn.ModuleList(make() for _ in range(depth)))
         self.norm = FreqBatchNorm3d(dims[-1], p)
         self.dropout = nn.Dropout(dropout)

@@ -216,10 +216,31 @@ def test_no_clip_leaks_into_another_and_bad_sizes_are_refused():
     y = x.clone()
     y[1] += 1
     with torch.no_grad():
-        assert torch.equal(model(x)[0], model(y)[0])
-        assert not torch.allclose(model(x)[1], model(y)[1])
+        a, b = model(x), model(y)
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
     with pytest.raises(ValueError, match="at least 32x32"):
         model(torch.randn(1, 2, 3, 16, 32))
+
+
+def test_stochastic_depth_drops_whole_clips_in_training_only():
+    from ffn.uniformer import drop_path
+
+    torch.manual_seed(0)
+    # packed tokens of 2 clips x (1, 3) frames: each clip's rows are dropped (0) or kept (x 2) together
+    out = torch.stack([drop_path(torch.ones(2 * (1 + 3), 5), 0.5, clips=2, frames=(1, 3))
+                       for _ in range(300)])
+    for rows in (out[:, 0:1], out[:, 1:2], out[:, 2:5], out[:, 5:8]):
+        assert ((rows == 0).all(dim=(1, 2)) | (rows == 2).all(dim=(1, 2))).all()
+    assert abs(out.mean().item() - 1) < 0.1
+    model = FFNUniFormer((1, 2), CLASSES, width=WIDTH, drop_path=0.5)
+    assert [b.drop for b in model.blocks1] == pytest.approx([0.0, 0.5 / 17, 1 / 17])
+    plain = FFNUniFormer.twin(model)  # same weights, no stochastic depth
+    for b in (b for _, blocks in plain.stages() for b in blocks):
+        b.drop = 0.0
+    x = torch.randn(2, 2, 3, HW, HW)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), plain.eval()(x))
+    assert not torch.allclose(model.train()(x), plain.train()(x))
 
 
 def test_official_checkpoint_of_another_width_names_the_key(official):
@@ -269,10 +290,10 @@ def test_parameter_count_at_the_official_width():
     assert counts == [21_459_344, 21_343_406]
 
 
-TINY = ["model.arch=uniformer_s", "train.out={run}", "data.synthetic.train_videos=2",
+TINY = ["model.arch=uniformer_s", "model.drop_path=0.1", "train.out={run}", "data.synthetic.train_videos=2",
         "data.synthetic.val_videos=2", "data.synthetic.num_frames=4", "data.synthetic.frame_size=32",
         "data.size=32", "data.scale_size=32", "data.batch_size=2", "data.workers=0",
-        "model.frames=[2,4]", "model.width=8", "train.epochs=1", "train.max_steps=1",
+        "model.frames=[1,2]", "model.width=8", "train.epochs=1", "train.max_steps=1",
         "train.progress=false"]
 
 
@@ -287,14 +308,16 @@ def test_ffn_train_eval_and_diagnose_uniformer(tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["eval", str(run / "last.pt"), "--frames", "1,3", "--out", str(out)]) == 0
     assert list(json.loads((out / "results.json").read_text())["uf"]) == ["1", "3"]
-    assert main(["diagnose", str(run / "last.pt"), "--frames", "4", "--out",
+    assert main(["diagnose", str(run / "last.pt"), "--frames", "2", "--out",
                  str(tmp_path / "diag")]) == 0
     rows = (tmp_path / "diag" / "shift.csv").read_text()
     assert "blocks1.0.norm1" in rows and "blocks2.3.norm2" in rows and "\nuf,norm," in rows
 
 
-def test_config_refuses_frames_too_small_for_uniformer():
+def test_config_refuses_what_uniformer_cannot_take():
     from ffn.config import UserError, load_config
 
     with pytest.raises(UserError, match="data.size"):
         load_config(overrides=["model.arch=uniformer_s", "data.size=16"])
+    with pytest.raises(UserError, match="model.drop_path"):
+        load_config(overrides=["model.arch=resnet18", "model.drop_path=0.1"])

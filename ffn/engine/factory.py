@@ -47,7 +47,7 @@ def build_model(cfg: ModelConfig, classes: int, pretrained: bool = True, report:
     elif cfg.arch.lower() == UNIFORMER_ARCH:
         cls = FFNUniFormer if cfg.impl == "fused" else EagerFFNUniFormer
         model = cls(cfg.frames, classes, dropout=cfg.dropout, width=cfg.width,
-                    weight_alteration=cfg.weight_alteration)
+                    weight_alteration=cfg.weight_alteration, drop_path=cfg.drop_path)
         imagenet = load_uniformer  # model.pretrained_format=torchvision: plain UniFormer-S
     else:
         cls = FFNResNet if cfg.impl == "fused" else EagerFFNResNet
