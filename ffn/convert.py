@@ -160,8 +160,9 @@ def load_uniformer(model: FFNUniFormer, checkpoint: Checkpoint) -> FFNUniFormer:
     """Initialise :class:`~ffn.uniformer.FFNUniFormer` from UniFormer-S weights in the UniFormer
     repository's naming (``{"model": ...}``; ``patch_embed1.norm``, ``blocks1.0.norm1``, ``norm``,
     ``head``): Kinetics video weights, or ImageNet 2D ones whose ``[O, I, k, k]`` convs are inflated
-    to the model's ``[O, I, t, k, k]`` as UniFormer does (repeated over t and divided by t, so a
-    clip of identical frames gives the image's activations). Every branch row starts from the one
+    to the model's ``[O, I, t, k, k]`` as UniFormer does (repeated over t and divided by t, so on a
+    clip of identical frames a conv gives the image's output, away from the clip's ends). Every
+    branch row starts from the one
     norm; WA keeps its initialisation; the head is read only if it has the model's class count (the
     official code drops it otherwise, e.g. Kinetics-400 weights for Something-Something)."""
     sd = read_state_dict(checkpoint)

@@ -285,9 +285,9 @@ def test_plain_uniformer_weights_initialise_every_branch():
 
 
 def test_parameter_count_at_the_official_width():
-    with torch.device("meta"):
-        counts = [sum(p.numel() for p in FFNUniFormer(FRAMES, c).parameters()) for c in (400, 174)]
-    assert counts == [21_459_344, 21_343_406]
+    with torch.device("meta"):  # no memory, no init
+        model = FFNUniFormer(FRAMES, 400)
+    assert sum(p.numel() for p in model.parameters()) == 21_459_344  # README's table
 
 
 TINY = ["model.arch=uniformer_s", "model.drop_path=0.1", "train.out={run}", "data.synthetic.train_videos=2",
