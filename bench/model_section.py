@@ -1,7 +1,7 @@
 """Benchmark section: TSM-ResNet FFN (``--arch resnet --depth D``), TEA-FFN (``--arch tea50``) or
-SlowFast-R50 FFN (``--arch slowfast_r50``), the fused model vs its eager twin (the official
-branch-by-branch structure), each in NCHW and channels_last (NCTHW and channels_last_3d for
-SlowFast's 3D convs), vs ``torch.compile`` of the twin: one
+SlowFast-R50 FFN (``--arch slowfast_r50``) or UniFormer-S FFN (``--arch uniformer_s``), the fused
+model vs its eager twin (the official branch-by-branch structure), each in NCHW and channels_last
+(NCTHW and channels_last_3d for the 3D models), vs ``torch.compile`` of the twin: one
 three-branch training step (forward, distillation loss, backward), selected-branch inference and
 the folded single branch (``export_branch``, TSM only) as the inference floor. Every ratio is taken against
 the best eager configuration measured in this run; rows carry min/median/max."""
@@ -15,6 +15,7 @@ import torch
 from ffn import EagerFFNResNet, FFNResNet
 from ffn.slowfast import EagerFFNSlowFast, FFNSlowFast
 from ffn.tea import EagerFFNTEA, FFNTEA
+from ffn.uniformer import EagerFFNUniFormer, FFNUniFormer
 from ffn.export import export_branch
 from ffn.losses import temporal_distillation_loss
 from timing import measure, peak_memory, saved_tensor_bytes
@@ -41,7 +42,8 @@ def eval_frames(args) -> int:
 
 
 def formats(args) -> dict:
-    return FORMATS_3D if _slowfast(args) else FORMATS
+    """The memory formats compared; a 3D model's channels-last is ``channels_last_3d``."""
+    return FORMATS_3D if getattr(args, "arch", "resnet") in ("slowfast_r50", "uniformer_s") else FORMATS
 
 
 def contiguous_fused(args) -> str:
@@ -56,6 +58,9 @@ def _arch(args):
     if _slowfast(args):
         return (FFNSlowFast, dict(frames=SLOWFAST_FRAMES, num_classes=args.classes, width=args.width),
                 EagerFFNSlowFast)
+    if getattr(args, "arch", "resnet") == "uniformer_s":
+        return (FFNUniFormer, dict(frames=FRAMES, num_classes=args.classes, width=args.width),
+                EagerFFNUniFormer)
     return (FFNResNet, dict(depth=args.depth, frames=FRAMES, num_classes=args.classes,
                             width=getattr(args, "width", 64)), EagerFFNResNet)
 
@@ -66,6 +71,8 @@ def _title(args) -> str:
         return f"TEA-FFN (Res2Net-50 26w x 4s, ME + MTA){width}"
     if _slowfast(args):
         return f"SlowFast-R50 FFN (alpha 4, fast pathway 1/8 of the channels){width}"
+    if getattr(args, "arch", "resnet") == "uniformer_s":
+        return f"UniFormer-S FFN (video){width}"
     return f"TSM-ResNet-{args.depth} FFN{width}"
 
 

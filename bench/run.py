@@ -46,9 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-stages", default="layer1",
                    help="comma-separated stages whose ops are also compiled (compiling is slow on CPU), or 'all'")
     p.add_argument("--depth", type=int, default=50, choices=[18, 34, 50, 101], help="model depth")
-    p.add_argument("--arch", default="resnet", choices=["resnet", "tea50", "slowfast_r50"],
-                   help="model section: TSM-ResNet (--depth), TEA-FFN (Res2Net-50 with ME and MTA) "
-                        "or SlowFast-R50 FFN (3D convs; 16/32/64 fast-pathway frames)")
+    p.add_argument("--arch", default="resnet", choices=["resnet", "tea50", "slowfast_r50", "uniformer_s"],
+                   help="model section: TSM-ResNet (--depth), TEA-FFN (Res2Net-50 with ME and MTA), "
+                        "SlowFast-R50 FFN (3D convs; 16/32/64 fast-pathway frames) or UniFormer-S FFN (video)")
     p.add_argument("--width", type=int, default=64, help="model section: stem channels (64 standard)")
     p.add_argument("--size", type=int, default=112, help="model input size (64 with --quick)")
     p.add_argument("--classes", type=int, default=400)

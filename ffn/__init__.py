@@ -3,6 +3,7 @@
 * :mod:`ffn.models` — :class:`FFNResNet`, the packed model (one conv call for all branches);
 * :mod:`ffn.tea` — :class:`FFNTEA` (TEA-FFN: Res2Net-50 with ME and MTA) and its eager twin;
 * :mod:`ffn.slowfast` — :class:`FFNSlowFast` (SlowFast-R50 FFN, 3D convs) and its eager twin;
+* :mod:`ffn.uniformer` — :class:`FFNUniFormer` (UniFormer-S FFN, video) and its eager twin;
 * :mod:`ffn.ffnify` — :func:`ffnify`: a torchvision ResNet, MobileNetV2 or other 2D CNN as an FFN;
 * :mod:`ffn.eager` — :class:`EagerFFNResNet`, its branch-by-branch twin with the same ``state_dict``;
 * :mod:`ffn.losses` — the temporal distillation loss;
@@ -23,10 +24,12 @@ _EXPORTS = {
     "FFNResNet": ".models", "EagerFFNResNet": ".eager", "FFNVideo": ".ffnify", "FrameFlexible": ".models",
     "ffnify": ".ffnify", "nearest_branch": ".models", "pack_clips": ".models",
     "FFNTEA": ".tea", "EagerFFNTEA": ".tea", "FFNSlowFast": ".slowfast", "EagerFFNSlowFast": ".slowfast",
+    "FFNUniFormer": ".uniformer", "EagerFFNUniFormer": ".uniformer",
 }
 
 __all__ = ["FFNResNet", "EagerFFNResNet", "FFNVideo", "FrameFlexible", "ffnify", "nearest_branch",
-           "pack_clips", "FFNTEA", "EagerFFNTEA", "FFNSlowFast", "EagerFFNSlowFast"]
+           "pack_clips", "FFNTEA", "EagerFFNTEA", "FFNSlowFast", "EagerFFNSlowFast", "FFNUniFormer",
+           "EagerFFNUniFormer"]
 
 
 def __getattr__(name: str):

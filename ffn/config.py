@@ -77,19 +77,21 @@ class DataConfig:
 TORCHVISION_ARCH = "torchvision:"
 SLOWFAST_ARCH = "slowfast_r50"  # ffn.slowfast.FFNSlowFast: model.frames are the fast pathway's
 SLOWFAST_ALPHA = 4  # its slow pathway takes one of every 4 frames (the official config's ALPHA)
+UNIFORMER_ARCH = "uniformer_s"  # ffn.uniformer.FFNUniFormer: UniFormer-S FFN (video)
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"  # resnet18/34/50/101 (FFNResNet) | tea50 (FFNTEA) | slowfast_r50 (FFNSlowFast) | torchvision:NAME (a ResNet or mobilenet_v2)
-    width: int = 64  # first-stage channels (64 = standard ResNet; smaller for quick CPU runs); resnetN, tea50, slowfast_r50 (its slow stem; a multiple of 8)
+    arch: str = "resnet18"  # resnet18/34/50/101 (FFNResNet) | tea50 (FFNTEA) | slowfast_r50 (FFNSlowFast) | uniformer_s (FFNUniFormer) | torchvision:NAME (a ResNet or mobilenet_v2)
+    width: int = 64  # first-stage channels (64 = standard ResNet, UniFormer-S; smaller for quick CPU runs); resnetN, tea50, slowfast_r50 (its slow stem; a multiple of 8), uniformer_s
     impl: str = "fused"  # fused: FFNResNet on the ffn_kernels ops | eager: EagerFFNResNet (same weights)
     frames: list[int] = field(default_factory=lambda: [4, 8, 16])  # one entry = single-frame-count model
     weight_alteration: bool = True  # False with one frame count = a plain TSM baseline
     dropout: float = 0.5  # before the classifier (torchvision:NAME: the dropout before its last Linear)
     pretrained: str = ""  # initial weights, loaded via ffn.convert
-    pretrained_format: str = "torchvision"  # torchvision (ImageNet ResNet; tea50: timm's res2net50_26w_4s) | official (FFN-pytorch; tea50: TEA-FFN or plain TEA; slowfast_r50: SlowFast-FFN) | pyslowfast (slowfast_r50: a plain PySlowFast SlowFast-R50)
+    pretrained_format: str = "torchvision"  # torchvision (ImageNet ResNet; tea50: timm's res2net50_26w_4s; uniformer_s: plain UniFormer-S, ImageNet or Kinetics) | official (FFN-pytorch; tea50: TEA-FFN or plain TEA; slowfast_r50: SlowFast-FFN; uniformer_s: UniFormer-FFN) | pyslowfast (slowfast_r50: a plain PySlowFast SlowFast-R50)
     distill_weight: float = 1.0  # lambda of the temporal distillation loss
+    drop_path: float = 0.0  # uniformer_s: stochastic depth rate of the last block (official 0.1), 0 at the first
 
 
 @dataclass
@@ -452,6 +454,7 @@ def check_ranges(config: Config) -> None:
          o.milestones, "must be increasing epochs >= 1")
     finite("model.dropout", m.dropout, 0, hi=0.999)
     finite("model.distill_weight", m.distill_weight, 0, hi=1000)
+    finite("model.drop_path", m.drop_path, 0, hi=0.999)
     count("model.width", m.width, 1, MAX_WIDTH, " (first-stage channels; its weights grow as its square)")
     tv = torchvision_arch(m.arch)
     if tv is not None:  # ffn.ffnify of a torchvision model: what only FFNResNet has is refused
@@ -464,9 +467,17 @@ def check_ranges(config: Config) -> None:
         need(not m.pretrained, "model.pretrained", m.pretrained, f"is not supported with model.arch="
              f"{m.arch} yet: load the ImageNet weights into the torchvision model, then call "
              "ffn.ffnify in Python")
+    need(m.drop_path == 0 or m.arch.lower() == UNIFORMER_ARCH, "model.drop_path", m.drop_path,
+         f"must be 0 with model.arch={m.arch} (stochastic depth is {UNIFORMER_ARCH}'s)")
+    if m.arch.lower() == UNIFORMER_ARCH:  # ffn.uniformer.MIN_SIZE: four patch embeddings, 32x
+        need(d.size >= 32, "data.size", d.size, f"must be >= 32 pixels with model.arch={m.arch} (its "
+             "patch embeddings reduce each side 32-fold)")
     need(bool(m.frames) and m.frames[0] >= 1 and m.frames[-1] <= MAX_FRAMES
          and all(a < b for a, b in zip(m.frames, m.frames[1:])),
          "model.frames", m.frames, f"must be frame counts in 1..{MAX_FRAMES} in increasing order")
+    if m.arch.lower() in (SLOWFAST_ARCH, UNIFORMER_ARCH):
+        need(not t.sync_bn, "train.sync_bn", t.sync_bn, f"is not supported with model.arch={m.arch} "
+             "yet: FreqBatchNorm3d has no synchronised counterpart")
     slowfast = m.arch.lower() == SLOWFAST_ARCH
     if slowfast:
         need(all(t % SLOWFAST_ALPHA == 0 for t in m.frames), "model.frames", m.frames,
@@ -476,8 +487,6 @@ def check_ranges(config: Config) -> None:
              f"{m.arch} (the fast pathway has width / 8 channels)")
         need(m.weight_alteration, "model.weight_alteration", m.weight_alteration,
              f"must stay true with model.arch={m.arch}: SlowFast-FFN's blocks always have it")
-        need(not t.sync_bn, "train.sync_bn", t.sync_bn, f"is not supported with model.arch={m.arch} "
-             "yet: FreqBatchNorm3d has no synchronised counterpart")
         need(not m.pretrained or m.pretrained_format in ("official", "pyslowfast"),
              "model.pretrained_format", m.pretrained_format, f"must be official (a SlowFast-FFN "
              f"checkpoint) or pyslowfast (a plain PySlowFast SlowFast-R50) with model.arch={m.arch}")

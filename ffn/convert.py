@@ -15,6 +15,14 @@
   ``...branch1_bn_4.*``, ``head.projection.*``).
 * :func:`load_pyslowfast` — a plain PySlowFast SlowFast-R50 (one BN per layer), for
   :class:`ffn.slowfast.FFNSlowFast`: every branch row from its BN; WA and the head stay fresh.
+  For :class:`ffn.uniformer.FFNUniFormer` it reads UniFormer-FFN checkpoints (``uniformer_FFN.py``,
+  PySlowFast's ``{"model_state": ...}``: ``patch_embed1.norm_4``, ``blocks1.0.norm1_8``,
+  ``blocks3.0.adaconv_16.weight`` ``[C, 1, 1, 1, 1]``, ``norm_4``, ``head``) and plain UniFormer
+  ones (:func:`load_uniformer`).
+* :func:`load_uniformer` — UniFormer-S in the UniFormer repository's naming (one norm per layer),
+  Kinetics video weights or ImageNet 2D ones (2D convs inflated over time as UniFormer does): every
+  branch row starts from the one norm; WA keeps its initialisation, the head too unless it has the
+  model's class count.
 * :func:`load_res2net` — ImageNet Res2Net-50 26w x 4s in timm's ``res2net50_26w_4s`` naming, for
   :class:`ffn.tea.FFNTEA` (ME and the temporal convs keep their initialisation).
 * :func:`load_torchvision` — torchvision ImageNet ResNets: every branch's BN starts from the same
@@ -35,12 +43,13 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ffn_kernels import FreqBatchNorm2d, FreqBatchNorm3d, ShiftAlter
+from ffn_kernels import FreqBatchNorm2d, FreqLayerNorm, ShiftAlter
 
 from .engine.checkpoint import check_tensors, load
 from .models import FFNResNet
-from .slowfast import FFNSlowFast, WeightAlteration
+from .slowfast import FFNSlowFast
 from .tea import FFNTEA, TemporalConv
+from .uniformer import FFNUniFormer
 
 Checkpoint = Union[str, os.PathLike, Mapping[str, Tensor]]
 # checkpoint module path(s) for one of our modules: None keeps the model's own tensors, a string
@@ -56,8 +65,8 @@ def read_state_dict(checkpoint: Checkpoint) -> dict[str, Tensor]:
     where = checkpoint if not isinstance(checkpoint, Mapping) else "state dict"
     if not isinstance(checkpoint, Mapping):
         checkpoint = load(checkpoint)
-    for wrapper in ("state_dict", "model_state"):
-        if wrapper in checkpoint:
+    for wrapper in ("state_dict", "model_state", "model"):  # official TSM/TEA, PySlowFast, UniFormer
+        if isinstance(checkpoint.get(wrapper), Mapping):
             checkpoint = checkpoint[wrapper]
             break
     check_tensors(checkpoint, where, "the state dict")
@@ -71,11 +80,15 @@ def load_official(model: FFNResNet | FFNTEA | FFNSlowFast, checkpoint: Checkpoin
     (``resnet_TEA_FFN.py``), or a plain TEA one (``resnet_TEA.py``, one BN per layer: every branch
     row starts from it), told apart by its stem BN key (``bn1_4.weight`` or ``bn1.weight``).
     For :class:`~ffn.slowfast.FFNSlowFast`: a SlowFast-FFN checkpoint (``suffixes`` name the
-    branches in order of frames, as the official ``bn_4/8/16`` do for fast 16/32/64)."""
+    branches in order of frames, as the official ``bn_4/8/16`` do for fast 16/32/64). For
+    :class:`~ffn.uniformer.FFNUniFormer`: a UniFormer-FFN checkpoint, or a plain UniFormer one
+    (:func:`load_uniformer`), told apart by ``patch_embed1.norm.weight``."""
     if isinstance(model, FFNTEA):
         return _load_official_tea(model, checkpoint, suffixes)
     if isinstance(model, FFNSlowFast):
         return _load_official_slowfast(model, checkpoint, suffixes)
+    if isinstance(model, FFNUniFormer):
+        return _load_official_uniformer(model, checkpoint, suffixes)
     if len(suffixes) != model.num_branches:
         raise ValueError(f"the model has {model.num_branches} branches but suffixes={tuple(suffixes)}")
     sd, origin = _official_keys(checkpoint)  # origin: ours -> the checkpoint's, for messages
@@ -149,11 +162,11 @@ def _load_official_slowfast(model: FFNSlowFast, checkpoint: Checkpoint,
 
     def source(path: str, module: nn.Module) -> Source:
         # our module names are the official ones; per-branch modules add the branch suffix
-        if isinstance(module, (FreqBatchNorm3d, WeightAlteration)):
+        if isinstance(module, (FreqBatchNorm2d, ShiftAlter)):  # FreqBatchNorm3d rows, WA
             return [f"{path}_{s}" for s in suffixes]
         return path
 
-    return _load(model, sd, source, "official SlowFast-FFN")
+    return _load(model, sd, source, "official SlowFast-FFN", wa_dims=3)
 
 
 def load_pyslowfast(model: FFNSlowFast, checkpoint: Checkpoint) -> FFNSlowFast:
@@ -164,11 +177,57 @@ def load_pyslowfast(model: FFNSlowFast, checkpoint: Checkpoint) -> FFNSlowFast:
     sd = {k: v for k, v in read_state_dict(checkpoint).items() if not k.startswith("head.")}
 
     def source(path: str, module: nn.Module) -> Source:
-        if isinstance(module, WeightAlteration) or path.startswith("head"):
+        if isinstance(module, ShiftAlter) or path.startswith("head"):
             return None
-        return [path] * model.num_branches if isinstance(module, FreqBatchNorm3d) else path
+        return [path] * model.num_branches if isinstance(module, FreqBatchNorm2d) else path
 
     return _load(model, sd, source, "PySlowFast SlowFast")
+
+
+def _load_official_uniformer(model: FFNUniFormer, checkpoint: Checkpoint,
+                             suffixes: Sequence[str]) -> FFNUniFormer:
+    if len(suffixes) != model.num_branches:
+        raise ValueError(f"the model has {model.num_branches} branches but suffixes={tuple(suffixes)}")
+    sd = read_state_dict(checkpoint)
+    if "patch_embed1.norm.weight" in sd:
+        return load_uniformer(model, sd)
+
+    def source(path: str, module: nn.Module) -> Source:
+        # every per-branch module (norms, WA) is the official name + _4/_8/_16; WA is "adaconv"
+        if isinstance(module, (FreqBatchNorm2d, FreqLayerNorm, ShiftAlter)):
+            name = path.replace("alter", "adaconv")
+            return [f"{name}_{s}" for s in suffixes]
+        return path or None
+
+    return _load(model, sd, source, "official UniFormer-FFN", wa_dims=3)
+
+
+def load_uniformer(model: FFNUniFormer, checkpoint: Checkpoint) -> FFNUniFormer:
+    """Initialise :class:`~ffn.uniformer.FFNUniFormer` from UniFormer-S weights in the UniFormer
+    repository's naming (``{"model": ...}``; ``patch_embed1.norm``, ``blocks1.0.norm1``, ``norm``,
+    ``head``): Kinetics video weights, or ImageNet 2D ones whose ``[O, I, k, k]`` convs are inflated
+    to the model's ``[O, I, t, k, k]`` as UniFormer does (repeated over t and divided by t, so on a
+    clip of identical frames a conv gives the image's output, away from the clip's ends). Every
+    branch row starts from the one
+    norm; WA keeps its initialisation; the head is read only if it has the model's class count (the
+    official code drops it otherwise, e.g. Kinetics-400 weights for Something-Something)."""
+    sd = read_state_dict(checkpoint)
+    ours = model.state_dict()
+    if sd.get("head.weight") is not None and sd["head.weight"].shape != ours["head.weight"].shape:
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    for k, v in sd.items():
+        if v.dim() == 4 and k in ours and ours[k].dim() == 5:
+            t = ours[k].shape[2]
+            sd[k] = v.unsqueeze(2).repeat(1, 1, t, 1, 1) / t
+
+    def source(path: str, module: nn.Module) -> Source:
+        if isinstance(module, ShiftAlter) or (path == "head" and "head.weight" not in sd):
+            return None
+        if isinstance(module, (FreqBatchNorm2d, FreqLayerNorm)):
+            return [path] * model.num_branches
+        return path or None
+
+    return _load(model, sd, source, "UniFormer")
 
 
 def _res2net_source(model: FFNTEA, temporal: bool, fc: bool) -> Callable[[str, nn.Module], Source]:
@@ -198,7 +257,8 @@ def load_res2net(model: FFNTEA, checkpoint: Checkpoint) -> FFNTEA:
 
 
 def _load(model: nn.Module, sd: Mapping[str, Tensor], source: Callable[[str, nn.Module], Source],
-          kind: str, origin: Optional[Mapping[str, str]] = None) -> nn.Module:
+          kind: str, origin: Optional[Mapping[str, str]] = None, wa_dims: int = 2) -> nn.Module:
+    """``wa_dims``: the spatial dims of the official WA conv (2: ``[C, 1, 1, 1]``, 3: 3D)."""
     state = model.state_dict()
     used: set[str] = set()
     origin = origin or {}
@@ -227,7 +287,9 @@ def _load(model: nn.Module, sd: Mapping[str, Tensor], source: Callable[[str, nn.
             if isinstance(src, str):
                 state[name] = take(keys[0], ours.shape, name)
                 continue
-            row = _row_shape(module, ours)
+            # one row per branch; the official WA conv weight is [C, 1, 1, 1] per branch
+            row = (torch.Size((ours.shape[1], 1, *[1] * wa_dims)) if isinstance(module, ShiftAlter)
+                   else ours.shape[1:])
             state[name] = torch.stack([take(k, row, name).reshape(ours.shape[1:]) for k in keys])
     unused = sorted(origin.get(k, k) for k in set(sd) - used)
     if unused:
@@ -236,12 +298,3 @@ def _load(model: nn.Module, sd: Mapping[str, Tensor], source: Callable[[str, nn.
     model.load_state_dict(state)
     return model
 
-
-def _row_shape(module: nn.Module, ours: Tensor) -> torch.Size:
-    """The checkpoint's tensor for one branch row of ``ours``: the official WA is a depthwise conv
-    weight, ``[C, 1, 1, 1]`` (2D) or ``[C, 1, 1, 1, 1]`` (SlowFast)."""
-    if isinstance(module, ShiftAlter):
-        return torch.Size((ours.shape[1], 1, 1, 1))
-    if isinstance(module, WeightAlteration):
-        return torch.Size((ours.shape[1], 1, 1, 1, 1))
-    return ours.shape[1:]

@@ -56,7 +56,7 @@ def branch_block(block: Block, x: Tensor, row: int, frames: int) -> Tensor:
 
 class EagerFFNResNet(FFNResNet):
     """Same constructor, parameters and ``forward`` API as :class:`FFNResNet`; runs one branch at a
-    time. ``EagerFFNResNet.twin(model)`` copies a packed model (:meth:`~ffn.models.ResNetTrunk.twin`)."""
+    time. ``EagerFFNResNet.twin(model)`` copies a packed model (:meth:`~ffn.models.FrameFlexible.twin`)."""
 
     def branch_forward(self, x: Tensor, clips: int, frames: int, row: int) -> Tensor:
         """Logits ``[clips, classes]`` of branch ``row`` for ``[clips*frames, 3, H, W]`` frames."""

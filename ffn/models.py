@@ -256,8 +256,6 @@ class ResNetTrunk(FrameFlexible):
     as the official code does. ``config`` holds the constructor's arguments
     (:meth:`~FrameFlexible.twin`)."""
 
-    config: dict
-
     def _build_trunk(self, width: int, counts: Sequence[int], expansion: int,
                      make_block: Callable[[int, int, int, bool], nn.Module], dropout: float,
                      num_classes: int) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ffn_kernels import FrameLayout, FreqBatchNorm3d
+from ffn_kernels import FrameLayout, FreqBatchNorm3d, ShiftAlter
 
 from .eager import branch_norm
 from .models import FrameFlexible
@@ -63,16 +63,7 @@ class Passes:
     and the activation; ``altered_conv(conv, alter, x, row)``: ``conv(x + w_row * x)``."""
 
     norm: Callable[..., Tensor]
-    altered_conv: Callable[[nn.Conv3d, "WeightAlteration", Tensor, int], Tensor]
-
-
-class WeightAlteration(nn.Module):
-    """Per-branch channel scale on a block's input, ``x + w_b * x``: the official ``adaconv_{s}``
-    (a depthwise 1x1x1 conv, ``[C, 1, 1, 1, 1]``) is row ``b`` of ``weight`` ``[P, C]``."""
-
-    def __init__(self, channels: int, branches: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(branches, channels).normal_(0, 1e-3))
+    altered_conv: Callable[[nn.Conv3d, ShiftAlter, Tensor, int], Tensor]
 
 
 class Stem(nn.Module):
@@ -110,7 +101,7 @@ class Transform(nn.Module):
 
     def __init__(self, cin: int, cout: int, inner: int, kt: int, stride: int, branches: int) -> None:
         super().__init__()
-        self.adaconv = WeightAlteration(cin, branches)
+        self.adaconv = ShiftAlter(cin, branches, shift=False)  # WA alone: x + w_b * x
         self.a = nn.Conv3d(cin, inner, (kt, 1, 1), padding=(kt // 2, 0, 0), bias=False)
         self.a_bn = FreqBatchNorm3d(inner, branches)
         self.b = nn.Conv3d(inner, inner, (1, 3, 3), stride=(1, stride, stride), padding=(0, 1, 1),
@@ -146,7 +137,7 @@ def fused_norm(bn: FreqBatchNorm3d, x: Tensor, row: int, activation: Optional[st
     return bn(x, row, residual=residual, activation=activation)
 
 
-def fused_altered_conv(conv: nn.Conv3d, alter: WeightAlteration, x: Tensor, row: int) -> Tensor:
+def fused_altered_conv(conv: nn.Conv3d, alter: ShiftAlter, x: Tensor, row: int) -> Tensor:
     """``conv(x * (1 + w))`` as a conv with its input channels scaled by ``1 + w``: the scale
     touches the ``[C_out, C_in, k]`` weight, not the activation."""
     scale = (1 + alter.weight[row]).view(1, -1, 1, 1, 1)
@@ -162,7 +153,7 @@ def eager_norm(bn: FreqBatchNorm3d, x: Tensor, row: int, activation: Optional[st
     return F.relu(y) if activation == "relu" else y
 
 
-def eager_altered_conv(conv: nn.Conv3d, alter: WeightAlteration, x: Tensor, row: int) -> Tensor:
+def eager_altered_conv(conv: nn.Conv3d, alter: ShiftAlter, x: Tensor, row: int) -> Tensor:
     """The official ``x + adaconv(x)`` (a depthwise 1x1x1 conv), then ``conv``."""
     c = x.shape[1]
     return conv(x + F.conv3d(x, alter.weight[row].view(c, 1, 1, 1, 1), groups=c))

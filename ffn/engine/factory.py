@@ -7,8 +7,9 @@ from pathlib import Path
 
 from torch import nn
 
-from ..config import SLOWFAST_ALPHA, SLOWFAST_ARCH, Config, ModelConfig, UserError, load_config, torchvision_arch
-from ..convert import load_official, load_pyslowfast, load_res2net, load_torchvision
+from ..config import (SLOWFAST_ALPHA, SLOWFAST_ARCH, UNIFORMER_ARCH, Config, ModelConfig, UserError,
+                      load_config, torchvision_arch)
+from ..convert import load_official, load_pyslowfast, load_res2net, load_torchvision, load_uniformer
 from ..data import num_classes
 from ..data.build import num_classes_key
 from ..eager import EagerFFNResNet
@@ -16,6 +17,7 @@ from ..ffnify import FFNVideo, ffnify, import_torchvision
 from ..models import DEPTHS, FFNResNet, FrameFlexible
 from ..slowfast import EagerFFNSlowFast, FFNSlowFast
 from ..tea import EagerFFNTEA, FFNTEA
+from ..uniformer import EagerFFNUniFormer, FFNUniFormer
 from . import checkpoint
 
 
@@ -23,8 +25,8 @@ def depth_of(arch: str) -> int:
     depth = arch.lower().removeprefix("resnet")
     if not depth.isdigit() or int(depth) not in DEPTHS:
         raise UserError(f"config model.arch must be one of {[f'resnet{d}' for d in DEPTHS]}, "
-                        f"{TEA_ARCH}, {SLOWFAST_ARCH} or torchvision:NAME (a torchvision ResNet or mobilenet_v2), "
-                        f"got {arch!r}")
+                        f"{TEA_ARCH}, {SLOWFAST_ARCH}, {UNIFORMER_ARCH} or torchvision:NAME (a torchvision ResNet "
+                        f"or mobilenet_v2), got {arch!r}")
     return int(depth)
 
 
@@ -48,6 +50,11 @@ def build_model(cfg: ModelConfig, classes: int, pretrained: bool = True, report:
         cls = FFNSlowFast if cfg.impl == "fused" else EagerFFNSlowFast
         model = cls(cfg.frames, classes, dropout=cfg.dropout, width=cfg.width, alpha=SLOWFAST_ALPHA)
         imagenet = None  # no ImageNet weights: the config allows official and pyslowfast only
+    elif cfg.arch.lower() == UNIFORMER_ARCH:
+        cls = FFNUniFormer if cfg.impl == "fused" else EagerFFNUniFormer
+        model = cls(cfg.frames, classes, dropout=cfg.dropout, width=cfg.width,
+                    weight_alteration=cfg.weight_alteration, drop_path=cfg.drop_path)
+        imagenet = load_uniformer  # model.pretrained_format=torchvision: plain UniFormer-S
     else:
         cls = FFNResNet if cfg.impl == "fused" else EagerFFNResNet
         model = cls(depth_of(cfg.arch), cfg.frames, classes, dropout=cfg.dropout,
