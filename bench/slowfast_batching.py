@@ -9,10 +9,11 @@ all branches' frames packed along N (the packing itself not timed: a packed desi
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+
+from timing import measure
 
 # (conv, C_in, C_out, spatial kernel, H = W, the branches' T): slow T = fast T / 4
 CONVS = [("res3 slow c 1x1x1", 128, 512, 1, 14, (4, 8, 16)),
@@ -22,13 +23,7 @@ CONVS = [("res3 slow c 1x1x1", 128, 512, 1, 14, (4, 8, 16)),
 
 
 def best_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
+    return measure(fn, torch.device("cpu"), repeats).min_ms
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 import os
 import signal
 import sys
@@ -413,6 +414,59 @@ TINY_RUN = [
     "data.workers=0", "model.frames=[1,2]", "model.width=8", "model.dropout=0", "train.epochs=1",
     "train.max_steps=1", "train.progress=false",
 ]
+
+
+# --- checkpoints in an official naming, with random weights, and clips for the model tests ------
+
+def rel(a, b) -> float:
+    """``|a - b| / |b|``."""
+    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
+
+
+def clips_of(frames, n=2, hw=32, seed=0, dtype=torch.float64) -> list:
+    """One random ``[n, t, 3, hw, hw]`` clip batch per frame count ``t``."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, t, 3, hw, hw, generator=g).to(dtype) for t in frames]
+
+
+class RandomWeights:
+    """The state dict of an official checkpoint being written by a test: float64 tensors drawn from
+    one seeded generator."""
+
+    def __init__(self, seed: int) -> None:
+        self.g = torch.Generator().manual_seed(seed)
+        self.sd: dict = {}
+
+    def rnd(self, *shape, scale=None):
+        """Normal, scaled by ``1/sqrt(fan_in)`` (or ``scale``)."""
+        fan = math.prod(shape[1:]) if len(shape) > 1 else 1
+        return torch.randn(*shape, generator=self.g, dtype=torch.float64) * (scale or fan ** -0.5)
+
+    def bn(self, key: str, c: int) -> None:
+        """A BatchNorm's affine parameters, running statistics and counter at ``key``."""
+        self.sd[f"{key}.weight"] = 1 + 0.2 * self.rnd(c, scale=1)
+        self.sd[f"{key}.bias"] = 0.2 * self.rnd(c, scale=1)
+        self.sd[f"{key}.running_mean"] = 0.2 * self.rnd(c, scale=1)
+        self.sd[f"{key}.running_var"] = 0.5 + torch.rand(c, generator=self.g, dtype=torch.float64)
+        self.sd[f"{key}.num_batches_tracked"] = torch.tensor(7)
+
+
+def train_eval_diagnose(tmp_path, overrides, eval_frames: str, diagnose_frames: str):
+    """`ffn train` a run of TINY_RUN + ``overrides`` into ``tmp_path/run``, then `ffn eval` it at
+    ``eval_frames`` and `ffn diagnose` it at ``diagnose_frames``: (its results by frame count, as
+    results.json holds them, and diagnose's shift.csv)."""
+    import json
+
+    from ffn.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY_RUN, *overrides, f"train.out={run}"]) == 0
+    out = tmp_path / "eval"
+    assert main(["eval", str(run / "last.pt"), "--frames", eval_frames, "--out", str(out)]) == 0
+    assert main(["diagnose", str(run / "last.pt"), "--frames", diagnose_frames, "--out",
+                 str(tmp_path / "diag")]) == 0
+    return (json.loads((out / "results.json").read_text())["run"],
+            (tmp_path / "diag" / "shift.csv").read_text())
 
 
 @pytest.fixture

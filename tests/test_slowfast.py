@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import RandomWeights, clips_of, rel, train_eval_diagnose
 from ffn import nearest_branch
+from ffn.cli import main
 from ffn.convert import load_official, load_pyslowfast
 from ffn.slowfast import EagerFFNSlowFast, FFNSlowFast, slow_indices
 
@@ -20,35 +22,18 @@ ALPHA = 4
 SLOW_KT, FAST_KT = (1, 1, 3, 3), (3, 3, 3, 3)  # temporal kernels of res2..res5 (slowfast_FFN)
 
 
-def rel(a, b):
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
-
-
-def clips_of(frames, n=2, hw=16, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, t, 3, hw, hw, generator=g).to(dtype) for t in frames]
-
-
 # --- a checkpoint in the official SlowFast-FFN naming, with random weights --------------------
 
 def official_checkpoint(width=8, classes=5, seed=0, branches=SUFFIXES):
     """``{"model_state": ...}`` as PySlowFast saves the official ``SlowFast_FFN``, every tensor
     random (BN statistics and WA too). ``branches=None``: a plain PySlowFast SlowFast (one BN per
     layer named without a suffix, no WA)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-
-    def rnd(*shape, scale=None):
-        fan = math.prod(shape[1:]) if len(shape) > 1 else 1
-        return torch.randn(*shape, generator=g, dtype=torch.float64) * (scale or fan ** -0.5)
+    weights = RandomWeights(seed)
+    sd, rnd = weights.sd, weights.rnd
 
     def bn(name, c):
         for key in ([f"{name}_{s}" for s in branches] if branches else [name]):
-            sd[f"{key}.weight"] = 1 + 0.2 * rnd(c, scale=1)
-            sd[f"{key}.bias"] = 0.2 * rnd(c, scale=1)
-            sd[f"{key}.running_mean"] = 0.2 * rnd(c, scale=1)
-            sd[f"{key}.running_var"] = 0.5 + torch.rand(c, generator=g, dtype=torch.float64)
-            sd[f"{key}.num_batches_tracked"] = torch.tensor(7)
+            weights.bn(key, c)
 
     fast = width // 8
     for p, (c, kt) in enumerate([(width, 1), (fast, 5)]):
@@ -168,7 +153,7 @@ def test_eval_equals_the_official_reference(official, n):
 
 def test_a_count_alpha_does_not_divide_takes_ceil_n_over_alpha_slow_frames(official):
     ckpt, model = official
-    clips = clips_of([18], n=1, seed=18)[0]
+    clips = clips_of([18], n=1, hw=16, seed=18)[0]
     assert slow_indices(18, ALPHA).tolist() == [0, 4, 8, 12, 17]  # linspace(0, 17, 5), truncated
     assert slow_indices(16, ALPHA).tolist() == [0, 5, 10, 15]  # PySlowFast's rule
     with torch.no_grad():
@@ -179,13 +164,13 @@ def test_a_count_alpha_does_not_divide_takes_ceil_n_over_alpha_slow_frames(offic
 def test_fewer_frames_than_alpha_are_refused(official):
     _, model = official
     with pytest.raises(ValueError, match="alpha=4"):
-        model(clips_of([3], n=1)[0])
+        model(clips_of([3], n=1, hw=16)[0])
 
 
 def test_training_step_equals_the_official_reference_per_branch(official):
     ckpt, _ = official
     model = loaded_model(ckpt).train()
-    clips = clips_of(FRAMES, n=2, seed=1)
+    clips = clips_of(FRAMES, n=2, hw=16, seed=1)
     outs = model(clips)
     for out, c, s in zip(outs, clips, SUFFIXES, strict=True):
         assert rel(out, reference_forward(ckpt, c, s, training=True)) <= 1e-5
@@ -199,7 +184,7 @@ def test_matches_eager_twin_float64():
             if "adaconv" in name or "c_bn.weight" in name:
                 p.normal_(0, 0.5)
     eager = EagerFFNSlowFast.twin(fused)
-    clips = clips_of((4, 8, 12), n=2, seed=2)
+    clips = clips_of((4, 8, 12), n=2, hw=16, seed=2)
     results = []
     for model in (fused, eager):
         outs = model(clips)
@@ -220,7 +205,7 @@ def test_matches_eager_twin_float64():
 
 def test_no_frame_of_another_clip_or_branch_leaks_in(official):
     _, model = official
-    clips = clips_of((16, 32), n=3, seed=4)
+    clips = clips_of((16, 32), n=3, hw=16, seed=4)
     changed = [c.clone() for c in clips]
     changed[1][1] += 1.0  # clip 1 of the 32-frame branch
     with torch.no_grad():
@@ -277,31 +262,15 @@ def test_parameter_counts():
 SLOWFAST_FFN_174, SLOWFAST_PLAIN_400 = 34_212_606, 34_566_488
 
 
-TINY = [
-    "data.synthetic.train_videos=4", "data.synthetic.val_videos=2", "data.synthetic.num_frames=8",
-    "data.synthetic.frame_size=20", "data.size=16", "data.batch_size=2", "data.workers=0",
-    "model.arch=slowfast_r50", "model.width=8", "model.frames=[4,8]", "model.dropout=0",
-    "train.epochs=1", "train.progress=false",
-]
-
-
 def test_ffn_train_eval_and_diagnose_slowfast(tmp_path, capsys):
-    import json
-
-    from ffn.cli import main
-
-    run = tmp_path / "sf"
-    assert main(["train", *TINY, f"train.out={run}"]) == 0
+    results, rows = train_eval_diagnose(tmp_path, [
+        "model.arch=slowfast_r50", "data.synthetic.num_frames=8", "data.size=16", "data.scale_size=16",
+        "model.frames=[4,8]"], "4..6", "4,8")
     assert "slowfast_r50" in capsys.readouterr().out
-    out = tmp_path / "eval"
-    assert main(["eval", str(run / "last.pt"), "--frames", "4..6", "--out", str(out)]) == 0
-    assert list(json.loads((out / "results.json").read_text())["sf"]) == ["4", "5", "6"]
-    assert main(["eval", str(run / "last.pt"), "--frames", "2..6", "--out", str(out)]) != 0
-    assert "at least 4 frames" in capsys.readouterr().err
-    assert main(["diagnose", str(run / "last.pt"), "--frames", "4,8", "--out",
-                 str(tmp_path / "diag")]) == 0
-    rows = (tmp_path / "diag" / "shift.csv").read_text()
+    assert list(results) == ["4", "5", "6"]
     assert "s1_fuse.bn" in rows and "s5.pathway1_res2.branch2.c_bn" in rows
+    assert main(["eval", str(tmp_path / "run" / "last.pt"), "--frames", "2..6", "--out", str(tmp_path)]) != 0
+    assert "at least 4 frames" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("override, key", [

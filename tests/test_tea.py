@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import RandomWeights, clips_of, rel, train_eval_diagnose
 from ffn import nearest_branch
 from ffn.convert import load_official, load_res2net
 from ffn.tea import EagerFFNTEA, FFNTEA
@@ -17,44 +18,24 @@ FRAMES = (4, 8, 16)
 SUFFIXES = ("4", "8", "16")
 
 
-def rel(a, b):
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
-
-
-def clips_of(frames, n=2, hw=32, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, t, 3, hw, hw, generator=g).to(dtype) for t in frames]
-
-
 # --- a checkpoint in the official TEA-FFN naming, with random weights -------------------------
 
 def official_checkpoint(width=16, classes=5, seed=0, branches=SUFFIXES):
     """``{"state_dict": {"module.base_model.*", "module.new_fc.*"}}`` as resnet_TEA_FFN.py's TSN
     saves it, every tensor random (BN statistics too; the temporal taps too)."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-
-    def rnd(*shape, scale=None):
-        fan = math.prod(shape[1:]) if len(shape) > 1 else 1
-        return torch.randn(*shape, generator=g, dtype=torch.float64) * (scale or fan ** -0.5)
+    weights = RandomWeights(seed)
+    sd, rnd = weights.sd, weights.rnd
 
     def conv(name, cout, cin, k=1):
         sd[f"{name}.weight"] = rnd(cout, cin, k, k)
 
-    def bn_at(key, c):
-        sd[f"{key}.weight"] = 1 + 0.2 * rnd(c, scale=1)
-        sd[f"{key}.bias"] = 0.2 * rnd(c, scale=1)
-        sd[f"{key}.running_mean"] = 0.2 * rnd(c, scale=1)
-        sd[f"{key}.running_var"] = 0.5 + torch.rand(c, generator=g, dtype=torch.float64)
-        sd[f"{key}.num_batches_tracked"] = torch.tensor(7)
-
     def bn(name, c):  # bn1_4.weight
         for s in branches:
-            bn_at(f"{name}_{s}", c)
+            weights.bn(f"{name}_{s}", c)
 
     def bns(name, i, c):  # bns_4.0.weight
         for s in branches:
-            bn_at(f"{name}.bns_{s}.{i}", c)
+            weights.bn(f"{name}.bns_{s}.{i}", c)
 
     conv("conv1", width, 3, 7)
     bn("bn1", width)
@@ -340,27 +321,9 @@ def test_export_dynamic_batch_and_frames_per_branch():
             torch.testing.assert_close(programs[model.branch_for(t)].module()(x), model(x))
 
 
-TINY = [
-    "data.synthetic.train_videos=4", "data.synthetic.val_videos=3", "data.synthetic.num_frames=4",
-    "data.synthetic.frame_size=20", "data.size=16", "data.batch_size=2", "data.workers=0",
-    "model.arch=tea50", "model.width=8", "model.frames=[2,4]", "model.dropout=0",
-    "train.epochs=1", "train.progress=false",
-]
-
-
 def test_ffn_train_eval_and_diagnose_tea50(tmp_path, capsys):
-    import json
-
-    from ffn.cli import main
-
-    run = tmp_path / "tea"
-    assert main(["train", *TINY, f"train.out={run}"]) == 0
+    results, rows = train_eval_diagnose(tmp_path, ["model.arch=tea50", "data.size=16", "data.scale_size=16",
+                                                   "model.frames=[2,4]"], "1..5", "2,4")
     assert "tea50" in capsys.readouterr().out
-    out = tmp_path / "eval"
-    assert main(["eval", str(run / "last.pt"), "--frames", "1..5", "--out", str(out)]) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert list(results["tea"]) == ["1", "2", "3", "4", "5"]
-    assert main(["diagnose", str(run / "last.pt"), "--frames", "2,4", "--out",
-                 str(tmp_path / "diag")]) == 0
-    rows = (tmp_path / "diag" / "shift.csv").read_text()
+    assert list(results) == ["1", "2", "3", "4", "5"]
     assert "layer1.0.me.bn3" in rows and "layer4.2.bns.2" in rows

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import RandomWeights, rel, train_eval_diagnose
 from ffn import nearest_branch
 from ffn.convert import load_official, load_uniformer
 from ffn.uniformer import EagerFFNUniFormer, FFNUniFormer
@@ -18,10 +19,6 @@ FRAMES = (4, 8, 16)
 SUFFIXES = ("4", "8", "16")
 WIDTH, CLASSES, HW = 8, 5, 32
 HEADS = (1, 2, 5, 8)
-
-
-def rel(a, b):
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
 
 
 def clips_of(frames, n=1, seed=0):
@@ -34,21 +31,15 @@ def clips_of(frames, n=1, seed=0):
 def official_state(width=WIDTH, classes=CLASSES, seed=0, branches=SUFFIXES):
     """uniformer_FFN.py's state dict (depths 3, 4, 8, 3; stages width x 1, 2, 5, 8), every tensor
     random: norms' affine parameters and BN statistics, WA (adaconv) too."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-
-    def rnd(*shape, scale=None):
-        fan = math.prod(shape[1:]) if len(shape) > 1 else 1
-        return torch.randn(*shape, generator=g, dtype=torch.float64) * (scale or fan ** -0.5)
+    weights = RandomWeights(seed)
+    sd, rnd = weights.sd, weights.rnd
 
     def norm(name, c, bn):
         for s in branches:
-            sd[f"{name}_{s}.weight"] = 1 + rnd(c, scale=0.2)
-            sd[f"{name}_{s}.bias"] = rnd(c, scale=0.2)
             if bn:
-                sd[f"{name}_{s}.running_mean"] = rnd(c, scale=0.2)
-                sd[f"{name}_{s}.running_var"] = 0.5 + torch.rand(c, generator=g, dtype=torch.float64)
-                sd[f"{name}_{s}.num_batches_tracked"] = torch.tensor(7)
+                weights.bn(f"{name}_{s}", c)
+            else:
+                sd[f"{name}_{s}.weight"], sd[f"{name}_{s}.bias"] = 1 + rnd(c, scale=0.2), rnd(c, scale=0.2)
 
     def layer(name, *shape):
         sd[f"{name}.weight"], sd[f"{name}.bias"] = rnd(*shape), rnd(shape[0], scale=0.1)
@@ -290,28 +281,13 @@ def test_parameter_count_at_the_official_width():
     assert sum(p.numel() for p in model.parameters()) == 21_459_344  # README's table
 
 
-TINY = ["model.arch=uniformer_s", "model.drop_path=0.1", "train.out={run}", "data.synthetic.train_videos=2",
-        "data.synthetic.val_videos=2", "data.synthetic.num_frames=4", "data.synthetic.frame_size=32",
-        "data.size=32", "data.scale_size=32", "data.batch_size=2", "data.workers=0",
-        "model.frames=[1,2]", "model.width=8", "train.epochs=1", "train.max_steps=1",
-        "train.progress=false"]
-
-
 def test_ffn_train_eval_and_diagnose_uniformer(tmp_path, capsys):
-    import json
-
-    from ffn.cli import main
-
-    run = tmp_path / "uf"
-    assert main(["train", *[a.format(run=run) for a in TINY]]) == 0
+    results, rows = train_eval_diagnose(tmp_path, [
+        "model.arch=uniformer_s", "model.drop_path=0.1", "data.synthetic.frame_size=32", "data.size=32",
+        "data.scale_size=32"], "1,3", "2")
     assert "uniformer_s" in capsys.readouterr().out
-    out = tmp_path / "eval"
-    assert main(["eval", str(run / "last.pt"), "--frames", "1,3", "--out", str(out)]) == 0
-    assert list(json.loads((out / "results.json").read_text())["uf"]) == ["1", "3"]
-    assert main(["diagnose", str(run / "last.pt"), "--frames", "2", "--out",
-                 str(tmp_path / "diag")]) == 0
-    rows = (tmp_path / "diag" / "shift.csv").read_text()
-    assert "blocks1.0.norm1" in rows and "blocks2.3.norm2" in rows and "\nuf,norm," in rows
+    assert list(results) == ["1", "3"]
+    assert "blocks1.0.norm1" in rows and "blocks2.3.norm2" in rows and "\nrun,norm," in rows
 
 
 def test_config_refuses_what_uniformer_cannot_take():
