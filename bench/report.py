@@ -35,8 +35,8 @@ class Report:
     def __init__(self, out_dir: str, meta: dict) -> None:
         self.out = Path(out_dir)
         self.meta = meta
-        self.sections: dict[str, list[dict]] = {"overhead": [], "ops": [], "traffic": [], "model": [],
-                                                 "profile": []}
+        self.sections: dict[str, list[dict]] = {"overhead": [], "ops": [], "traffic": [],
+                                                 "roofline": [], "model": [], "profile": []}
 
     def print_header(self) -> None:
         print("# ffn-kernels benchmark: " + ", ".join(f"{k}={v}" for k, v in self.meta.items()))

@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ops", action="store_true", help="run the op-level section")
     p.add_argument("--model", action="store_true", help="run the model-level section")
     p.add_argument("--traffic", action="store_true", help="run the memory-traffic section")
+    p.add_argument("--roofline", action="store_true",
+                   help="run the roofline section (each fused pass at layer1 vs this machine's copy bandwidth)")
     p.add_argument("--overhead", action="store_true",
                    help="run the per-call overhead section (tiny shape, 1 thread)")
     p.add_argument("--clips", type=int, default=None, help="clips per branch (default 2; 1 with --quick)")
@@ -58,8 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     p.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)  # allocator child
     args = p.parse_args(argv)
-    if not (args.ops or args.model or args.traffic or args.overhead):
-        args.ops = args.model = args.traffic = args.overhead = True
+    if not (args.ops or args.model or args.traffic or args.overhead or args.roofline):
+        args.ops = args.model = args.traffic = args.overhead = args.roofline = True
     if args.compile_model is None:
         args.compile_model = args.device.startswith("cuda")
     args.clips = args.clips or (1 if args.quick else 2)
@@ -135,6 +137,9 @@ def main(argv=None) -> None:
     if args.traffic:
         from traffic_section import traffic_section
         traffic_section(args, report)
+    if args.roofline:  # after the traffic section, whose metered bytes it shows
+        from roofline_section import roofline_section
+        roofline_section(args, report)
     if args.model:
         from model_section import model_section
         model_section(args, report)

@@ -41,10 +41,13 @@ extra because it is scattered from (forward) or gathered into (backward) the sam
 from __future__ import annotations
 
 import contextlib
+import math
 import dataclasses
 
 import numpy as np
 import torch
+
+from op_passes import op_passes
 
 
 @dataclasses.dataclass
@@ -102,53 +105,16 @@ def report(clips=2, frames=(4, 8, 16), channels=32, hw=(8, 8), dtype=torch.float
     the BN ops) next to the minimum. Rows: ``op``, ``pass``, ``mode``, ``minimum``, ``measured``."""
     import ffn_kernels.triton as api
 
-    frames, rows = list(frames), list(range(len(frames)))
-    P = len(frames)
-    g = torch.Generator().manual_seed(0)
-
-    def big():
-        return torch.randn(clips * sum(frames), channels, *hw, generator=g).to(dtype)
-
-    x, x2, dy, dy2 = big(), big(), big(), big()
-    w, b, rm, rv, alter = (torch.rand(P, channels, generator=g) + 0.5 for _ in range(5))
-    mom = [0.1] * P
-    unit = x.numel() * x.element_size()
-    rows_out = []
-
-    def add(op, pass_, mode, n_big, fn, *args):
-        read, written = measure(fn, *args)
-        rows_out.append(dict(op=op, mode=mode, minimum=n_big * x.element_size(),
-                             measured=(read + written) / x.numel(), read=read / unit,
-                             written=written / unit, **{"pass": pass_}))
-
-    layout = (clips, frames, rows)
-    add("shift_alter", "fwd", "-", 2, api.shift_alter_fwd, x, *layout, alter, 8)
-    add("shift_alter", "bwd", "-", 3, api.shift_alter_bwd, dy, x, *layout, alter, 8, True)
-    for training, mode in ((True, "train"), (False, "eval")):
-        y, mean, invstd, _, _ = api.freq_batch_norm_fwd(x, *layout, w, b, rm, rv, training, mom,
-                                                        1e-5, False, None)
-        add("freq_batch_norm", "fwd", mode, 2, api.freq_batch_norm_fwd,
-            x, *layout, w, b, rm, rv, training, mom, 1e-5, False, None)
-        add("freq_batch_norm", "bwd", mode, 3, api.freq_batch_norm_bwd,
-            dy, x, y, *layout, w, mean, invstd, training, False, False)
-    for training, mode in ((True, "train"), (False, "eval")):
-        out, _, mean, invstd, _, _ = api.bn_add_relu_shift_alter_fwd(
-            x, x2, *layout, w, b, rm, rv, training, mom, 1e-5, alter, 8)
-        add("bn_add_relu_shift_alter", "fwd", mode, 4, api.bn_add_relu_shift_alter_fwd,
-            x, x2, *layout, w, b, rm, rv, training, mom, 1e-5, alter, 8)
-        add("bn_add_relu_shift_alter", "bwd", mode, 6, api.bn_add_relu_shift_alter_bwd,
-            dy, dy2, x, out, *layout, w, mean, invstd, training, alter, 8)
-    taps = torch.randn(channels, 3, generator=g)
-    add("temporal_conv", "fwd", "-", 2, api.temporal_conv_fwd, x, clips, frames, taps)
-    add("temporal_conv", "bwd", "-", 3, api.temporal_conv_bwd, dy, x, clips, frames, taps, True)
-    # LayerNorm over the channels of each pixel as a token: x [F, C, H, W] read as [F, HW, C]
-    tokens = [t.permute(0, 2, 3, 1).contiguous() for t in (x, x2, dy, dy2)]
-    _, s, mean, rstd = api.freq_layer_norm_fwd(tokens[0], *layout, w, b, 1e-5, tokens[1])
-    add("freq_layer_norm", "fwd", "res", 4, api.freq_layer_norm_fwd, tokens[0], *layout, w, b,
-        1e-5, tokens[1])
-    add("freq_layer_norm", "bwd", "res", 4, api.freq_layer_norm_bwd, tokens[2], tokens[3], s,
-        *layout, w, mean, rstd)
-    return rows_out
+    shape = (clips * sum(frames), channels, *hw)
+    elements = math.prod(shape)
+    size = torch.empty((), dtype=dtype).element_size()
+    rows = []
+    for p in op_passes(api, clips, list(frames), shape, dtype):
+        read, written = measure(p.fn, *p.args)
+        rows.append(dict(op=p.op, mode=p.mode, minimum=p.floor * size, measured=(read + written) / elements,
+                         read=read / (elements * size), written=written / (elements * size),
+                         **{"pass": p.pass_}))
+    return rows
 
 
 def format_table(rows: list[dict]) -> str:
