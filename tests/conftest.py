@@ -43,12 +43,17 @@ ROOT = Path(__file__).resolve().parent.parent
 def load_script(path: str):
     """The module of one of the repository's scripts (``bench/*.py``, ``.ci/*.py``: run as
     scripts, not installed), loaded from its file as ``sys.modules[<file stem>]`` (dataclasses
-    look their module up there). Only for scripts that import no sibling of theirs."""
+    look their module up there), with its folder on ``sys.path`` while it loads, as when it runs
+    (so it imports its siblings)."""
     file = ROOT / path
     spec = importlib.util.spec_from_file_location(file.stem, file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[file.stem] = module
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(file.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(file.parent))
     return module
 
 

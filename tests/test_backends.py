@@ -183,6 +183,20 @@ def test_triton_traffic_meter():
         assert row["measured"] >= row["minimum"] * 0.9
 
 
+@pytest.mark.skipif(not backends.extension_loaded(), reason="needs ffn_kernels._C")
+def test_bench_op_passes_run_on_the_compiled_kernels():
+    """The roofline section's passes (bench/op_passes.py) call the compiled raw ops as the traffic
+    meter calls Triton's: every op, both passes, training and eval, in both memory formats."""
+    op_passes = load_script("bench/op_passes.py").op_passes
+    for channels_last in (False, True):
+        passes = op_passes(backends._compiled(), 1, [2, 3], (5, 16, 3, 4), channels_last=channels_last)
+        assert len({(p.op, p.pass_, p.mode) for p in passes}) == len(passes) == 14
+        for p in passes:
+            outs = p()
+            first = outs[0] if isinstance(outs, (tuple, list)) else outs
+            assert first.shape == p.args[0].shape and torch.isfinite(first).all()
+
+
 # what a tensor built from host data (torch.tensor, as_tensor of a list, .to(device) of a fresh
 # CPU tensor) or a read back to the host (.item(), .tolist()) dispatches to
 _HOST_OPS = ("aten.lift_fresh", "aten.lift_fresh_copy", "aten.scalar_tensor", "aten._to_copy",
