@@ -117,7 +117,7 @@ void bn_apply(const Tensor& x, const Tensor& y, const scalar_t* residual, bool r
 // fi, off, c0) returns the functor i -> g of element i of a run (g is recomputed in both passes,
 // never stored); with NX == 1, extra(...) returns i -> a third per-(segment, channel) sum term.
 // Pass 1 reduces sum(g), sum(g * (x - mean)) (and the extra term); pass 2 writes dx and, if dres is
-// set, dres = g. Adds to dweight/dbias rows (zeroed by the caller; segments sharing a row sum) and
+// set, dres = g. In eval, whose dx needs no sum, pass 1 writes them and there is no pass 2. Adds to dweight/dbias rows (zeroed by the caller; segments sharing a row sum) and
 // returns the [2 + NX, S, C] sums.
 template <int NX, typename scalar_t, typename Grad, typename Extra>
 std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLayout& L,
@@ -130,6 +130,17 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLay
   const int64_t C = g.C;
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const acc_t* mp = mean.data_ptr<acc_t>();
+  const acc_t* is = invstd.data_ptr<acc_t>();
+  const acc_t* wp = weight.data_ptr<acc_t>();
+  // In eval, dx = g * weight * invstd does not wait for the sums: it is written in the pass that
+  // sums, so g and x are read once (the roofline section measured the two-pass form at 0.64 of
+  // copy bandwidth, docs/design.md §6)
+  std::vector<acc_t> eval_scale(training ? 0 : L.S * C);
+  for (int64_t s = 0; s < L.S && !training; ++s)
+    for (int64_t c = 0; c < C; ++c)
+      eval_scale[s * C + c] =
+          ffn::bn_backward_coef(is[s * C + c], wp[L.rows[s] * C + c], acc_t(0), acc_t(0), acc_t(1),
+                                false).scale;
   const std::vector<acc_t> sums = segment_sums<2 + NX, acc_t>(
       g, L,
       [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len, int64_t c0,
@@ -138,10 +149,24 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLay
         const auto gi = grad(channels_last, fi, off, c0);
         const scalar_t* __restrict__ xo = xp + off;
         const acc_t* __restrict__ mu = mp + fi.s * C + c0;
-        for (int64_t i = 0; i < len; ++i) {
-          const acc_t gv = gi(i);
-          acc[i] += gv;
-          acc[w + i] += gv * (static_cast<acc_t>(xo[i]) - mu[ch<kChannelsLast>(i)]);
+        if (training) {
+          for (int64_t i = 0; i < len; ++i) {
+            const acc_t gv = gi(i);
+            acc[i] += gv;
+            acc[w + i] += gv * (static_cast<acc_t>(xo[i]) - mu[ch<kChannelsLast>(i)]);
+          }
+        } else {
+          const acc_t* __restrict__ k = eval_scale.data() + fi.s * C + c0;
+          scalar_t* __restrict__ dxo = dx + off;
+          scalar_t* __restrict__ dro = dres != nullptr ? dres + off : nullptr;
+          for (int64_t i = 0; i < len; ++i) {
+            const int64_t j = ch<kChannelsLast>(i);
+            const acc_t gv = gi(i), xmu = static_cast<acc_t>(xo[i]) - mu[j];
+            acc[i] += gv;
+            acc[w + i] += gv * xmu;
+            dxo[i] = static_cast<scalar_t>(ffn::bn_backward_dx(gv, xmu, {k[j], acc_t(0), acc_t(0)}));
+            if (dro != nullptr) dro[i] = static_cast<scalar_t>(gv);
+          }
         }
         if constexpr (NX == 1) {
           const auto ei = extra(channels_last, fi, off, c0);
@@ -149,8 +174,6 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLay
         }
       });
 
-  const acc_t* is = invstd.data_ptr<acc_t>();
-  const acc_t* wp = weight.data_ptr<acc_t>();
   acc_t *dw = dweight.data_ptr<acc_t>(), *db = dbias.data_ptr<acc_t>();
   std::vector<acc_t> scale(L.S * C), mean_g(L.S * C), proj(L.S * C);
   for (int64_t s = 0; s < L.S; ++s) {
@@ -168,6 +191,7 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLay
       db[rc] += sum_g;
     }
   }
+  if (!training) return sums;  // dx (and the residual's gradient) written with the sums
 
   dispatch_bool(dres != nullptr, [&](auto res_c) {
     map_runs(g, L, [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len,
