@@ -54,9 +54,17 @@ def eager_bytes_per_element(op: str, pass_: str, training: bool, dtype: torch.dt
         fn = lambda: reference.shift_alter(x, layout, alter)  # noqa: E731
     elif op == "freq_batch_norm":
         fn = lambda: reference.freq_batch_norm(x, layout, w, b, rm, rv, training)  # noqa: E731
-    else:
+    elif op == "bn_add_relu_shift_alter":
         fn = lambda: reference.bn_add_relu_shift_alter(x, x2, layout, w, b, rm, rv, training,  # noqa: E731
                                                        alter_next=alter)
+    elif op == "temporal_conv":
+        taps = torch.randn(CHANNELS, 3, generator=g).requires_grad_()
+        fn = lambda: reference.temporal_conv(x, layout, taps)  # noqa: E731
+    elif op == "freq_layer_norm":  # each pixel's channels as a token, as the meter counts it
+        tokens, res = (t.detach().permute(0, 2, 3, 1).contiguous().requires_grad_() for t in (x, x2))
+        fn = lambda: reference.freq_layer_norm(tokens, layout, w, b, 1e-5, res)  # noqa: E731
+    else:
+        raise ValueError(f"no eager traffic for op {op!r}")
     if pass_ == "fwd":
         meter = eager_traffic(fn)
     else:
