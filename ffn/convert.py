@@ -89,8 +89,7 @@ def load_official(model: FFNResNet | FFNTEA | FFNSlowFast, checkpoint: Checkpoin
         return _load_official_slowfast(model, checkpoint, suffixes)
     if isinstance(model, FFNUniFormer):
         return _load_official_uniformer(model, checkpoint, suffixes)
-    if len(suffixes) != model.num_branches:
-        raise ValueError(f"the model has {model.num_branches} branches but suffixes={tuple(suffixes)}")
+    _check_suffixes(model, suffixes)
     sd, origin = _official_keys(checkpoint)  # origin: ours -> the checkpoint's, for messages
 
     def source(path: str, module: nn.Module) -> Source:
@@ -102,6 +101,12 @@ def load_official(model: FFNResNet | FFNTEA | FFNSlowFast, checkpoint: Checkpoin
         return name
 
     return _load(model, sd, source, "official FFN", origin)
+
+
+def _check_suffixes(model: nn.Module, suffixes: Sequence[str]) -> None:
+    """One official branch suffix per branch row of ``model``."""
+    if len(suffixes) != model.num_branches:
+        raise ValueError(f"the model has {model.num_branches} branches but suffixes={tuple(suffixes)}")
 
 
 def load_torchvision(model: FFNResNet, checkpoint: Checkpoint) -> FFNResNet:
@@ -129,8 +134,7 @@ def _official_keys(checkpoint: Checkpoint) -> tuple[dict[str, Tensor], dict[str,
 
 
 def _load_official_tea(model: FFNTEA, checkpoint: Checkpoint, suffixes: Sequence[str]) -> FFNTEA:
-    if len(suffixes) != model.num_branches:
-        raise ValueError(f"the model has {model.num_branches} branches but suffixes={tuple(suffixes)}")
+    _check_suffixes(model, suffixes)
     sd, origin = _official_keys(checkpoint)
     if "bn1.weight" in sd:  # plain TEA (one branch): every row starts from its BN
         return _load(model, sd, _res2net_source(model, temporal=True, fc=True), "official TEA",
@@ -152,8 +156,7 @@ def _load_official_tea(model: FFNTEA, checkpoint: Checkpoint, suffixes: Sequence
 
 def _load_official_slowfast(model: FFNSlowFast, checkpoint: Checkpoint,
                             suffixes: Sequence[str]) -> FFNSlowFast:
-    if len(suffixes) != model.num_branches:
-        raise ValueError(f"the model has {model.num_branches} branches but suffixes={tuple(suffixes)}")
+    _check_suffixes(model, suffixes)
     sd = read_state_dict(checkpoint)
     if "s1.pathway0_stem.bn.weight" in sd:
         raise ValueError("this is a plain PySlowFast SlowFast checkpoint (one BN per layer, "
@@ -186,8 +189,7 @@ def load_pyslowfast(model: FFNSlowFast, checkpoint: Checkpoint) -> FFNSlowFast:
 
 def _load_official_uniformer(model: FFNUniFormer, checkpoint: Checkpoint,
                              suffixes: Sequence[str]) -> FFNUniFormer:
-    if len(suffixes) != model.num_branches:
-        raise ValueError(f"the model has {model.num_branches} branches but suffixes={tuple(suffixes)}")
+    _check_suffixes(model, suffixes)
     sd = read_state_dict(checkpoint)
     if "patch_embed1.norm.weight" in sd:
         return load_uniformer(model, sd)
