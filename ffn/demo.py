@@ -74,12 +74,12 @@ def run_demo(out: Path, overrides: list[str] = (), seeds: int = 1, resume: bool 
         write_atomic(out / "seeds.json", json.dumps(runs, indent=1).encode())
     costs = cost_table(out, runs, cfg.data.size)
     minutes = (time.perf_counter() - start) / 60
-    table = markdown_table(summary)
+    body = f"{markdown_table(summary)}\n\n{verdicts(per_seed)}\n\n{costs}"
     (out / "report.md").write_text(
         f"# ffn demo\n\nTop-1 accuracy (%) on {cfg.data.synthetic.val_videos} synthetic validation videos, "
         f"{seed_words(seeds)}, each model at its best checkpoint. {machine()}; {minutes:.1f} minutes in all "
-        f"(with --resume, only what ran now).\n\n{table}\n\n{verdicts(per_seed)}\n\n{costs}\n\nPlot: {paths['png']}\n")
-    print(f"{table}\n\n{verdicts(per_seed)}\n\n{costs}")
+        f"(with --resume, only what ran now).\n\n{body}\n\nPlot: {paths['png']}\n")
+    print(body)
     print(f"{minutes:.1f} min; wrote {out / 'report.md'} and {paths['png']}")
     return summary
 
