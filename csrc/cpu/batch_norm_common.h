@@ -114,11 +114,13 @@ void bn_apply(const Tensor& x, const Tensor& y, const scalar_t* residual, bool r
 }
 
 // BN backward shared by freq_batch_norm_bwd and bn_add_relu_shift_alter_bwd. grad(channels_last,
-// fi, off, c0) returns the functor i -> g of element i of a run (g is recomputed in both passes,
-// never stored); with NX == 1, extra(...) returns i -> a third per-(segment, channel) sum term.
-// Pass 1 reduces sum(g), sum(g * (x - mean)) (and the extra term); pass 2 writes dx and, if dres is
-// set, dres = g. In eval, whose dx needs no sum, pass 1 writes them and there is no pass 2. Adds to dweight/dbias rows (zeroed by the caller; segments sharing a row sum) and
-// returns the [2 + NX, S, C] sums.
+// fi, off, c0) returns the functor i -> g of element i of a run; with NX == 1, extra(...) returns
+// i -> a third per-(segment, channel) sum term. Pass 1 reduces sum(g), sum(g * (x - mean)) (and the
+// extra term) and, if dres is set, writes dres = g; pass 2 writes dx, reading g back from dres where
+// there is one instead of recomputing it (one tensor read instead of the block op's dout, dnext and
+// out: its backward moves 8 activations' bytes instead of 10, docs/design.md §3.3). In eval, whose
+// dx needs no sum, pass 1 also writes dx and there is no pass 2. Adds to dweight/dbias rows (zeroed
+// by the caller; segments sharing a row sum) and returns the [2 + NX, S, C] sums.
 template <int NX, typename scalar_t, typename Grad, typename Extra>
 std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLayout& L,
                                                    const Tensor& x, const Tensor& mean,
@@ -150,10 +152,12 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLay
         const scalar_t* __restrict__ xo = xp + off;
         const acc_t* __restrict__ mu = mp + fi.s * C + c0;
         if (training) {
+          scalar_t* __restrict__ dro = dres != nullptr ? dres + off : nullptr;
           for (int64_t i = 0; i < len; ++i) {
             const acc_t gv = gi(i);
             acc[i] += gv;
             acc[w + i] += gv * (static_cast<acc_t>(xo[i]) - mu[ch<kChannelsLast>(i)]);
+            if (dro != nullptr) dro[i] = static_cast<scalar_t>(gv);
           }
         } else {
           const acc_t* __restrict__ k = eval_scale.data() + fi.s * C + c0;
@@ -197,18 +201,24 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLay
     map_runs(g, L, [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len,
                        int64_t c0) {
       constexpr bool kChannelsLast = decltype(channels_last)::value;
-      const auto gi = grad(channels_last, fi, off, c0);
       const int64_t sc = fi.s * C + c0;
       const scalar_t* __restrict__ xo = xp + off;
       const acc_t* __restrict__ mu = mp + sc;
       const acc_t *__restrict__ k = scale.data() + sc, *__restrict__ mg = mean_g.data() + sc,
                   *__restrict__ pj = proj.data() + sc;
       scalar_t* __restrict__ dxo = dx + off;
-      scalar_t* __restrict__ dro = res_c ? dres + off : nullptr;
+      // g was stored as dres in pass 1 (it is dres): read once instead of recomputed from its inputs
+      const auto gi = [&] {
+        if constexpr (decltype(res_c)::value) {
+          const scalar_t* __restrict__ go = dres + off;
+          return [=](int64_t i) { return static_cast<acc_t>(go[i]); };
+        } else {
+          return grad(channels_last, fi, off, c0);
+        }
+      }();
       for (int64_t i = 0; i < len; ++i) {
         const int64_t j = ch<kChannelsLast>(i);
         const acc_t gv = gi(i);
-        if constexpr (decltype(res_c)::value) dro[i] = static_cast<scalar_t>(gv);
         const ffn::BnBackwardCoef<acc_t> kc{k[j], mg[j], pj[j]};
         dxo[i] = static_cast<scalar_t>(
             ffn::bn_backward_dx(gv, static_cast<acc_t>(xo[i]) - mu[j], kc));

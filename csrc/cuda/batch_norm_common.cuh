@@ -72,8 +72,8 @@ struct BnFwdOp {
 // gradient sum out * dnext[reverse source] (= the reference's sum dnext * out[source]).
 // freq_batch_norm_bwd: g = dy * [y > 0] (y == nullptr: no ReLU). bn_add_relu_shift_alter_bwd: dy =
 // dout, x = z, y = out. kWriteDx (eval: running statistics, so dx = g * weight * invstd needs no
-// reduction): the same pass also writes dx and, when dres != nullptr, dres = g, so the activations
-// are read once.
+// reduction): the same pass also writes dx, so the activations are read once. When dres != nullptr
+// the pass writes dres = g (in training for BnBwdOp to read back instead of recomputing g).
 template <typename scalar_t, bool kShift, bool kWriteDx = false>
 struct BnBwdVisitor {
   using acc_t = at::opmath_type<scalar_t>;
@@ -85,9 +85,9 @@ struct BnBwdVisitor {
   };
   const scalar_t *dy, *dnext, *x, *y;
   const acc_t *mean, *alter;
-  // kWriteDx only:
-  scalar_t *dx, *dres;           // dres may be nullptr
-  const acc_t *invstd, *weight;  // [S, C], [P, C]
+  scalar_t *dx;                  // kWriteDx only
+  scalar_t *dres;                // may be nullptr
+  const acc_t *invstd, *weight;  // [S, C], [P, C]; kWriteDx only
 
   static __device__ __forceinline__ Acc identity() {
     Acc a;
@@ -120,40 +120,49 @@ struct BnBwdVisitor {
     }
     a.v[0] += gv;
     a.v[1] += gv * (static_cast<acc_t>(x[off]) - l.mean);
-    if constexpr (kWriteDx) {  // eval dx = w * invstd * g (ffn::bn_backward_coef, !training)
-      dx[off] = static_cast<scalar_t>(gv * l.scale);
-      if (dres != nullptr) dres[off] = static_cast<scalar_t>(gv);
-    }
+    // eval dx = w * invstd * g (ffn::bn_backward_coef, !training)
+    if constexpr (kWriteDx) dx[off] = static_cast<scalar_t>(gv * l.scale);
+    if (kShift || dres != nullptr) dres[off] = static_cast<scalar_t>(gv);  // the block op always has one
   }
 };
 
-// Training (batch statistics): dx (and dresidual = g) from g and the per-segment sums, after the
-// reduction; g is recomputed as in the visitor. (Eval writes dx in the reduction pass instead.)
+// Training (batch statistics): dx from g and the per-segment sums, after the reduction. g is read
+// back from dres where the reduction stored it (the block op's backward then moves 8 activations'
+// bytes instead of 10, docs/design.md §3.3), else recomputed as in the visitor. (Eval writes dx in
+// the reduction pass instead.)
 template <typename scalar_t, bool kShift>
 struct BnBwdOp {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t *dy, *dnext, *x, *y;
-  scalar_t *dx, *dres;  // dres may be nullptr
+  scalar_t* dx;
+  const scalar_t* dres;  // g, stored by the reduction; may be nullptr
   const acc_t *mean, *invstd, *weight, *alter;
   const acc_t* sums;  // [fields, S, C]: sum g, sum g*(x - mean)
 
   template <int V>
   __device__ __forceinline__ void apply(const FrameLayout& seg, const Geom& g, const FramePos& fp,
                                         int64_t off, const int (&c)[V]) const {
-    acc_t gv[V], xv[V], yv[V], out[V];
-    load_vec<V>(dy + off, gv);
+    acc_t gv[V], xv[V], out[V];
     load_vec<V>(x + off, xv);
-    if (y != nullptr) load_vec<V>(y + off, yv);
-    if constexpr (kShift) {
-      acc_t ds[V];
-      load_shifted<V>(dnext, off, g, fp, c, /*reverse=*/true, ds);
+    if (dres != nullptr) {
+      load_vec<V>(dres + off, gv);
+    } else {
+      load_vec<V>(dy + off, gv);
+      if (y != nullptr) {
+        acc_t yv[V];
+        load_vec<V>(y + off, yv);
+        if constexpr (kShift) {
+          acc_t ds[V];
+          load_shifted<V>(dnext, off, g, fp, c, /*reverse=*/true, ds);
 #pragma unroll
-      for (int k = 0; k < V; ++k)
-        gv[k] = ffn::block_grad<scalar_t>(gv[k], ds[k],
-                                          alter_factor<scalar_t>(alter, fp.row, g.C, c[k]), yv[k]);
-    } else if (y != nullptr) {
+          for (int k = 0; k < V; ++k)
+            gv[k] = ffn::block_grad<scalar_t>(
+                gv[k], ds[k], alter_factor<scalar_t>(alter, fp.row, g.C, c[k]), yv[k]);
+        } else {
 #pragma unroll
-      for (int k = 0; k < V; ++k) gv[k] *= ffn::relu_mask(yv[k]);
+          for (int k = 0; k < V; ++k) gv[k] *= ffn::relu_mask(yv[k]);
+        }
+      }
     }
     const acc_t n = static_cast<acc_t>(seg_count(seg, g, fp.s));
     const int64_t plane = static_cast<int64_t>(seg.n) * g.C;
@@ -164,7 +173,6 @@ struct BnBwdOp {
       out[k] = ffn::bn_backward_dx(gv[k], xv[k] - mean[sc], invstd[sc], weight[rc], sums[sc],
                                    sums[plane + sc], n, /*training=*/true);
     }
-    if (dres != nullptr) store_vec<V>(dres + off, gv);
     store_vec<V>(dx + off, out);
   }
 };
@@ -270,7 +278,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
                                                    mean.data_ptr<acc_t>(),
                                                    ptr_or_null<acc_t>(a),
                                                    nullptr,
-                                                   nullptr,
+                                                   has_residual ? dres.data_ptr<scalar_t>()
+                                                                : nullptr,
                                                    nullptr,
                                                    nullptr};
           launch_reduce(vis, seg, g, plan, partials.data_ptr<acc_t>());

@@ -178,7 +178,7 @@ def backward(plan, dx, param_grads, *, dy=None, dnext=None, x=None, y=None, dres
     flags = dict(
         HAS_DY=dy is not None, SHIFT=dnext is not None, HAS_ALTER=alter is not None,
         ALTER_GRAD=alter_grad, RELU=relu, NORM=norm, TRAINING=training, HAS_RES=dres is not None,
-        **plan.kw,
+        G_STORED=two_pass and dres is not None, **plan.kw,
     )
     sums = dx
     if param_grads:

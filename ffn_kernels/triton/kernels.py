@@ -35,14 +35,16 @@ op                       ``_fwd_kernel``                         ``_bwd_kernel``
 =======================  ======================================  ===================================
 shift_alter              SHIFT, HAS_ALTER?                       SHIFT, HAS_ALTER?, ALTER_GRAD?
 freq_batch_norm          NORM, STORE_Y, HAS_RES?, RELU?          HAS_DY, NORM, TRAINING?, HAS_RES?,
-                                                                 RELU?
+                                                                 RELU?, G_STORED?
 bn_add_relu_shift_alter  NORM, STORE_Y, HAS_RES, RELU, SHIFT,    HAS_DY, SHIFT, NORM, HAS_RES, RELU,
-                         HAS_ALTER?                              TRAINING?, HAS_ALTER?, ALTER_GRAD?
+                         HAS_ALTER?                              TRAINING?, HAS_ALTER?, ALTER_GRAD?,
+                                                                 G_STORED?
 =======================  ======================================  ===================================
 
 The BN ops run ``_stats_kernel`` + ``_stats_combine_kernel`` before the forward in training (only
 the combine in eval). A backward with parameter gradients (BN, or ``ALTER_GRAD``) runs a ``REDUCE``
-pass and ``_sum_combine_kernel``; BN in training then needs a second pass to ``STORE`` dx.
+pass and ``_sum_combine_kernel``; BN in training then needs a second pass to ``STORE`` dx (with a
+residual, the ``REDUCE`` pass stores g as its gradient and the second pass reads it back).
 """
 
 import triton
@@ -277,17 +279,19 @@ def _bwd_kernel(dy_ptr, dnext_ptr,  # [F, C, H, W] gradients of y (HAS_DY) and o
                 layout_ptr, NCH, S, C, HW, fold, nb0,
                 HAS_DY: tl.constexpr, SHIFT: tl.constexpr, HAS_ALTER: tl.constexpr,
                 ALTER_GRAD: tl.constexpr, RELU: tl.constexpr, NORM: tl.constexpr,
-                TRAINING: tl.constexpr, HAS_RES: tl.constexpr, REDUCE: tl.constexpr,
-                STORE: tl.constexpr, REGIONS: tl.constexpr, ALIGN: tl.constexpr,
-                HW_ALIGN: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCK_P: tl.constexpr):
+                TRAINING: tl.constexpr, HAS_RES: tl.constexpr, G_STORED: tl.constexpr,
+                REDUCE: tl.constexpr, STORE: tl.constexpr, REGIONS: tl.constexpr,
+                ALIGN: tl.constexpr, HW_ALIGN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     """Backward of ``_fwd_kernel``. The incoming gradient of the BN output is, per element,
     ``g = (dy + (1+a) * dnext[reverse shift]) * (y > 0)`` (each term optional).
 
     ``REDUCE`` writes per-chunk partials ``part[K, NCH, C]``: ``Σ g·xhat``, ``Σ g`` (``NORM``)
     and ``Σ y·dnext[reverse shift]`` (``ALTER_GRAD``; equal to ``Σ dnext·shift(y)``).
     ``STORE`` writes ``dx`` (the BN input gradient, or ``g`` without ``NORM``) and ``dres = g``;
-    in training it needs the segment sums ``sums[2, S, C]`` from a previous ``REDUCE`` pass."""
+    in training it needs the segment sums ``sums[2, S, C]`` from a previous ``REDUCE`` pass.
+    ``G_STORED`` (training BN with a residual): the ``REDUCE`` pass writes ``dres = g`` and the
+    ``STORE`` pass reads g back from it, one tensor instead of the up to three g is made of."""
     k, seg, f0, nf = _chunk(layout_ptr, NCH, S)
     start, stop, T, row = _segment(layout_ptr, NCH, S, seg)
     c, cmask, step = _channels(C, fold, nb0, REGIONS, ALIGN, BLOCK_C)
@@ -313,22 +317,27 @@ def _bwd_kernel(dy_ptr, dnext_ptr,  # [F, C, H, W] gradients of y (HAS_DY) and o
             dnext_f = dnext_ptr + fb + off.to(tl.int64) * C * HW
         for p0 in range(0, HW, BLOCK_P):
             idx, m = _tile(p0, c, cmask, C, HW, CHANNELS_LAST, HW_ALIGN, BLOCK_P)
-            if HAS_DY:
-                g = tl.load(dy_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
+            if G_STORED and not REDUCE:  # the reduce pass stored g as dres: read it back
+                g = tl.load(dres_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
             else:
-                g = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-            if RELU or (ALTER_GRAD and REDUCE):
-                yv = tl.load(y_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
-            if SHIFT:
-                dn = tl.load(dnext_f + idx, mask=m & valid, other=0.0)
-                dn = dn.to(tl.float32)
-                if ALTER_GRAD and REDUCE:
-                    acc_da += yv * dn
-                if HAS_ALTER:
-                    dn = dn * a1[:, None]
-                g += dn
-            if RELU:
-                g = tl.where(yv > 0, g, 0.0)
+                if HAS_DY:
+                    g = tl.load(dy_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
+                else:
+                    g = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
+                if RELU or (ALTER_GRAD and REDUCE):
+                    yv = tl.load(y_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
+                if SHIFT:
+                    dn = tl.load(dnext_f + idx, mask=m & valid, other=0.0)
+                    dn = dn.to(tl.float32)
+                    if ALTER_GRAD and REDUCE:
+                        acc_da += yv * dn
+                    if HAS_ALTER:
+                        dn = dn * a1[:, None]
+                    g += dn
+                if RELU:
+                    g = tl.where(yv > 0, g, 0.0)
+                if G_STORED:
+                    tl.store(dres_ptr + fb + idx, g.to(dres_ptr.dtype.element_ty), mask=m)
             if NORM:
                 if REDUCE or TRAINING:
                     xv = tl.load(x_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
@@ -345,7 +354,7 @@ def _bwd_kernel(dy_ptr, dnext_ptr,  # [F, C, H, W] gradients of y (HAS_DY) and o
                 dx = g
             if STORE:
                 tl.store(dx_ptr + fb + idx, dx.to(dx_ptr.dtype.element_ty), mask=m)
-                if HAS_RES:
+                if HAS_RES and not G_STORED:
                     tl.store(dres_ptr + fb + idx, g.to(dres_ptr.dtype.element_ty), mask=m)
     if REDUCE:
         out = part_ptr + k * C + c
