@@ -143,11 +143,15 @@ def inference(args, device, test_clip, models: dict, report) -> None:
             with torch.no_grad(), autocast(args, device):
                 model(test_clip)
 
-        if name.startswith("compile"):
+        compile_s = None
+        if name.startswith("compile"):  # eval and no_grad: a graph of its own, compiled here
+            t0 = time.perf_counter()
             infer()
+            compile_s = time.perf_counter() - t0
         t = measure(infer, device, args.repeats)
         report.add("model", {"task": task, "impl": name, "ms": t.ms, "min_ms": t.min_ms,
-                             "max_ms": t.max_ms, "clips_per_s": args.clips / t.median_s})
+                             "max_ms": t.max_ms, "clips_per_s": args.clips / t.median_s,
+                             "compile_s": compile_s})
 
 
 def _best(rows, task: str, prefix: str):
@@ -157,9 +161,13 @@ def _best(rows, task: str, prefix: str):
 
 def add_ratios(rows: list[dict]) -> None:
     """``best_eager/ms`` (> 1: faster than the best eager configuration of the same task),
+    ``compiled_eager/ms`` (the same against the best ``torch.compile`` of the eager twin),
     ``peak/best_eager`` and, for inference, ``ms/folded`` (the best folded branch)."""
     for r in rows:
         eager = _best(rows, r["task"], "eager")
+        compiled = _best(rows, r["task"], "compile eager")
+        if compiled is not None:
+            r["compiled_eager/ms"] = compiled["ms"] / r["ms"]
         if eager is not None:
             r["best_eager/ms"] = eager["ms"] / r["ms"]
             if r.get("peak_MB") and eager.get("peak_MB"):
@@ -178,9 +186,24 @@ def inputs(args, device):
     return size, clips, target, test_clip
 
 
+def compiled_models(args, models: dict, rows: list[dict], task: str) -> dict:
+    """``torch.compile`` of the eager twin in every format (the strongest baseline a user would
+    run) and of the fused model in its faster format (per the training rows in ``rows``), each on
+    its own copy of the weights."""
+    cls, kw, twin = _arch(args)
+    base = models[contiguous_fused(args)]
+    compiled = {f"compile eager {name}": torch.compile(twin.twin(base).to(memory_format=fmt))
+                for name, fmt in formats(args).items()}
+    name = _best(rows, task, "fused")["impl"].split(" ", 1)[1]
+    fused = cls(**kw).to(next(base.parameters()).device)
+    fused.load_state_dict(base.state_dict())
+    compiled[f"compile fused {name}"] = torch.compile(fused.to(memory_format=formats(args)[name]))
+    return compiled
+
+
 def model_section(args, report) -> None:
     from allocator_compare import system_allocator_rows
-    from profile_table import profile_training_step
+    from profile_table import profile_training_steps
 
     device = torch.device(args.device)
     size, clips, target, test_clip = inputs(args, device)
@@ -190,10 +213,7 @@ def model_section(args, report) -> None:
     if args.train_only:  # the allocator comparison's child process
         return
     if args.compile_model:
-        # the twin compiled in the format a user would pick: the faster eager one
-        fmt = formats(args)[_best(report.sections["model"], task, "eager")["impl"].split(" ", 1)[1]]
-        twin = _arch(args)[2].twin(models[contiguous_fused(args)]).to(memory_format=fmt)
-        compiled = {"compile eager": torch.compile(twin)}
+        compiled = compiled_models(args, models, report.sections["model"], task)
         train_steps(args, device, clips, target, compiled, report, task)
         models.update(compiled)
     inference(args, device, test_clip, models, report)
@@ -206,8 +226,11 @@ def model_section(args, report) -> None:
         f"{_title(args)}, {args.clips} clips x {frames(args)} frames, {size}x{size}, "
         f"allocator {report.meta['allocator']}: median, min, max of {args.repeats} runs; "
         "best_eager/ms > 1 means faster than the best eager configuration of the same task",
-        ["task", "impl", "ms", "min_ms", "max_ms", "clips_per_s", "best_eager/ms", "ms/folded",
-         "peak_MB", "peak/best_eager", "saved_MB", "compile_s"])
-    best = _best(rows, task, "fused")["impl"]
-    profile_training_step(device, training_step(args, device, models[best], clips, target),
-                          report, f"{best} training step")
+        ["task", "impl", "ms", "min_ms", "max_ms", "clips_per_s", "best_eager/ms",
+         "compiled_eager/ms", "ms/folded", "peak_MB", "peak/best_eager", "saved_MB", "compile_s"])
+    # both sides' best configuration, so that the ratio splits into the same convolutions and the
+    # rest (the fused ops vs the eager ops they replace)
+    profiled = {side: _best(rows, task, side)["impl"] for side in ("fused", "eager")}
+    profile_training_steps(
+        device, {name: training_step(args, device, models[name], clips, target)
+                 for name in profiled.values()}, report)

@@ -1,49 +1,87 @@
-"""Where a training step's time goes: one step under ``torch.profiler``, each op's self time put
-into convolutions / fused ops / copies and fills / other (pooling, head, loss, autograd glue)."""
+"""Where a training step's time goes, fused and eager side by side: one step of each under
+``torch.profiler``, every op's self time put into one of three categories, so that a model-level
+ratio splits into the same convolutions and the part the fused ops replace:
+
+- ``convolutions``: the network's convolutions, forward and backward (the same on both sides);
+- ``FFN ops``: the fused kernels (``ffn_kernels::*``), or in the eager twin the ops they replace:
+  BatchNorm, ReLU, the residual add, the TSM shift's copies and fills, and WA's depthwise 1x1
+  conv (every op under a convolution whose weight is ``[C, 1, 1, 1]``). Adds, copies and fills
+  anywhere in the step count here, on both sides;
+- ``other``: pooling, the head, the loss, autograd and optimizer glue."""
 
 from __future__ import annotations
 
 import torch
 
-CATEGORIES = ("convolutions", "fused ops", "copies and fills", "other")
-_COPIES = ("aten::copy_", "aten::cat", "aten::clone", "aten::_to_copy", "aten::fill_", "aten::zero_")
+CATEGORIES = ("convolutions", "FFN ops", "other")
+# the eager ops the fused kernels replace, and the copies, fills and adds of any step
+_EQUIVALENTS = (
+    "aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::_batch_norm_with_update",
+    "aten::batch_norm_backward", "aten::relu", "aten::relu_", "aten::clamp_min",
+    "aten::threshold_backward", "aten::add", "aten::add_", "aten::mul", "aten::copy_", "aten::cat",
+    "aten::clone", "aten::fill_", "aten::zero_", "aten::zeros_like",
+)
 
 
-def category(op: str) -> str:
-    if "convolution" in op or op.startswith("aten::slow_conv"):  # ATen's fallback conv3d kernels
+def _is_conv(name: str) -> bool:
+    return "convolution" in name or name.startswith("aten::slow_conv") or "conv2d" in name
+
+
+def _depthwise_1x1(event) -> bool:
+    """A convolution (forward or backward) whose weight is ``[C, 1, 1, 1]``: WA's eager conv."""
+    shapes = getattr(event, "input_shapes", None) or []
+    index = 2 if event.name == "aten::convolution_backward" else 1  # (dy, x, weight) / (x, weight)
+    weight = list(shapes[index]) if len(shapes) > index else []
+    return len(weight) == 4 and weight[0] > 1 and weight[1:] == [1, 1, 1]
+
+
+def category(event) -> str:
+    """The category of ``event``'s self time (its name, and the convolution it runs under)."""
+    parent = event
+    while parent is not None:  # WA's depthwise conv runs ATen's grouped loop: copies and slices
+        if _is_conv(parent.name) and _depthwise_1x1(parent):
+            return "FFN ops"
+        parent = parent.cpu_parent
+    if _is_conv(event.name):
         return "convolutions"
-    if op.startswith("ffn_kernels"):
-        return "fused ops"
-    if op in _COPIES:
-        return "copies and fills"
+    if event.name.startswith("ffn_kernels") or event.name in _EQUIVALENTS:
+        return "FFN ops"
     return "other"
 
 
-def profile_training_step(device, step, report, title: str) -> None:
-    """Profile one call of ``step`` (after a warm-up call) and add the category rows."""
+def profile(device, step) -> tuple[dict, dict]:
+    """Profile one call of ``step`` (after a warm-up call): (ms per category, ms per "other" op)."""
     step()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     totals = dict.fromkeys(CATEGORIES, 0.0)
-    top: dict[str, float] = {}
-    for e in prof.key_averages():
-        us = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
-        cat = category(e.key)
-        totals[cat] += us
+    other: dict[str, float] = {}
+    for e in prof.events():
+        ms = (e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total) / 1e3
+        cat = category(e)
+        totals[cat] += ms
         if cat == "other":
-            top[e.key] = us
-    whole = sum(totals.values()) or 1.0
-    largest = ", ".join(f"{k} {v / 1e3:.0f} ms" for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:4])
-    for cat in CATEGORIES:
-        report.add("profile", {"step": title, "category": cat, "ms": totals[cat] / 1e3,
-                               "share": totals[cat] / whole,
-                               "largest": largest if cat == "other" else ""})
+            other[e.name] = other.get(e.name, 0.0) + ms
+    return totals, other
+
+
+def profile_training_steps(device, steps: dict, report) -> None:
+    """Profile each named training step and add one row per (step, category)."""
+    for name, step in steps.items():
+        totals, other = profile(device, step)
+        whole = sum(totals.values()) or 1.0
+        largest = ", ".join(f"{k} {v:.0f} ms" for k, v in sorted(other.items(), key=lambda kv: -kv[1])[:3])
+        for cat in CATEGORIES:
+            report.add("profile", {"step": name, "category": cat, "ms": totals[cat],
+                                   "share": totals[cat] / whole,
+                                   "largest": largest if cat == "other" else ""})
     report.print_section(
-        "profile", f"Profile of one {title} ({'device' if device.type == 'cuda' else 'CPU'} self "
-        "time per op, summed by category; the profiler adds some overhead)",
-        ["category", "ms", "share", "largest"])
+        "profile", f"Profile of one training step per side ({'device' if device.type == 'cuda' else 'CPU'} "
+        "self time per op, summed by category; FFN ops = the fused kernels, or the eager ops they "
+        "replace; the profiler adds some overhead)",
+        ["step", "category", "ms", "share", "largest"])

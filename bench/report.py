@@ -36,7 +36,8 @@ class Report:
         self.out = Path(out_dir)
         self.meta = meta
         self.sections: dict[str, list[dict]] = {"overhead": [], "ops": [], "traffic": [],
-                                                 "roofline": [], "model": [], "profile": []}
+                                                 "roofline": [], "model": [], "profile": [],
+                                                 "projection": []}
 
     def print_header(self) -> None:
         print("# ffn-kernels benchmark: " + ", ".join(f"{k}={v}" for k, v in self.meta.items()))

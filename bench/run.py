@@ -40,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--traffic", action="store_true", help="run the memory-traffic section")
     p.add_argument("--roofline", action="store_true",
                    help="run the roofline section (each fused pass at layer1 vs this machine's copy bandwidth)")
+    p.add_argument("--projection", action="store_true",
+                   help="run the GPU step-time projection of the model's training step (counts, no GPU)")
     p.add_argument("--overhead", action="store_true",
                    help="run the per-call overhead section (tiny shape, 1 thread)")
     p.add_argument("--clips", type=int, default=None, help="clips per branch (default 2; 1 with --quick)")
@@ -60,8 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     p.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)  # allocator child
     args = p.parse_args(argv)
-    if not (args.ops or args.model or args.traffic or args.overhead or args.roofline):
-        args.ops = args.model = args.traffic = args.overhead = args.roofline = True
+    sections = ("ops", "model", "traffic", "overhead", "roofline", "projection")
+    if not any(getattr(args, s) for s in sections):
+        for s in sections:
+            setattr(args, s, True)
     if args.compile_model is None:
         args.compile_model = args.device.startswith("cuda")
     args.clips = args.clips or (1 if args.quick else 2)
@@ -143,6 +147,10 @@ def main(argv=None) -> None:
     if args.model:
         from model_section import model_section
         model_section(args, report)
+    if args.projection:  # after the traffic section, whose metered bytes it uses
+        from projection_section import projection_section
+        from traffic_section import metered_bytes
+        projection_section(args, report, metered_bytes(args, report))
     report.save()
 
 
