@@ -114,6 +114,27 @@ def test_temporal_conv_plane_sizes_and_conv1d_weight(backend, hw, memory_format)
                      torch.float64, backend)
 
 
+@cases(("cpu",), hw={"2x2": (2, 2), "40x40": (40, 40)}, memory_format=MEMORY_FORMATS)
+def test_temporal_conv_cpu_results_do_not_depend_on_the_thread_count(backend, hw, memory_format):
+    """The CPU kernels walk each clip's frames per task (the neighbours' chunks stay in cache);
+    the taps' gradient still adds its per-chunk partials in one fixed order."""
+    layout = LAYOUTS[2]
+    x = make_input(layout, 24, hw, memory_format=memory_format).requires_grad_()
+    taps = make_taps(24).requires_grad_()
+    previous_threads, results = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y = ops.temporal_conv(x, layout, taps)
+            results.append([y, *torch.autograd.grad((y * y).sum(), (x, taps))])
+    finally:
+        torch.set_num_threads(previous_threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    expected = reference.temporal_conv(x, layout, taps)
+    torch.testing.assert_close(results[0][0], expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # gradcheck, opcheck, what autograd supports
 # ---------------------------------------------------------------------------------------------

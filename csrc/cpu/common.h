@@ -170,15 +170,41 @@ std::vector<acc_t> alter_factors(const FrameLayout& L, const c10::optional<Tenso
   });
 }
 
-// Calls fn(chunk_frame, chunk_index_in_frame) for every chunk, in parallel.
+// The order in which parallel_chunks visits the chunks.
+enum class Walk {
+  // frame after frame: each thread streams one contiguous part of memory (what a pass over each
+  // element once wants: NCHW planes of neighbouring chunks are adjacent)
+  kFrames,
+  // one clip's frames in order at one chunk index per task: the chunks of the neighbouring frames
+  // a stencil over time reads (temporal_conv) were touched a step before and are still in cache,
+  // where frame after frame reads them again from memory a whole frame later. Tasks are ordered
+  // chunk index first, so every thread's share mixes the short and the long clips.
+  kClips,
+};
+
+// Calls fn(chunk_frame, chunk_index_in_frame) for every chunk, in parallel, in the order `walk`.
 template <typename Fn>
-void parallel_chunks(const Geom& g, Fn&& fn) {
+void parallel_chunks(const Geom& g, const FrameLayout& L, Walk walk, Fn&& fn) {
   constexpr int64_t kGrainElems = 1 << 15;
   const int64_t chunk_elems = g.channels_last ? g.block * g.C : g.planes * g.HW;
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, chunk_elems));
-  at::parallel_for(0, g.F * g.chunks, grain, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) fn(k / g.chunks, k % g.chunks);
-  });
+  if (walk == Walk::kFrames) {
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, chunk_elems));
+    at::parallel_for(0, g.F * g.chunks, grain, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) fn(k / g.chunks, k % g.chunks);
+    });
+    return;
+  }
+  std::vector<int64_t> clip_start;  // first frame of every clip
+  for (int64_t f = 0; f < g.F; f += L.frame[f].T) clip_start.push_back(f);
+  const int64_t clips = static_cast<int64_t>(clip_start.size());
+  const int64_t task_elems = std::max<int64_t>(1, chunk_elems * g.F / std::max<int64_t>(1, clips));
+  at::parallel_for(0, clips * g.chunks, std::max<int64_t>(1, kGrainElems / task_elems),
+                   [&](int64_t k0, int64_t k1) {
+                     for (int64_t k = k0; k < k1; ++k) {
+                       const int64_t first = clip_start[k % clips], q = k / clips;
+                       for (int64_t f = first; f < first + L.frame[first].T; ++f) fn(f, q);
+                     }
+                   });
 }
 
 // Accumulator slots of one plane (NCHW: the lanes its HW elements reach, e.g. 4 for a 2x2 plane)
@@ -232,8 +258,8 @@ inline void chunk_runs(const Geom& g, int64_t f, int64_t q, int64_t max_run, Fn&
 
 // Elementwise pass: op(channels_last, frame_info, off, len, c0) on every run.
 template <typename Op>
-void map_runs(const Geom& g, const FrameLayout& L, Op&& op) {
-  parallel_chunks(g, [&](int64_t f, int64_t q) {
+void map_runs(const Geom& g, const FrameLayout& L, Op&& op, Walk walk = Walk::kFrames) {
+  parallel_chunks(g, L, walk, [&](int64_t f, int64_t q) {
     chunk_runs(g, f, q, g.HW,
                [&](auto channels_last, int64_t off, int64_t len, int64_t c0, int64_t) {
                  op(channels_last, L.frame[f], off, len, c0);
@@ -245,12 +271,13 @@ void map_runs(const Geom& g, const FrameLayout& L, Op&& op) {
 // stride) adds element i's quantity a to acc[a * stride + i]. Per-chunk partials are summed in
 // chunk order. Returns [NA, S, C].
 template <int NA, typename acc_t, typename Visit>
-std::vector<acc_t> segment_sums(const Geom& g, const FrameLayout& L, Visit&& visit) {
+std::vector<acc_t> segment_sums(const Geom& g, const FrameLayout& L, Visit&& visit,
+                                Walk walk = Walk::kFrames) {
   const int64_t C = g.C, nblk = g.channels_last ? g.chunks : 1, lanes = lane_count(g);
   const int64_t width =
       g.channels_last ? C : g.planes * lanes;  // accumulators per quantity and chunk
   std::vector<acc_t> part(g.F * nblk * NA * C);
-  parallel_chunks(g, [&](int64_t f, int64_t q) {
+  parallel_chunks(g, L, walk, [&](int64_t f, int64_t q) {
     acc_t* acc = chunk_scratch<acc_t>(NA * width);
     chunk_runs(g, f, q, kLanes,
                [&](auto channels_last, int64_t off, int64_t len, int64_t c0, int64_t slot) {
@@ -291,7 +318,7 @@ std::vector<ffn::Welford<double>> segment_stats(const Geom& g, const FrameLayout
   const int64_t width = g.channels_last ? C : g.planes * lanes,
                 means = g.channels_last ? C : g.planes;
   std::vector<ffn::Welford<acc_t>> part(g.F * nblk * C);
-  parallel_chunks(g, [&](int64_t f, int64_t q) {
+  parallel_chunks(g, L, Walk::kFrames, [&](int64_t f, int64_t q) {
     acc_t* sum = chunk_scratch<acc_t>(2 * width + means);
     acc_t *m2 = sum + width, *mean = m2 + width;
     chunk_runs(g, f, q, kLanes, [&](auto, int64_t off, int64_t len, int64_t, int64_t slot) {

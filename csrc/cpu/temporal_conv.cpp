@@ -49,10 +49,13 @@ Tensor temporal_conv_fwd(const Tensor& x, int64_t clips, at::IntArrayRef frames,
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     const acc_t* w = weight.data_ptr<acc_t>();
-    map_runs(g, L, [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len, int64_t c0) {
-      stencil<decltype(channels_last)::value>(xp + off, yp + off, len, g.chw, fi.t > 0,
-                                              fi.t < fi.T - 1, w + 3 * c0, 1, 0, 2);
-    });
+    map_runs(
+        g, L,
+        [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len, int64_t c0) {
+          stencil<decltype(channels_last)::value>(xp + off, yp + off, len, g.chw, fi.t > 0,
+                                                  fi.t < fi.T - 1, w + 3 * c0, 1, 0, 2);
+        },
+        Walk::kClips);
   });
   return y;
 }
@@ -79,7 +82,7 @@ std::tuple<Tensor, Tensor> temporal_conv_bwd(const Tensor& dy, const Tensor& x, 
                                               fi.t > 0, fi.t < fi.T - 1, w + 3 * c0, 1, 2, 0);
     };
     if (!weight_grad) {
-      map_runs(g, L, store_dx);
+      map_runs(g, L, store_dx, Walk::kClips);
       return;
     }
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -97,7 +100,8 @@ std::tuple<Tensor, Tensor> temporal_conv_bwd(const Tensor& dy, const Tensor& x, 
           if (fi.t < fi.T - 1)
             for (int64_t i = 0; i < len; ++i)
               acc[2 * stride + i] += static_cast<acc_t>(d[i]) * static_cast<acc_t>(xc[i + g.chw]);
-        });
+        },
+        Walk::kClips);
     // [3, S, C] -> [C, 3]: the taps are shared, so their gradient adds every segment, in order
     acc_t* dw = dweight.data_ptr<acc_t>();
     for (int64_t c = 0; c < g.C; ++c)
