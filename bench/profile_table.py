@@ -5,8 +5,8 @@ ratio splits into the same convolutions and the part the fused ops replace:
 - ``convolutions``: the network's convolutions, forward and backward (the same on both sides);
 - ``FFN ops``: the fused kernels (``ffn_kernels::*``), or in the eager twin the ops they replace:
   BatchNorm, ReLU, the residual add, the TSM shift's copies and fills, and WA's depthwise 1x1
-  conv (every op under a convolution whose weight is ``[C, 1, 1, 1]``). Adds, copies and fills
-  anywhere in the step count here, on both sides;
+  conv (every op under a convolution whose weight is ``[C, 1, 1, 1]``, or ``[C, 1, 1, 1, 1]`` in
+  3D). Adds, copies and fills anywhere in the step count here, on both sides;
 - ``other``: pooling, the head, the loss, autograd and optimizer glue."""
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ def _is_conv(name: str) -> bool:
 
 
 def _depthwise_1x1(event) -> bool:
-    """A convolution (forward or backward) whose weight is ``[C, 1, 1, 1]``: WA's eager conv."""
+    """A convolution (forward or backward) whose weight is ``[C, 1, 1, 1]`` (``[C, 1, 1, 1, 1]`` in
+    3D): WA's eager conv."""
     shapes = getattr(event, "input_shapes", None) or []
     index = 2 if event.name == "aten::convolution_backward" else 1  # (dy, x, weight) / (x, weight)
     weight = list(shapes[index]) if len(shapes) > index else []
-    return len(weight) == 4 and weight[0] > 1 and weight[1:] == [1, 1, 1]
+    return len(weight) >= 4 and weight[0] > 1 and all(d == 1 for d in weight[1:])
 
 
 def category(event) -> str:
@@ -75,13 +76,15 @@ def profile_training_steps(device, steps: dict, report) -> None:
     for name, step in steps.items():
         totals, other = profile(device, step)
         whole = sum(totals.values()) or 1.0
-        largest = ", ".join(f"{k} {v:.0f} ms" for k, v in sorted(other.items(), key=lambda kv: -kv[1])[:3])
+        top = sorted(other.items(), key=lambda kv: -kv[1])[:3]
+        largest = ", ".join(f"{k} {v:.0f} ms" for k, v in top)
         for cat in CATEGORIES:
             report.add("profile", {"step": name, "category": cat, "ms": totals[cat],
                                    "share": totals[cat] / whole,
                                    "largest": largest if cat == "other" else ""})
     report.print_section(
-        "profile", f"Profile of one training step per side ({'device' if device.type == 'cuda' else 'CPU'} "
-        "self time per op, summed by category; FFN ops = the fused kernels, or the eager ops they "
-        "replace; the profiler adds some overhead)",
+        "profile", "Profile of one training step per side "
+        f"({'device' if device.type == 'cuda' else 'CPU'} self time per op, summed by category; "
+        "FFN ops = the fused kernels, or the eager ops they replace; the profiler adds some "
+        "overhead)",
         ["step", "category", "ms", "share", "largest"])
