@@ -100,6 +100,7 @@ void bn_apply(const Tensor& x, const Tensor& y, const scalar_t* residual, bool r
             scalar_t* __restrict__ yo = yp + off;
             const acc_t* __restrict__ k = scale.data() + fi.s * g.C + c0;
             const acc_t* __restrict__ h = shift.data() + fi.s * g.C + c0;
+            FFN_IVDEP
             for (int64_t i = 0; i < len; ++i) {
               acc_t v =
                   static_cast<acc_t>(xo[i]) * k[ch<kChannelsLast>(i)] + h[ch<kChannelsLast>(i)];
@@ -153,6 +154,7 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLay
         const acc_t* __restrict__ mu = mp + fi.s * C + c0;
         if (training) {
           scalar_t* __restrict__ dro = dres != nullptr ? dres + off : nullptr;
+          FFN_IVDEP
           for (int64_t i = 0; i < len; ++i) {
             const acc_t gv = gi(i);
             acc[i] += gv;
@@ -163,6 +165,7 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLay
           const acc_t* __restrict__ k = eval_scale.data() + fi.s * C + c0;
           scalar_t* __restrict__ dxo = dx + off;
           scalar_t* __restrict__ dro = dres != nullptr ? dres + off : nullptr;
+          FFN_IVDEP
           for (int64_t i = 0; i < len; ++i) {
             const int64_t j = ch<kChannelsLast>(i);
             const acc_t gv = gi(i), xmu = static_cast<acc_t>(xo[i]) - mu[j];
@@ -174,6 +177,7 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLay
         }
         if constexpr (NX == 1) {
           const auto ei = extra(channels_last, fi, off, c0);
+          FFN_IVDEP
           for (int64_t i = 0; i < len; ++i) acc[2 * w + i] += ei(i);
         }
       });
@@ -216,6 +220,7 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLay
           return grad(channels_last, fi, off, c0);
         }
       }();
+      FFN_IVDEP
       for (int64_t i = 0; i < len; ++i) {
         const int64_t j = ch<kChannelsLast>(i);
         const acc_t gv = gi(i);

@@ -45,6 +45,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_shift_alt
           const scalar_t* __restrict__ oo = op + off;
           scalar_t* __restrict__ no = np + off + d * g.chw;
           const acc_t* __restrict__ k = factor.data() + fi.s * g.C + c0;
+          FFN_IVDEP
           for (int64_t i = 0; i < len; ++i)
             no[i] = static_cast<scalar_t>(static_cast<acc_t>(oo[i]) * k[ch<kChannelsLast>(i)]);
         };

@@ -31,6 +31,13 @@
 #include "conventions.h"
 #include "ffn_math.h"
 
+// Before an element loop over a run: its iterations are independent (outputs, and accumulator
+// slot i, are distinct from every input), which GCC cannot prove once the run's pointers come
+// through lambda captures; past ~10 pointer pairs it stops checking aliasing at run time and
+// leaves the loop scalar (the channels_last block backward was: 0.45 of a copy's bandwidth).
+// _Pragma, as the loops sit inside AT_DISPATCH macro arguments.
+#define FFN_IVDEP _Pragma("GCC ivdep")
+
 namespace ffn_kernels {
 namespace cpu {
 
@@ -324,6 +331,7 @@ std::vector<ffn::Welford<double>> segment_stats(const Geom& g, const FrameLayout
     chunk_runs(g, f, q, kLanes, [&](auto, int64_t off, int64_t len, int64_t, int64_t slot) {
       const scalar_t* __restrict__ xp = x + off;
       acc_t* __restrict__ a = sum + slot;
+      FFN_IVDEP
       for (int64_t i = 0; i < len; ++i) a[i] += static_cast<acc_t>(xp[i]);
     });
     // NCHW: the chunk's planes [c_first, c_end), each with its own lanes and mean
@@ -341,6 +349,7 @@ std::vector<ffn::Welford<double>> segment_stats(const Geom& g, const FrameLayout
                  const scalar_t* __restrict__ xp = x + off;
                  const acc_t* __restrict__ mu = mean + (kChannelsLast ? c0 : c0 - c_first);
                  acc_t* __restrict__ a = m2 + slot;
+                 FFN_IVDEP
                  for (int64_t i = 0; i < len; ++i) {
                    const acc_t d = static_cast<acc_t>(xp[i]) - mu[ch<kChannelsLast>(i)];
                    a[i] += d * d;

@@ -122,6 +122,7 @@ BwdOut freq_layer_norm_bwd(const Tensor& dy, const c10::optional<Tensor>& dsum, 
               return static_cast<acc_t>(d0[i]) * wr[i] * ((static_cast<acc_t>(s0[i]) - mu) * rs);
             });
             const acc_t mean_g = sum_g / acc_t(C), mean_gx = sum_gx / acc_t(C);
+            FFN_IVDEP
             for (int64_t i = 0; i < len; ++i) {
               const acc_t d = static_cast<acc_t>(dyp[off + i]);
               const acc_t xhat = (static_cast<acc_t>(sp[off + i]) - mu) * rs;

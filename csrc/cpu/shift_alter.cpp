@@ -30,6 +30,7 @@ Tensor shift_alter_fwd(const Tensor& x, int64_t clips, at::IntArrayRef frames,
           }
           const scalar_t* __restrict__ xs = xp + off + d * g.chw;
           const acc_t* __restrict__ k = factor.data() + fi.s * g.C + c0;
+          FFN_IVDEP
           for (int64_t i = 0; i < len; ++i)
             yo[i] = static_cast<scalar_t>(static_cast<acc_t>(xs[i]) * k[ch<kChannelsLast>(i)]);
         });
@@ -70,6 +71,7 @@ std::tuple<Tensor, Tensor> shift_alter_bwd(const Tensor& dy, const Tensor& x, in
       }
       const scalar_t* __restrict__ ds = dyp + off + d * g.chw;
       const acc_t* __restrict__ k = factor.data() + fi.s * g.C + c0;
+      FFN_IVDEP
       for (int64_t i = 0; i < len; ++i) {
         const acc_t v = static_cast<acc_t>(ds[i]);
         dxo[i] = static_cast<scalar_t>(v * k[ch<kChannelsLast>(i)]);
