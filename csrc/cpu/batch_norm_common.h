@@ -152,19 +152,23 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLay
         const auto gi = grad(channels_last, fi, off, c0);
         const scalar_t* __restrict__ xo = xp + off;
         const acc_t* __restrict__ mu = mp + fi.s * C + c0;
-        if (training) {
-          scalar_t* __restrict__ dro = dres != nullptr ? dres + off : nullptr;
-          FFN_IVDEP
-          for (int64_t i = 0; i < len; ++i) {
-            const acc_t gv = gi(i);
-            acc[i] += gv;
-            acc[w + i] += gv * (static_cast<acc_t>(xo[i]) - mu[ch<kChannelsLast>(i)]);
-            if (dro != nullptr) dro[i] = static_cast<scalar_t>(gv);
+        // whether dres is written is a compile-time branch: a store under a run-time condition
+        // keeps the loop scalar
+        dispatch_bool(dres != nullptr, [&](auto res_c) {
+          constexpr bool kRes = decltype(res_c)::value;
+          scalar_t* __restrict__ dro = kRes ? dres + off : nullptr;
+          if (training) {
+            FFN_IVDEP
+            for (int64_t i = 0; i < len; ++i) {
+              const acc_t gv = gi(i);
+              acc[i] += gv;
+              acc[w + i] += gv * (static_cast<acc_t>(xo[i]) - mu[ch<kChannelsLast>(i)]);
+              if constexpr (kRes) dro[i] = static_cast<scalar_t>(gv);
+            }
+            return;
           }
-        } else {
           const acc_t* __restrict__ k = eval_scale.data() + fi.s * C + c0;
           scalar_t* __restrict__ dxo = dx + off;
-          scalar_t* __restrict__ dro = dres != nullptr ? dres + off : nullptr;
           FFN_IVDEP
           for (int64_t i = 0; i < len; ++i) {
             const int64_t j = ch<kChannelsLast>(i);
@@ -172,9 +176,9 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLay
             acc[i] += gv;
             acc[w + i] += gv * xmu;
             dxo[i] = static_cast<scalar_t>(ffn::bn_backward_dx(gv, xmu, {k[j], acc_t(0), acc_t(0)}));
-            if (dro != nullptr) dro[i] = static_cast<scalar_t>(gv);
+            if constexpr (kRes) dro[i] = static_cast<scalar_t>(gv);
           }
-        }
+        });
         if constexpr (NX == 1) {
           const auto ei = extra(channels_last, fi, off, c0);
           FFN_IVDEP
