@@ -27,7 +27,6 @@ void stencil(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_
              bool before, bool after, const acc_t* __restrict__ k, int ia, int ib, int ic) {
   dispatch_bool(before, [&](auto b) {
     dispatch_bool(after, [&](auto a) {
-      FFN_IVDEP
       for (int64_t i = 0; i < len; ++i) {
         const acc_t* kc = k + 3 * ch<kChannelsLast>(i);
         acc_t v = kc[ia] * static_cast<acc_t>(in[i]);
@@ -94,14 +93,11 @@ std::tuple<Tensor, Tensor> temporal_conv_bwd(const Tensor& dy, const Tensor& x, 
           store_dx(channels_last, fi, off, len, c0);
           const scalar_t* __restrict__ d = dyp + off;
           const scalar_t* __restrict__ xc = xp + off;
-          FFN_IVDEP
           for (int64_t i = 0; i < len; ++i) acc[stride + i] += static_cast<acc_t>(d[i]) * xc[i];
           if (fi.t > 0)
-            FFN_IVDEP
             for (int64_t i = 0; i < len; ++i)
               acc[i] += static_cast<acc_t>(d[i]) * static_cast<acc_t>(xc[i - g.chw]);
           if (fi.t < fi.T - 1)
-            FFN_IVDEP
             for (int64_t i = 0; i < len; ++i)
               acc[2 * stride + i] += static_cast<acc_t>(d[i]) * static_cast<acc_t>(xc[i + g.chw]);
         },
