@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -121,9 +122,10 @@ inline Geom make_geom(const Tensor& x, int64_t fold_div) {
   g.channels_last = channels_last || g.HW == 1;
   TORCH_CHECK(g.C <= INT32_MAX, "too many channels: ", g.C);
   g.fold = fold_div ? static_cast<int>(g.C / fold_div) : 0;
-  // ~16K elements per channels_last chunk: big enough to amortise the per-chunk partials, small
-  // enough that the second statistics pass re-reads it from cache.
-  g.block = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, g.C));
+  // ~64K elements per channels_last chunk: big enough to amortise the per-chunk partials (at 16K a
+  // C = 2048 chunk was 8 pixels, and its partials cost as much as its elements), small enough that
+  // the second statistics pass re-reads it from L2 (docs/design.md §4.4).
+  g.block = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, g.C));
   // NCHW planes smaller than kGroupElems share a chunk of about that size (a 2x2 plane alone is 4
   // elements: a chunk per plane costs more than its work)
   g.planes = std::clamp<int64_t>((kGroupElems + g.HW - 1) / std::max<int64_t>(1, g.HW), 1, g.C);
@@ -315,9 +317,18 @@ std::vector<acc_t> segment_sums(const Geom& g, const FrameLayout& L, Visit&& vis
   return out;
 }
 
-// Batch statistics per (segment, channel): a two-pass (mean, M2) per chunk in acc_t, Chan-merged
-// in chunk order in double. A segment can have millions of chunks (one per 1x1 frame), and a
-// float merge of that many partials loses digits as a float sum of that many values does.
+// Elements per channel in chunk q: its pixels (channels_last) or a whole plane (NCHW).
+inline int64_t chunk_count(const Geom& g, int64_t q) {
+  return g.channels_last ? std::min(g.HW, (q + 1) * g.block) - q * g.block : g.HW;
+}
+
+// Batch statistics per (segment, channel): a two-pass (mean, M2) per chunk in acc_t, merged in
+// chunk order in double. A segment can have millions of chunks (one per 1x1 frame), and a float
+// merge of that many partials loses digits as a float sum of that many values does. The merge is
+// the two-level form of Chan's: the segment mean from the partial means, then
+// M2 = sum_k (M2_k + n_k (mean_k - mean)^2), every term >= 0; unlike a partial-by-partial Chan
+// merge it has no division per partial and runs vectorized across channels (a per-partial merge
+// was a third of the statistics pass at layer3/4 shapes, where a chunk holds few pixels).
 // Returns [S, C] Welford triples.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 std::vector<ffn::Welford<double>> segment_stats(const Geom& g, const FrameLayout& L,
@@ -325,7 +336,8 @@ std::vector<ffn::Welford<double>> segment_stats(const Geom& g, const FrameLayout
   const int64_t C = g.C, nblk = g.channels_last ? g.chunks : 1, lanes = lane_count(g);
   const int64_t width = g.channels_last ? C : g.planes * lanes,
                 means = g.channels_last ? C : g.planes;
-  std::vector<ffn::Welford<acc_t>> part(g.F * nblk * C);
+  // chunk partials [F * nblk, C], every slot written below (no zero fill)
+  std::unique_ptr<acc_t[]> part_mean(new acc_t[g.F * nblk * C]), part_m2(new acc_t[g.F * nblk * C]);
   parallel_chunks(g, L, Walk::kFrames, [&](int64_t f, int64_t q) {
     acc_t* sum = chunk_scratch<acc_t>(2 * width + means);
     acc_t *m2 = sum + width, *mean = m2 + width;
@@ -338,11 +350,11 @@ std::vector<ffn::Welford<double>> segment_stats(const Geom& g, const FrameLayout
     // NCHW: the chunk's planes [c_first, c_end), each with its own lanes and mean
     const auto [c_first, c_end] =
         g.channels_last ? std::pair<int64_t, int64_t>{0, C} : chunk_planes(g, q);
-    const int64_t n = g.channels_last ? std::min(g.HW, (q + 1) * g.block) - q * g.block : g.HW;
+    const acc_t inv_n = acc_t(1) / static_cast<acc_t>(chunk_count(g, q));
     if (g.channels_last) {
-      for (int64_t c = 0; c < C; ++c) mean[c] = sum[c] / acc_t(n);
+      for (int64_t c = 0; c < C; ++c) mean[c] = sum[c] * inv_n;
     } else {
-      for (int64_t k = 0; k < c_end - c_first; ++k) mean[k] = sum_lanes(sum + k * lanes, lanes) / acc_t(n);
+      for (int64_t k = 0; k < c_end - c_first; ++k) mean[k] = sum_lanes(sum + k * lanes, lanes) * inv_n;
     }
     chunk_runs(g, f, q, kLanes,
                [&](auto channels_last, int64_t off, int64_t len, int64_t c0, int64_t slot) {
@@ -356,22 +368,45 @@ std::vector<ffn::Welford<double>> segment_stats(const Geom& g, const FrameLayout
                    a[i] += d * d;
                  }
                });
+    // channels_last: a row per chunk; NCHW: a row per frame, of which this chunk fills its planes
+    const int64_t row = g.channels_last ? f * nblk + q : f;
+    acc_t *pm = part_mean.get() + row * C, *pv = part_m2.get() + row * C;
     if (g.channels_last) {
-      for (int64_t c = 0; c < C; ++c) part[(f * nblk + q) * C + c] = {n, mean[c], m2[c]};
+      std::copy(mean, mean + C, pm);
+      std::copy(m2, m2 + C, pv);
     } else {
-      for (int64_t k = 0; k < c_end - c_first; ++k)
-        part[f * C + c_first + k] = {n, mean[k], sum_lanes(m2 + k * lanes, lanes)};
+      for (int64_t k = 0; k < c_end - c_first; ++k) {
+        pm[c_first + k] = mean[k];
+        pv[c_first + k] = sum_lanes(m2 + k * lanes, lanes);
+      }
     }
   });
-  std::vector<ffn::Welford<double>> out(L.S * C, ffn::Welford<double>{});
+  std::vector<ffn::Welford<double>> out(L.S * C);
   at::parallel_for(0, C, 64, [&](int64_t c0, int64_t c1) {
-    for (int64_t s = 0; s < L.S; ++s)
-      for (int64_t k = L.start[s] * nblk; k < L.start[s + 1] * nblk; ++k)
-        for (int64_t c = c0; c < c1; ++c) {
-          const ffn::Welford<acc_t>& p = part[k * C + c];
-          out[s * C + c] =
-              ffn::welford_merge(out[s * C + c], ffn::Welford<double>{p.n, p.mean, p.m2});
+    std::vector<double> mean(c1 - c0), m2(c1 - c0);
+    for (int64_t s = 0; s < L.S; ++s) {
+      const int64_t k0 = L.start[s] * nblk, k1 = L.start[s + 1] * nblk;
+      int64_t n = 0;
+      std::fill(mean.begin(), mean.end(), 0.0);
+      std::fill(m2.begin(), m2.end(), 0.0);
+      for (int64_t k = k0; k < k1; ++k) {
+        const double nk = static_cast<double>(chunk_count(g, k % nblk));
+        const acc_t* pm = part_mean.get() + k * C + c0;
+        n += chunk_count(g, k % nblk);
+        for (int64_t c = 0; c < c1 - c0; ++c) mean[c] += nk * pm[c];
+      }
+      const double inv_n = 1.0 / static_cast<double>(n);
+      for (int64_t c = 0; c < c1 - c0; ++c) mean[c] *= inv_n;
+      for (int64_t k = k0; k < k1; ++k) {
+        const double nk = static_cast<double>(chunk_count(g, k % nblk));
+        const acc_t *pm = part_mean.get() + k * C + c0, *pv = part_m2.get() + k * C + c0;
+        for (int64_t c = 0; c < c1 - c0; ++c) {
+          const double d = static_cast<double>(pm[c]) - mean[c];
+          m2[c] += static_cast<double>(pv[c]) + nk * d * d;
         }
+      }
+      for (int64_t c = 0; c < c1 - c0; ++c) out[s * C + c0 + c] = {n, mean[c], m2[c]};
+    }
   });
   return out;
 }
