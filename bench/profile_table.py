@@ -50,9 +50,16 @@ def category(event) -> str:
     return "other"
 
 
+WARMUP_STEPS = 3
+
+
 def profile(device, step) -> tuple[dict, dict]:
-    """Profile one call of ``step`` (after a warm-up call): (ms per category, ms per "other" op)."""
-    step()
+    """Profile one call of ``step`` after ``WARMUP_STEPS`` untimed ones: (ms per category, ms per
+    "other" op). The allocator takes a few steps to settle after the other models ran: a step
+    profiled after one warm-up had single block-op calls at 45-80 ms instead of 15 (no page
+    faults counted; the same calls were 15 ms from the third step on)."""
+    for _ in range(WARMUP_STEPS):
+        step()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
