@@ -180,6 +180,10 @@ def run_ops(api, C, hw, dtype, channels_last, rec, label):
                 rec.case = (label, tag + " bwd")
                 api.freq_batch_norm_bwd(dy, x, y, *layout, w, mean, invstd, training, relu,
                                         res is not None)
+                if relu and res is None:  # the ReLU mask recomputed from x
+                    rec.case = (label, tag + " bwd mask-from-x")
+                    api.freq_batch_norm_bwd(dy, x, y, *layout, w, mean, invstd, training, relu,
+                                            False, b)
         rec.case = (label, f"freq_batch_norm {mode} no-running-stats fwd")
         api.freq_batch_norm_fwd(x, *layout, w, b, None, None, training, mom, 1e-5, False, None)
         for a in (None, alter):

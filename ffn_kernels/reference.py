@@ -33,7 +33,8 @@ statistics of the segment's row in eval. ``new_running_*`` are updated copies of
 statistics (the public op writes them back in place); rows not in the layout are unchanged.
 Parameter gradients of rows not in the layout are zero; a row used by several segments gets the
 sum of their gradients (as autograd through the op semantics gives). ``y`` in
-``freq_batch_norm_bwd`` is only read when ``relu`` is set (its sign is the ReLU mask).
+``freq_batch_norm_bwd`` is only read when ``relu`` is set (its sign is the ReLU mask) and no
+``bias`` is given (with ``bias``, and no residual, the mask is recomputed from ``x``).
 """
 
 from __future__ import annotations
@@ -217,23 +218,28 @@ def freq_batch_norm_fwd(x, clips, frames, rows, weight, bias, running_mean, runn
 
 
 def freq_batch_norm_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu,
-                        has_residual):
-    """BN backward from the saved statistics (the ``sum_dy`` / ``sum_dy_xmu`` formula)."""
+                        has_residual, bias=None):
+    """BN backward from the saved statistics (the ``sum_dy`` / ``sum_dy_xmu`` formula). The ReLU
+    mask is ``y > 0``, or with ``bias`` (no residual) that of the forward's ``y`` recomputed from
+    ``x``."""
     layout = FrameLayout(clips, tuple(frames), tuple(rows))
     acc = _acc(x)
     dx = torch.empty_like(x)
     dres = torch.empty_like(x) if has_residual else unused_activation(x)
     dweight = torch.zeros(weight.shape, dtype=acc, device=x.device)
     dbias = torch.zeros(weight.shape, dtype=acc, device=x.device)
-    ys = layout.split(y) if relu else [None] * layout.num_segments
+    ys = layout.split(y) if relu and bias is None else [None] * layout.num_segments
     for seg, dys, xs, yseg in zip(layout.segments(), layout.split(dy), layout.split(x), ys):
         g = dys.to(acc)
+        mu, istd = mean[seg.index].view(1, -1, 1, 1), invstd[seg.index].view(1, -1, 1, 1)
+        xhat = (xs.to(acc) - mu) * istd
+        if relu and bias is not None:
+            w, b = (t[seg.row].to(acc).view(1, -1, 1, 1) for t in (weight, bias))
+            yseg = (xhat * w + b).to(x.dtype)
         if relu:
             g = g * (yseg > 0)
         if has_residual:
             dres[seg.start : seg.stop] = g
-        mu, istd = mean[seg.index].view(1, -1, 1, 1), invstd[seg.index].view(1, -1, 1, 1)
-        xhat = (xs.to(acc) - mu) * istd
         sum_g, sum_gx = g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))
         scale = (weight[seg.row].to(acc)).view(1, -1, 1, 1) * istd
         if training:

@@ -98,6 +98,14 @@ def test_freq_batch_norm_raw(backend, shape, dtype, memory_format, stats, epilog
                         mean, invstd, training, relu, residual)
     check_outputs(got, want, dtype, backend, param_outputs=(1, 2),
                   what="freq_batch_norm_bwd")
+    if relu and not residual:  # the ReLU mask recomputed from x with bias: y (here -1s) is not read
+        not_y = torch.full_like(y, -1.0)
+        got, want_bias = run_raw(backend, "freq_batch_norm_bwd", dy, x, not_y, *flat(layout),
+                                 p["weight"], mean, invstd, training, relu, residual, p["bias"])
+        check_outputs(got, want, dtype, backend, param_outputs=(1, 2),
+                      what="freq_batch_norm_bwd with bias")
+        check_outputs(want_bias, want, dtype, "cpu", param_outputs=(1, 2),
+                      what="reference freq_batch_norm_bwd with bias")
 
 
 @cases(RAW_BACKENDS)
@@ -208,12 +216,26 @@ def opcheck_cases(device):
                         None)),
         "backward": (torch.ops.ffn_kernels.freq_batch_norm_backward.default,
                      (x, x, x, *layout, p["weight"], mean, invstd, True, True, True)),
+        "backward-mask-from-x": (torch.ops.ffn_kernels.freq_batch_norm_backward.default,
+                                 (x, x, x, *layout, p["weight"], mean, invstd, True, True, False,
+                                  p["bias"])),
     }
 
 
-@cases(OPCHECK_BACKENDS, case={k: k for k in ("train-relu-residual", "eval-plain", "backward")})
+@cases(OPCHECK_BACKENDS, case={k: k for k in ("train-relu-residual", "eval-plain", "backward",
+                                              "backward-mask-from-x")})
 def test_freq_batch_norm_opcheck(backend, case):
     torch.library.opcheck(*opcheck_cases(DEVICE[backend])[case])
+
+
+def test_freq_batch_norm_backward_refuses_bias_with_a_residual():
+    """bias recomputes the ReLU mask from x, which a residual also feeds: that call is an error."""
+    x = torch.randn(TINY.total_frames, 8, 3, 2)
+    p = make_params(3, 8)
+    stats = torch.zeros(3, 8), torch.ones(3, 8)
+    with pytest.raises(ValueError, match="bias .* without a residual"):
+        torch.ops.ffn_kernels.freq_batch_norm_backward(
+            x, x, x, *flat(TINY), p["weight"], *stats, True, True, True, p["bias"])
 
 
 @cases(FLOAT64_BACKENDS)

@@ -70,6 +70,28 @@ inline void check_norm_params(const Tensor& x, const Tensor& weight, const Tenso
   if (running_var.has_value()) check_param(*running_var, x, "running_var");
 }
 
+// Per (segment, channel) the forward's y = x * scale + shift (before the residual and ReLU).
+template <typename acc_t>
+struct BnAffines {
+  std::vector<acc_t> scale, shift;
+};
+
+template <typename acc_t>
+BnAffines<acc_t> bn_affines(const FrameLayout& L, int64_t C, const Tensor& mean_,
+                            const Tensor& invstd_, const Tensor& weight, const Tensor& bias) {
+  BnAffines<acc_t> r{std::vector<acc_t>(L.S * C), std::vector<acc_t>(L.S * C)};
+  const acc_t *w = weight.data_ptr<acc_t>(), *b = bias.data_ptr<acc_t>();
+  const acc_t *mean = mean_.data_ptr<acc_t>(), *invstd = invstd_.data_ptr<acc_t>();
+  for (int64_t s = 0; s < L.S; ++s)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t sc = s * C + c, rc = L.rows[s] * C + c;
+      const ffn::BnAffine<acc_t> a = ffn::bn_affine(mean[sc], invstd[sc], w[rc], b[rc]);
+      r.scale[sc] = a.scale;
+      r.shift[sc] = a.shift;
+    }
+  return r;
+}
+
 // Forward of the BN part: y = act(x * scale + shift + residual) on every run; `then` (may be a
 // no-op) post-processes each run after y is written (bn_add_relu_shift_alter: the shifted copy,
 // from cache).
@@ -78,16 +100,8 @@ void bn_apply(const Tensor& x, const Tensor& y, const scalar_t* residual, bool r
               const FrameLayout& L, const Tensor& weight, const Tensor& bias, const BnStats& st,
               Then&& then) {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> scale(L.S * g.C), shift(L.S * g.C);
-  const acc_t *w = weight.data_ptr<acc_t>(), *b = bias.data_ptr<acc_t>();
-  const acc_t *mean = st.mean.data_ptr<acc_t>(), *invstd = st.invstd.data_ptr<acc_t>();
-  for (int64_t s = 0; s < L.S; ++s)
-    for (int64_t c = 0; c < g.C; ++c) {
-      const int64_t sc = s * g.C + c, rc = L.rows[s] * g.C + c;
-      const ffn::BnAffine<acc_t> a = ffn::bn_affine(mean[sc], invstd[sc], w[rc], b[rc]);
-      scale[sc] = a.scale;
-      shift[sc] = a.shift;
-    }
+  const BnAffines<acc_t> affine = bn_affines<acc_t>(L, g.C, st.mean, st.invstd, weight, bias);
+  const std::vector<acc_t>&scale = affine.scale, &shift = affine.shift;
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   dispatch_bool(relu, [&](auto relu_c) {

@@ -30,11 +30,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> freq_batch_norm_fwd(
 std::tuple<Tensor, Tensor, Tensor, Tensor> freq_batch_norm_bwd(
     const Tensor& dy, const Tensor& x, const Tensor& y, int64_t clips, at::IntArrayRef frames,
     at::IntArrayRef rows, const Tensor& weight, const Tensor& mean, const Tensor& invstd,
-    bool training, bool relu, bool has_residual) {
+    bool training, bool relu, bool has_residual, const OptTensor& bias) {
   const Geom g = make_geom(x, 0);
   check_activation(dy, x, g, "dy");
-  if (relu) check_activation(y, x, g, "y");
+  const bool mask_from_x = relu && bias.has_value();
+  if (relu && !mask_from_x) check_activation(y, x, g, "y");
   check_param(weight, x, "weight");
+  if (mask_from_x) check_param(*bias, x, "bias");
   const FrameLayout L = make_frame_layout(g.F, clips, frames, rows, weight.size(0));
   check_stat(mean, x, L.S, "mean");
   check_stat(invstd, x, L.S, "invstd");
@@ -45,21 +47,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> freq_batch_norm_bwd(
       at::kHalf, at::kBFloat16, x.scalar_type(), "freq_batch_norm_bwd", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const scalar_t* dyp = dy.data_ptr<scalar_t>();
-        const scalar_t* yp = relu ? y.data_ptr<scalar_t>() : nullptr;
+        const scalar_t* xp = x.data_ptr<scalar_t>();
+        const scalar_t* yp = relu && !mask_from_x ? y.data_ptr<scalar_t>() : nullptr;
+        // the forward's x * scale + shift per segment, for the mask recomputed from x
+        const BnAffines<acc_t> affine =
+            mask_from_x ? bn_affines<acc_t>(L, g.C, mean, invstd, weight, *bias) : BnAffines<acc_t>{};
         dispatch_bool(relu, [&](auto relu_c) {
-          auto grad = [&](auto, const FrameInfo&, int64_t off, int64_t) {
-            const scalar_t* __restrict__ d = dyp + off;
-            const scalar_t* __restrict__ yo = relu_c ? yp + off : nullptr;
-            return [d, yo](int64_t i) {
-              const acc_t v = static_cast<acc_t>(d[i]);
-              if constexpr (decltype(relu_c)::value)
+          dispatch_bool(mask_from_x, [&](auto from_x_c) {
+            auto grad = [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t c0) {
+              constexpr bool kChannelsLast = decltype(channels_last)::value;
+              const scalar_t* __restrict__ d = dyp + off;
+              const scalar_t* __restrict__ yo = yp == nullptr ? nullptr : yp + off;
+              const scalar_t* __restrict__ xo = xp + off;
+              const acc_t* __restrict__ k = affine.scale.data() + fi.s * g.C + c0;
+              const acc_t* __restrict__ h = affine.shift.data() + fi.s * g.C + c0;
+              return [d, yo, xo, k, h](int64_t i) {
+                const acc_t v = static_cast<acc_t>(d[i]);
+                if constexpr (!decltype(relu_c)::value) return v;
+                if constexpr (decltype(from_x_c)::value) {
+                  // y as the forward stored it (rounded to scalar_t; ReLU keeps the sign)
+                  const acc_t out = static_cast<acc_t>(static_cast<scalar_t>(
+                      static_cast<acc_t>(xo[i]) * k[ch<kChannelsLast>(i)] + h[ch<kChannelsLast>(i)]));
+                  return v * ffn::relu_mask(out);
+                }
                 return v * ffn::relu_mask(static_cast<acc_t>(yo[i]));
-              return v;
+              };
             };
-          };
-          bn_backward<0>(g, L, x, mean, invstd, weight, training, dx.data_ptr<scalar_t>(),
-                         has_residual ? dres.data_ptr<scalar_t>() : nullptr, dweight, dbias, grad,
-                         [](auto&&...) {});
+            bn_backward<0>(g, L, x, mean, invstd, weight, training, dx.data_ptr<scalar_t>(),
+                           has_residual ? dres.data_ptr<scalar_t>() : nullptr, dweight, dbias,
+                           grad, [](auto&&...) {});
+          });
         });
       });
   return {dx, dweight, dbias, dres};

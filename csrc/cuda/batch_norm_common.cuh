@@ -70,7 +70,8 @@ struct BnFwdOp {
 
 // Backward reduction per (segment, channel): sum g, sum g*(x - mean) and, with kShift, the WA
 // gradient sum out * dnext[reverse source] (= the reference's sum dnext * out[source]).
-// freq_batch_norm_bwd: g = dy * [y > 0] (y == nullptr: no ReLU). bn_add_relu_shift_alter_bwd: dy =
+// freq_batch_norm_bwd: g = dy * [y > 0] (y == nullptr: no ReLU, unless bias is set: the mask of the
+// forward's y recomputed from x, which is then not read). bn_add_relu_shift_alter_bwd: dy =
 // dout, x = z, y = out. kWriteDx (eval: running statistics, so dx = g * weight * invstd needs no
 // reduction): the same pass also writes dx, so the activations are read once. When dres != nullptr
 // the pass writes dres = g (in training for BnBwdOp to read back instead of recomputing g).
@@ -80,6 +81,7 @@ struct BnBwdVisitor {
   using Acc = SumAcc<acc_t, kShift ? 3 : 2>;
   struct Local {
     acc_t mean, factor, scale;
+    ffn::BnAffine<acc_t> fwd;  // the forward's x * scale + shift (bias set)
     int64_t delta;
     bool valid;
   };
@@ -87,7 +89,8 @@ struct BnBwdVisitor {
   const acc_t *mean, *alter;
   scalar_t *dx;                  // kWriteDx only
   scalar_t *dres;                // may be nullptr
-  const acc_t *invstd, *weight;  // [S, C], [P, C]; kWriteDx only
+  const acc_t *invstd, *weight;  // [S, C], [P, C]
+  const acc_t* bias;             // [P, C]: the ReLU mask from x (!kShift); may be nullptr
 
   static __device__ __forceinline__ Acc identity() {
     Acc a;
@@ -97,8 +100,11 @@ struct BnBwdVisitor {
   }
   __device__ __forceinline__ Local local(const Geom& g, const FramePos& fp, int c) const {
     const int64_t sc = static_cast<int64_t>(fp.s) * g.C + c;
-    Local l{mean[sc], acc_t(1), acc_t(0), 0, false};
-    if constexpr (kWriteDx) l.scale = weight[static_cast<int64_t>(fp.row) * g.C + c] * invstd[sc];
+    const int64_t rc = static_cast<int64_t>(fp.row) * g.C + c;
+    Local l{mean[sc], acc_t(1), acc_t(0), {acc_t(0), acc_t(0)}, 0, false};
+    if constexpr (kWriteDx) l.scale = weight[rc] * invstd[sc];
+    if constexpr (!kShift)
+      if (bias != nullptr) l.fwd = ffn::bn_affine(l.mean, invstd[sc], weight[rc], bias[rc]);
     if constexpr (kShift) {
       const int d = src_delta(g, fp, c, /*reverse=*/true);
       l.factor = alter_factor<scalar_t>(alter, fp.row, g.C, c);
@@ -116,7 +122,12 @@ struct BnBwdVisitor {
       a.v[2] += o * ds;
     } else {
       gv = static_cast<acc_t>(dy[off]);
-      if (y != nullptr) gv *= ffn::relu_mask(static_cast<acc_t>(y[off]));
+      if (y != nullptr) {
+        gv *= ffn::relu_mask(static_cast<acc_t>(y[off]));
+      } else if (bias != nullptr) {  // y as the forward stored it (rounded; ReLU keeps the sign)
+        const acc_t v = static_cast<acc_t>(x[off]) * l.fwd.scale + l.fwd.shift;
+        gv *= ffn::relu_mask(static_cast<acc_t>(static_cast<scalar_t>(v)));
+      }
     }
     a.v[0] += gv;
     a.v[1] += gv * (static_cast<acc_t>(x[off]) - l.mean);
@@ -138,6 +149,7 @@ struct BnBwdOp {
   const scalar_t* dres;  // g, stored by the reduction; may be nullptr
   const acc_t *mean, *invstd, *weight, *alter;
   const acc_t* sums;  // [fields, S, C]: sum g, sum g*(x - mean)
+  const acc_t* bias;  // [P, C]: the ReLU mask from x (!kShift); may be nullptr
 
   template <int V>
   __device__ __forceinline__ void apply(const FrameLayout& seg, const Geom& g, const FramePos& fp,
@@ -161,6 +173,16 @@ struct BnBwdOp {
         } else {
 #pragma unroll
           for (int k = 0; k < V; ++k) gv[k] *= ffn::relu_mask(yv[k]);
+        }
+      } else if constexpr (!kShift) {
+        if (bias != nullptr) {
+#pragma unroll
+          for (int k = 0; k < V; ++k) {
+            const int64_t sc = static_cast<int64_t>(fp.s) * g.C + c[k];
+            const int64_t rc = static_cast<int64_t>(fp.row) * g.C + c[k];
+            const ffn::BnAffine<acc_t> a = ffn::bn_affine(mean[sc], invstd[sc], weight[rc], bias[rc]);
+            gv[k] *= ffn::relu_mask(static_cast<acc_t>(static_cast<scalar_t>(xv[k] * a.scale + a.shift)));
+          }
         }
       }
     }
@@ -238,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
     const at::Tensor& dy_, const at::Tensor& dnext_, const at::Tensor& x_, const at::Tensor& y_,
     int64_t clips, at::IntArrayRef frames, at::IntArrayRef rows, const at::Tensor& weight,
     const at::Tensor& mean_, const at::Tensor& invstd_, bool training, bool relu, bool has_residual,
-    const OptTensor& alter, int64_t fold_div) {
+    const OptTensor& alter, int64_t fold_div, const OptTensor& bias = c10::nullopt) {
   const c10::cuda::OptionalCUDAGuard guard(x_.device());
   const at::MemoryFormat fmt = format_of(x_);
   const at::Tensor x = x_.contiguous(fmt);
@@ -247,7 +269,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
   const Geom g = make_geom(x, kShift ? fold_div : 0);
   const at::Tensor dy = in_format(dy_, fmt, x, kShift ? "dout" : "dy");
   const at::Tensor dnext = kShift ? in_format(dnext_, fmt, x, "dnext") : at::Tensor();
-  const at::Tensor y = relu ? in_format(y_, fmt, x, kShift ? "out" : "y") : at::Tensor();
+  const at::Tensor b = relu && bias ? param(*bias, x, seg, "bias") : at::Tensor();
+  const at::Tensor y =
+      relu && !b.defined() ? in_format(y_, fmt, x, kShift ? "out" : "y") : at::Tensor();
   const at::Tensor w = param(weight, x, seg, "weight");
   const at::Tensor a = param(alter, x, seg, "alter_next");
   const at::Tensor mean = seg_stat(mean_, x, seg, "mean");
@@ -280,8 +304,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
                                                    nullptr,
                                                    has_residual ? dres.data_ptr<scalar_t>()
                                                                 : nullptr,
-                                                   nullptr,
-                                                   nullptr};
+                                                   invstd.data_ptr<acc_t>(),
+                                                   w.data_ptr<acc_t>(),
+                                                   ptr_or_null<acc_t>(b)};
           launch_reduce(vis, seg, g, plan, partials.data_ptr<acc_t>());
         } else {  // one pass: sums and dx / dres together
           const BnBwdVisitor<scalar_t, kShift, true> vis{
@@ -289,7 +314,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
               x.data_ptr<scalar_t>(),   y_p,
               mean.data_ptr<acc_t>(),   ptr_or_null<acc_t>(a),
               dx.data_ptr<scalar_t>(),  has_residual ? dres.data_ptr<scalar_t>() : nullptr,
-              invstd.data_ptr<acc_t>(), w.data_ptr<acc_t>()};
+              invstd.data_ptr<acc_t>(), w.data_ptr<acc_t>(),
+              ptr_or_null<acc_t>(b)};
           launch_reduce(vis, seg, g, plan, partials.data_ptr<acc_t>());
         }
       });
@@ -306,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_backwa
         dx.data_ptr<scalar_t>(), has_residual ? dres.data_ptr<scalar_t>() : nullptr,
         mean.data_ptr<acc_t>(),  invstd.data_ptr<acc_t>(),
         w.data_ptr<acc_t>(),     ptr_or_null<acc_t>(a),
-        sums.data_ptr<acc_t>()};
+        sums.data_ptr<acc_t>(),  ptr_or_null<acc_t>(b)};
     launch_frame_map<scalar_t>(op, seg, g,
                                can_vectorize<scalar_t>(g, {&dy, &dnext, &x, &y, &dx, &dres}));
   });

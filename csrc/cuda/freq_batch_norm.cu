@@ -20,10 +20,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> freq_batc
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> freq_batch_norm_bwd(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y, int64_t clips,
     at::IntArrayRef frames, at::IntArrayRef rows, const at::Tensor& weight, const at::Tensor& mean,
-    const at::Tensor& invstd, bool training, bool relu, bool has_residual) {
+    const at::Tensor& invstd, bool training, bool relu, bool has_residual, const OptTensor& bias) {
   auto [dx, dres, dweight, dbias, dalter] =
       bn_backward<false>(dy, at::Tensor(), x, y, clips, frames, rows, weight, mean, invstd,
-                         training, relu, has_residual, c10::nullopt, 0);
+                         training, relu, has_residual, c10::nullopt, 0, bias);
   return {dx, dweight, dbias, dres};
 }
 

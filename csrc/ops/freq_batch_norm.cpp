@@ -37,21 +37,24 @@ struct Op : OpFunction<Op, freq_batch_norm::Fwd, freq_batch_norm::Bwd> {
     ctx->saved_data["training"] = training;
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["has_residual"] = residual.has_value();
-    // y is needed only for its ReLU mask
-    ctx->save_for_backward({x, relu ? y : Tensor(), weight, mean, invstd});
+    // the ReLU mask: without a residual, recomputed from x with bias (y, which the next op keeps
+    // anyway, is then not read again); with one, y
+    const bool mask_from_x = relu && !residual.has_value();
+    ctx->save_for_backward({x, relu && !mask_from_x ? y : Tensor(), weight, mean, invstd,
+                            mask_from_x ? bias : Tensor()});
     return {y, mean, invstd, new_rm, new_rv};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &y = saved[1], &weight = saved[2];
+    const Tensor &x = saved[0], &y = saved[1], &weight = saved[2], &bias = saved[5];
     const bool has_residual = ctx->saved_data["has_residual"].toBool();
     const Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(x);
     auto [dx, dw, db, dres] = handle<Op, false, true>().call(
         dy, x, y.defined() ? y : x, ctx->saved_data["clips"].toSymInt(),
         ctx->saved_data["frames"].toSymIntVector(), ctx->saved_data["rows"].toIntVector(), weight,
         saved[3], saved[4], ctx->saved_data["training"].toBool(), ctx->saved_data["relu"].toBool(),
-        has_residual);
+        has_residual, bias.defined() ? OptTensor(bias) : OptTensor());
     // one gradient per input of Fwd: only x, weight, bias and residual have one
     return {dx,       Tensor(), Tensor(), Tensor(), grad_as(dw, weight), grad_as(db, weight),
             Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),            Tensor(),
@@ -83,7 +86,11 @@ FwdOut forward(const Tensor& x, SymInt clips, SymIntArrayRef frames, IntArrayRef
 template <bool kMeta>
 BwdOut backward(const Tensor& dy, const Tensor& x, const Tensor& y, SymInt clips,
                 SymIntArrayRef frames, IntArrayRef rows, const Tensor& weight, const Tensor& mean,
-                const Tensor& invstd, bool training, bool relu, bool has_residual) {
+                const Tensor& invstd, bool training, bool relu, bool has_residual,
+                const OptTensor& bias) {
+  TORCH_CHECK_VALUE(!bias.has_value() || (relu && !has_residual),
+                    "freq_batch_norm backward: bias (the ReLU mask recomputed from x) is for "
+                    "relu=True without a residual");
   if constexpr (kMeta) {
     return {activation_like(x), acc_like(x, weight), acc_like(x, weight),
             has_residual ? activation_like(x) : unused_activation(x)};
@@ -91,7 +98,7 @@ BwdOut backward(const Tensor& dy, const Tensor& x, const Tensor& y, SymInt clips
     const auto fmt = format_of(x);
     return handle<Op, true, true>().call(like(dy, fmt), like(x, fmt), like(y, fmt), clips, frames,
                                          rows, param(weight, x), mean, invstd, training, relu,
-                                         has_residual);
+                                         has_residual, param(bias, x));
   }
 }
 
@@ -103,7 +110,8 @@ TORCH_LIBRARY_FRAGMENT(ffn_kernels, m) {
             "Tensor? running_mean, Tensor? running_var, bool training, float[] momentum, float "
             "eps, bool relu, Tensor? residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
             "(Tensor dy, Tensor x, Tensor y, SymInt clips, SymInt[] frames, int[] rows, Tensor "
-            "weight, Tensor mean, Tensor invstd, bool training, bool relu, bool has_residual) -> "
+            "weight, Tensor mean, Tensor invstd, bool training, bool relu, bool has_residual, "
+            "Tensor? bias=None) -> "
             "(Tensor, Tensor, Tensor, Tensor)");
 }
 

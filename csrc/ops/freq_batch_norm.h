@@ -14,12 +14,15 @@ using Fwd = FwdOut(const Tensor& x, SymInt clips, SymIntArrayRef frames, IntArra
                    const Tensor& weight, const Tensor& bias, const OptTensor& running_mean,
                    const OptTensor& running_var, bool training, Floats momentum, double eps,
                    bool relu, const OptTensor& residual);
-// (dx, dweight[P, C], dbias[P, C], dresidual)
+// (dx, dweight[P, C], dbias[P, C], dresidual). The ReLU mask is y > 0, or, given bias (no
+// residual), recomputed from x as the forward computed y (x * scale + shift > 0, scale and shift
+// from mean, invstd, weight and bias), so y is not read: 2 of the training backward's 7
+// activation transfers (docs/design.md §3.2).
 using BwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using Bwd = BwdOut(const Tensor& dy, const Tensor& x, const Tensor& y, SymInt clips,
                    SymIntArrayRef frames, IntArrayRef rows, const Tensor& weight,
                    const Tensor& mean, const Tensor& invstd, bool training, bool relu,
-                   bool has_residual);
+                   bool has_residual, const OptTensor& bias);
 
 }  // namespace freq_batch_norm
 }  // namespace ffn_kernels

@@ -161,10 +161,12 @@ def forward(plan, x, *, res=None, y=None, nxt=None, mean=None, invstd=None, weig
 
 
 def backward(plan, dx, param_grads, *, dy=None, dnext=None, x=None, y=None, dres=None,
-             weight=None, mean=None, invstd=None, training=False, relu=False, alter=None):
+             weight=None, bias=None, mean=None, invstd=None, training=False, relu=False,
+             alter=None):
     """Fill ``dx``, ``dres`` and ``param_grads`` (float32 ``[P, C]`` zeros: dweight and dbias
     when BN (``mean`` given), then dalter). Training BN needs the segment sums before ``dx``,
-    so it reduces in one pass and stores in a second; otherwise one pass does both."""
+    so it reduces in one pass and stores in a second; otherwise one pass does both. With
+    ``bias`` the ReLU mask is recomputed from ``x`` instead of read from ``y``."""
     norm = mean is not None
     alter_grad = len(param_grads) > (2 if norm else 0)
     two_pass = norm and training
@@ -174,11 +176,12 @@ def backward(plan, dx, param_grads, *, dy=None, dnext=None, x=None, y=None, dres
 
     tensors = (pick(plan.like(dy)), pick(plan.like(dnext)), pick(x), pick(plan.like(y)), dx,
                pick(dres))
-    params = (pick(mean), pick(invstd), pick(weight), pick(alter), *plan.args)
+    params = (pick(mean), pick(invstd), pick(weight), pick(bias), pick(alter), *plan.args)
     flags = dict(
         HAS_DY=dy is not None, SHIFT=dnext is not None, HAS_ALTER=alter is not None,
         ALTER_GRAD=alter_grad, RELU=relu, NORM=norm, TRAINING=training, HAS_RES=dres is not None,
-        G_STORED=two_pass and dres is not None, **plan.kw,
+        G_STORED=two_pass and dres is not None, MASK_FROM_X=relu and bias is not None,
+        **plan.kw,
     )
     sums = dx
     if param_grads:

@@ -23,11 +23,11 @@ def freq_batch_norm_fwd(x, clips, frames, rows, weight, bias, running_mean, runn
 
 @on_device
 def freq_batch_norm_bwd(dy, x, y, clips, frames, rows, weight, mean, invstd, training, relu,
-                        has_residual):
+                        has_residual, bias=None):
     plan = Plan(x, clips, frames, rows)
     dx = torch.empty_like(x)
     dres = torch.empty_like(x) if has_residual else None
     grads = [zeros(weight), zeros(weight)]
-    backward(plan, dx, grads, dy=dy, x=x, y=y if relu else None, dres=dres, weight=weight,
-             mean=mean, invstd=invstd, training=training, relu=relu)
+    backward(plan, dx, grads, dy=dy, x=x, y=y if relu and bias is None else None, dres=dres,
+             weight=weight, bias=bias, mean=mean, invstd=invstd, training=training, relu=relu)
     return dx, grads[0], grads[1], unused_activation(x) if dres is None else dres

@@ -35,7 +35,7 @@ op                       ``_fwd_kernel``                         ``_bwd_kernel``
 =======================  ======================================  ===================================
 shift_alter              SHIFT, HAS_ALTER?                       SHIFT, HAS_ALTER?, ALTER_GRAD?
 freq_batch_norm          NORM, STORE_Y, HAS_RES?, RELU?          HAS_DY, NORM, TRAINING?, HAS_RES?,
-                                                                 RELU?, G_STORED?
+                                                                 RELU?, G_STORED?, MASK_FROM_X?
 bn_add_relu_shift_alter  NORM, STORE_Y, HAS_RES, RELU, SHIFT,    HAS_DY, SHIFT, NORM, HAS_RES, RELU,
                          HAS_ALTER?                              TRAINING?, HAS_ALTER?, ALTER_GRAD?,
                                                                  G_STORED?
@@ -275,11 +275,12 @@ def _bwd_kernel(dy_ptr, dnext_ptr,  # [F, C, H, W] gradients of y (HAS_DY) and o
                 part_ptr,  # [K, NCH, C] float32 out: per-chunk partial sums (REDUCE)
                 sums_ptr,  # [2, S, C] float32 segment sums read by a training STORE pass
                 mean_ptr, invstd_ptr,  # [S, C] float32
-                w_ptr, alter_ptr,  # [P, C] float32
+                w_ptr, b_ptr, alter_ptr,  # [P, C] float32 (b_ptr: MASK_FROM_X)
                 layout_ptr, NCH, S, C, HW, fold, nb0,
                 HAS_DY: tl.constexpr, SHIFT: tl.constexpr, HAS_ALTER: tl.constexpr,
                 ALTER_GRAD: tl.constexpr, RELU: tl.constexpr, NORM: tl.constexpr,
                 TRAINING: tl.constexpr, HAS_RES: tl.constexpr, G_STORED: tl.constexpr,
+                MASK_FROM_X: tl.constexpr,
                 REDUCE: tl.constexpr, STORE: tl.constexpr, REGIONS: tl.constexpr,
                 ALIGN: tl.constexpr, HW_ALIGN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -291,7 +292,9 @@ def _bwd_kernel(dy_ptr, dnext_ptr,  # [F, C, H, W] gradients of y (HAS_DY) and o
     ``STORE`` writes ``dx`` (the BN input gradient, or ``g`` without ``NORM``) and ``dres = g``;
     in training it needs the segment sums ``sums[2, S, C]`` from a previous ``REDUCE`` pass.
     ``G_STORED`` (training BN with a residual): the ``REDUCE`` pass writes ``dres = g`` and the
-    ``STORE`` pass reads g back from it, one tensor instead of the up to three g is made of."""
+    ``STORE`` pass reads g back from it, one tensor instead of the up to three g is made of.
+    ``MASK_FROM_X`` (ReLU without a residual): the mask is that of the forward's y recomputed from
+    x (``x * scale + shift``, rounded as y was stored), so y is not read."""
     k, seg, f0, nf = _chunk(layout_ptr, NCH, S)
     start, stop, T, row = _segment(layout_ptr, NCH, S, seg)
     c, cmask, step = _channels(C, fold, nb0, REGIONS, ALIGN, BLOCK_C)
@@ -302,6 +305,8 @@ def _bwd_kernel(dy_ptr, dnext_ptr,  # [F, C, H, W] gradients of y (HAS_DY) and o
         mu = tl.load(mean_ptr + seg * C + c, mask=cmask, other=0.0)
         istd = tl.load(invstd_ptr + seg * C + c, mask=cmask, other=0.0)
         scale = tl.load(w_ptr + prow, mask=cmask, other=0.0) * istd
+        if MASK_FROM_X:  # the forward's shift, as _fwd_kernel computes it
+            shift = tl.load(b_ptr + prow, mask=cmask, other=0.0) - scale * mu
         if STORE and TRAINING:
             n = ((stop - start).to(tl.int64) * HW).to(tl.float32)  # > 2**31 values per channel
             mean_gx = tl.load(sums_ptr + seg * C + c, mask=cmask, other=0.0) / n
@@ -324,7 +329,11 @@ def _bwd_kernel(dy_ptr, dnext_ptr,  # [F, C, H, W] gradients of y (HAS_DY) and o
                     g = tl.load(dy_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
                 else:
                     g = tl.zeros([BLOCK_C, BLOCK_P], tl.float32)
-                if RELU or (ALTER_GRAD and REDUCE):
+                if MASK_FROM_X:
+                    xv = tl.load(x_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
+                    yv = (xv * scale[:, None] + shift[:, None]).to(dx_ptr.dtype.element_ty)
+                    yv = yv.to(tl.float32)
+                elif RELU or (ALTER_GRAD and REDUCE):
                     yv = tl.load(y_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
                 if SHIFT:
                     dn = tl.load(dnext_f + idx, mask=m & valid, other=0.0)
@@ -340,7 +349,8 @@ def _bwd_kernel(dy_ptr, dnext_ptr,  # [F, C, H, W] gradients of y (HAS_DY) and o
                     tl.store(dres_ptr + fb + idx, g.to(dres_ptr.dtype.element_ty), mask=m)
             if NORM:
                 if REDUCE or TRAINING:
-                    xv = tl.load(x_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
+                    if not MASK_FROM_X:  # (with it, read above: MASK_FROM_X has no G_STORED)
+                        xv = tl.load(x_ptr + fb + idx, mask=m, other=0.0).to(tl.float32)
                     xhat = (xv - mu[:, None]) * istd[:, None]
                 if REDUCE:
                     acc_gx += g * xhat
