@@ -131,6 +131,7 @@ def main(argv=None) -> None:
         "backend": ffn_kernels.backend_name(device), "dtype": args.dtype,
         "channels_last": args.channels_last, "clips": args.clips, "repeats": args.repeats,
         "allocator": allocator.active(),
+        "cpu_kernels": ffn_kernels.backend.cpu_isa() if device.type == "cpu" else None,
     })
     report.print_header()
     if args.overhead:

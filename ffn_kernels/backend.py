@@ -16,6 +16,9 @@ import) or :func:`set_backend`:
 * ``cpu`` / ``cuda``: the compiled extension (an error if it is missing).
 * ``triton``: the Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 * ``reference``: the pure-PyTorch reference everywhere.
+
+The compiled CPU kernels come in two builds, baseline and AVX2 + FMA; the extension registers the
+AVX2 one where the CPU has it, unless ``FFN_KERNELS_CPU_ISA=baseline`` (:func:`cpu_isa` says which).
 """
 
 from __future__ import annotations
@@ -34,6 +37,19 @@ RAW_OPS = (
     "temporal_conv_bwd", "freq_layer_norm_fwd", "freq_layer_norm_bwd",
 )
 
+CPU_ISA_ENV = "FFN_KERNELS_CPU_ISA"
+CPU_ISA_CHOICES = ("auto", "baseline")
+
+
+def _check_cpu_isa_env() -> None:
+    """``FFN_KERNELS_CPU_ISA`` (read by the extension when it loads, csrc/cpu/isa.cpp): ``auto``
+    (the AVX2 build of the CPU kernels where the CPU has AVX2 and FMA) or ``baseline``."""
+    value = os.environ.get(CPU_ISA_ENV, "auto")
+    if value not in CPU_ISA_CHOICES + ("",):
+        raise ValueError(f"{CPU_ISA_ENV}={value!r}: expected one of {', '.join(CPU_ISA_CHOICES)}")
+
+
+_check_cpu_isa_env()
 _extension_error: str | None = None
 try:
     importlib.import_module("ffn_kernels._C")  # registers torch.ops.ffn_kernels.*
@@ -61,6 +77,12 @@ _compiled_for = _compiled_keys()
 def compiled_kernels(dispatch_key: str) -> bool:
     """Whether the compiled extension carries kernels for ``dispatch_key`` (``CPU``, ``CUDA``)."""
     return dispatch_key in _compiled_for
+
+
+def cpu_isa() -> str | None:
+    """The instruction set of the CPU kernels registered in this process (``avx2`` or
+    ``baseline``), or None without the extension."""
+    return torch.ops.ffn_kernels.cpu_isa() if extension_loaded() else None
 
 
 def extension_has_cuda() -> bool:

@@ -102,10 +102,12 @@ def report() -> list[tuple[str, str]]:
         ("extension ffn_kernels._C", "loaded" if backend.extension_loaded()
          else f"not loaded ({backend._extension_error})"),
         ("extension built with", _build_info()),
-        ("CPU kernels", _kernels_line("CPU")),
+        ("CPU kernels", _kernels_line("CPU") + (f", {backend.cpu_isa()} build"
+                                                 if backend.extension_loaded() else "")),
         ("CUDA kernels", _kernels_line("CUDA")),
         ("backends usable here", _usable()),
         ("FFN_KERNELS_BACKEND", os.environ.get("FFN_KERNELS_BACKEND", "auto")),
+        (backend.CPU_ISA_ENV, os.environ.get(backend.CPU_ISA_ENV, "auto")),
         ("backend for cpu tensors", _choice("cpu")),
         ("backend for cuda tensors", _choice("cuda")),
     ]

@@ -7,6 +7,7 @@
 
 namespace ffn_kernels {
 namespace cpu {
+inline namespace FFN_CPU_ISA {
 
 using OptTensor = c10::optional<Tensor>;
 
@@ -258,5 +259,6 @@ inline void check_stat(const Tensor& t, const Tensor& x, int64_t S, const char* 
               " tensor, got ", t.sizes(), " ", t.scalar_type());
 }
 
+}  // namespace FFN_CPU_ISA
 }  // namespace cpu
 }  // namespace ffn_kernels

@@ -5,6 +5,7 @@
 
 namespace ffn_kernels {
 namespace cpu {
+inline namespace FFN_CPU_ISA {
 namespace {
 
 // out = relu(BN(z) + identity) and next_in = shift_alter(out), in one pass: each run of out is
@@ -129,8 +130,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_shift_alter_bwd(
 
 }  // namespace
 
-FFN_REGISTER_KERNELS(bn_add_relu_shift_alter, CPU, bn_add_relu_shift_alter_fwd,
-                     bn_add_relu_shift_alter_bwd)
+FFN_CPU_KERNELS(bn_add_relu_shift_alter, bn_add_relu_shift_alter_fwd,
+                bn_add_relu_shift_alter_bwd)
 
+}  // namespace FFN_CPU_ISA
 }  // namespace cpu
 }  // namespace ffn_kernels

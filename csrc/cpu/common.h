@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "conventions.h"
+#include "cpu/isa.h"
 #include "ffn_math.h"
 
 // Before an element loop over a run: its iterations are independent (outputs, and accumulator
@@ -42,6 +43,7 @@
 
 namespace ffn_kernels {
 namespace cpu {
+inline namespace FFN_CPU_ISA {
 
 using at::Tensor;
 
@@ -417,5 +419,6 @@ decltype(auto) dispatch_bool(bool b, Fn&& fn) {
   return b ? fn(std::true_type{}) : fn(std::false_type{});
 }
 
+}  // namespace FFN_CPU_ISA
 }  // namespace cpu
 }  // namespace ffn_kernels

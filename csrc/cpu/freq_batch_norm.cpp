@@ -5,6 +5,7 @@
 
 namespace ffn_kernels {
 namespace cpu {
+inline namespace FFN_CPU_ISA {
 namespace {
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> freq_batch_norm_fwd(
@@ -84,7 +85,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> freq_batch_norm_bwd(
 
 }  // namespace
 
-FFN_REGISTER_KERNELS(freq_batch_norm, CPU, freq_batch_norm_fwd, freq_batch_norm_bwd)
+FFN_CPU_KERNELS(freq_batch_norm, freq_batch_norm_fwd, freq_batch_norm_bwd)
 
+}  // namespace FFN_CPU_ISA
 }  // namespace cpu
 }  // namespace ffn_kernels

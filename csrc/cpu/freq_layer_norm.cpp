@@ -7,6 +7,7 @@
 
 namespace ffn_kernels {
 namespace cpu {
+inline namespace FFN_CPU_ISA {
 namespace {
 
 using namespace ::ffn_kernels::freq_layer_norm;
@@ -147,7 +148,8 @@ BwdOut freq_layer_norm_bwd(const Tensor& dy, const c10::optional<Tensor>& dsum, 
 
 }  // namespace
 
-FFN_REGISTER_KERNELS(freq_layer_norm, CPU, freq_layer_norm_fwd, freq_layer_norm_bwd)
+FFN_CPU_KERNELS(freq_layer_norm, freq_layer_norm_fwd, freq_layer_norm_bwd)
 
+}  // namespace FFN_CPU_ISA
 }  // namespace cpu
 }  // namespace ffn_kernels

@@ -4,6 +4,7 @@
 
 namespace ffn_kernels {
 namespace cpu {
+inline namespace FFN_CPU_ISA {
 namespace {
 
 Tensor shift_alter_fwd(const Tensor& x, int64_t clips, at::IntArrayRef frames,
@@ -99,7 +100,8 @@ std::tuple<Tensor, Tensor> shift_alter_bwd(const Tensor& dy, const Tensor& x, in
 
 }  // namespace
 
-FFN_REGISTER_KERNELS(shift_alter, CPU, shift_alter_fwd, shift_alter_bwd)
+FFN_CPU_KERNELS(shift_alter, shift_alter_fwd, shift_alter_bwd)
 
+}  // namespace FFN_CPU_ISA
 }  // namespace cpu
 }  // namespace ffn_kernels

@@ -6,6 +6,7 @@
 
 namespace ffn_kernels {
 namespace cpu {
+inline namespace FFN_CPU_ISA {
 namespace {
 
 void check_taps(const Tensor& weight, const Tensor& x) {
@@ -116,7 +117,8 @@ std::tuple<Tensor, Tensor> temporal_conv_bwd(const Tensor& dy, const Tensor& x, 
 
 }  // namespace
 
-FFN_REGISTER_KERNELS(temporal_conv, CPU, temporal_conv_fwd, temporal_conv_bwd)
+FFN_CPU_KERNELS(temporal_conv, temporal_conv_fwd, temporal_conv_bwd)
 
+}  // namespace FFN_CPU_ISA
 }  // namespace cpu
 }  // namespace ffn_kernels
