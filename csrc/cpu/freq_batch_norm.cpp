@@ -57,18 +57,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> freq_batch_norm_bwd(
           dispatch_bool(mask_from_x, [&](auto from_x_c) {
             auto grad = [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t c0) {
               constexpr bool kChannelsLast = decltype(channels_last)::value;
+              constexpr bool kFromX = decltype(from_x_c)::value;
+              const int64_t sc = fi.s * g.C + c0;
               const scalar_t* __restrict__ d = dyp + off;
               const scalar_t* __restrict__ yo = yp == nullptr ? nullptr : yp + off;
               const scalar_t* __restrict__ xo = xp + off;
-              const acc_t* __restrict__ k = affine.scale.data() + fi.s * g.C + c0;
-              const acc_t* __restrict__ h = affine.shift.data() + fi.s * g.C + c0;
+              const acc_t* __restrict__ k = kFromX ? affine.scale.data() + sc : nullptr;
+              const acc_t* __restrict__ h = kFromX ? affine.shift.data() + sc : nullptr;
               return [d, yo, xo, k, h](int64_t i) {
                 const acc_t v = static_cast<acc_t>(d[i]);
                 if constexpr (!decltype(relu_c)::value) return v;
-                if constexpr (decltype(from_x_c)::value) {
+                if constexpr (kFromX) {
                   // y as the forward stored it (rounded to scalar_t; ReLU keeps the sign)
-                  const acc_t out = static_cast<acc_t>(static_cast<scalar_t>(
-                      static_cast<acc_t>(xo[i]) * k[ch<kChannelsLast>(i)] + h[ch<kChannelsLast>(i)]));
+                  const int64_t j = ch<kChannelsLast>(i);
+                  const acc_t out = static_cast<acc_t>(
+                      static_cast<scalar_t>(static_cast<acc_t>(xo[i]) * k[j] + h[j]));
                   return v * ffn::relu_mask(out);
                 }
                 return v * ffn::relu_mask(static_cast<acc_t>(yo[i]));
