@@ -392,10 +392,10 @@ std::vector<ffn::Welford<double>> segment_stats(const Geom& g, const FrameLayout
       std::fill(mean.begin(), mean.end(), 0.0);
       std::fill(m2.begin(), m2.end(), 0.0);
       for (int64_t k = k0; k < k1; ++k) {
-        const double nk = static_cast<double>(chunk_count(g, k % nblk));
+        const int64_t nk = chunk_count(g, k % nblk);
         const acc_t* pm = part_mean.get() + k * C + c0;
-        n += chunk_count(g, k % nblk);
-        for (int64_t c = 0; c < c1 - c0; ++c) mean[c] += nk * pm[c];
+        n += nk;
+        for (int64_t c = 0; c < c1 - c0; ++c) mean[c] += static_cast<double>(nk) * pm[c];
       }
       const double inv_n = 1.0 / static_cast<double>(n);
       for (int64_t c = 0; c < c1 - c0; ++c) mean[c] *= inv_n;

@@ -51,8 +51,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> freq_batch_norm_bwd(
         const scalar_t* xp = x.data_ptr<scalar_t>();
         const scalar_t* yp = relu && !mask_from_x ? y.data_ptr<scalar_t>() : nullptr;
         // the forward's x * scale + shift per segment, for the mask recomputed from x
-        const BnAffines<acc_t> affine =
-            mask_from_x ? bn_affines<acc_t>(L, g.C, mean, invstd, weight, *bias) : BnAffines<acc_t>{};
+        const BnAffines<acc_t> affine = mask_from_x
+                                            ? bn_affines<acc_t>(L, g.C, mean, invstd, weight, *bias)
+                                            : BnAffines<acc_t>{};
         dispatch_bool(relu, [&](auto relu_c) {
           dispatch_bool(mask_from_x, [&](auto from_x_c) {
             auto grad = [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t c0) {

@@ -12,12 +12,6 @@
 #include "ops/shift_alter.h"
 #include "ops/temporal_conv.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FFN_CPU_HAS_AVX2_BUILD 1
-#else
-#define FFN_CPU_HAS_AVX2_BUILD 0
-#endif
-
 #define FFN_CPU_OPS(X)   \
   X(shift_alter)             \
   X(freq_batch_norm)         \

@@ -13,6 +13,13 @@
 #define FFN_CPU_ISA baseline
 #endif
 
+// Whether this build has the AVX2 copy (isa_avx2.cpp compiles to nothing elsewhere).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FFN_CPU_HAS_AVX2_BUILD 1
+#else
+#define FFN_CPU_HAS_AVX2_BUILD 0
+#endif
+
 namespace ffn_kernels {
 namespace cpu {
 

@@ -5,7 +5,10 @@
 // functions and templates keep one compiled form across the library (an AVX2 copy the linker
 // could pick for baseline callers would fault on a CPU without AVX2). Baseline functions still
 // inline into the AVX2 code, whose element loops are the ones GCC vectorizes 8 wide.
-#if defined(__x86_64__) && defined(__GNUC__)
+#define FFN_CPU_ISA avx2
+#include "cpu/isa.h"
+
+#if FFN_CPU_HAS_AVX2_BUILD
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -27,7 +30,6 @@
 #include "ops/shift_alter.h"
 #include "ops/temporal_conv.h"
 
-#define FFN_CPU_ISA avx2
 #pragma GCC target("avx2,fma")
 #include "cpu/bn_add_relu_shift_alter.cpp"
 #include "cpu/freq_batch_norm.cpp"

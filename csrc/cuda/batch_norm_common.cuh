@@ -180,8 +180,10 @@ struct BnBwdOp {
           for (int k = 0; k < V; ++k) {
             const int64_t sc = static_cast<int64_t>(fp.s) * g.C + c[k];
             const int64_t rc = static_cast<int64_t>(fp.row) * g.C + c[k];
-            const ffn::BnAffine<acc_t> a = ffn::bn_affine(mean[sc], invstd[sc], weight[rc], bias[rc]);
-            gv[k] *= ffn::relu_mask(static_cast<acc_t>(static_cast<scalar_t>(xv[k] * a.scale + a.shift)));
+            const ffn::BnAffine<acc_t> a =
+                ffn::bn_affine(mean[sc], invstd[sc], weight[rc], bias[rc]);
+            const acc_t v = xv[k] * a.scale + a.shift;
+            gv[k] *= ffn::relu_mask(static_cast<acc_t>(static_cast<scalar_t>(v)));
           }
         }
       }
