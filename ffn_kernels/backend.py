@@ -19,6 +19,8 @@ import) or :func:`set_backend`:
 
 The compiled CPU kernels come in two builds, baseline and AVX2 + FMA; the extension registers the
 AVX2 one where the CPU has it, unless ``FFN_KERNELS_CPU_ISA=baseline`` (:func:`cpu_isa` says which).
+They write outputs larger than the last-level cache keeps with streaming stores, unless
+``FFN_KERNELS_CPU_STREAM=never``.
 """
 
 from __future__ import annotations
@@ -39,17 +41,22 @@ RAW_OPS = (
 
 CPU_ISA_ENV = "FFN_KERNELS_CPU_ISA"
 CPU_ISA_CHOICES = ("auto", "baseline")
+CPU_STREAM_ENV = "FFN_KERNELS_CPU_STREAM"
+CPU_STREAM_CHOICES = ("auto", "never")
 
 
-def _check_cpu_isa_env() -> None:
-    """``FFN_KERNELS_CPU_ISA`` (read by the extension when it loads, csrc/cpu/isa.cpp): ``auto``
-    (the AVX2 build of the CPU kernels where the CPU has AVX2 and FMA) or ``baseline``."""
-    value = os.environ.get(CPU_ISA_ENV, "auto")
-    if value not in CPU_ISA_CHOICES + ("",):
-        raise ValueError(f"{CPU_ISA_ENV}={value!r}: expected one of {', '.join(CPU_ISA_CHOICES)}")
+def _check_cpu_env() -> None:
+    """The CPU kernels' variables, read by the extension when it loads (csrc/cpu/isa.cpp):
+    ``FFN_KERNELS_CPU_ISA``, ``auto`` (the AVX2 build where the CPU has AVX2 and FMA) or
+    ``baseline``; ``FFN_KERNELS_CPU_STREAM``, ``auto`` (outputs larger than the last-level cache
+    keeps are written with streaming stores, docs/design.md §4.4) or ``never``."""
+    for env, choices in ((CPU_ISA_ENV, CPU_ISA_CHOICES), (CPU_STREAM_ENV, CPU_STREAM_CHOICES)):
+        value = os.environ.get(env, "auto")
+        if value not in choices + ("",):
+            raise ValueError(f"{env}={value!r}: expected one of {', '.join(choices)}")
 
 
-_check_cpu_isa_env()
+_check_cpu_env()
 _extension_error: str | None = None
 try:
     importlib.import_module("ffn_kernels._C")  # registers torch.ops.ffn_kernels.*

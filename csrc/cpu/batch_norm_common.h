@@ -94,17 +94,17 @@ BnAffines<acc_t> bn_affines(const FrameLayout& L, int64_t C, const Tensor& mean_
 }
 
 // Forward of the BN part: y = act(x * scale + shift + residual) on every run; `then` (may be a
-// no-op) post-processes each run after y is written (bn_add_relu_shift_alter: the shifted copy,
-// from cache).
+// no-op) post-processes each run after it is computed, reading its values at `values` (L1:
+// bn_add_relu_shift_alter's shifted copy).
 template <typename scalar_t, typename Then>
-void bn_apply(const Tensor& x, const Tensor& y, const scalar_t* residual, bool relu, const Geom& g,
-              const FrameLayout& L, const Tensor& weight, const Tensor& bias, const BnStats& st,
-              Then&& then) {
+void bn_apply(const Tensor& x, const Tensor& y, Reader reader, const scalar_t* residual, bool relu,
+              const Geom& g, const FrameLayout& L, const Tensor& weight, const Tensor& bias,
+              const BnStats& st, Then&& then) {
   using acc_t = at::opmath_type<scalar_t>;
   const BnAffines<acc_t> affine = bn_affines<acc_t>(L, g.C, st.mean, st.invstd, weight, bias);
   const std::vector<acc_t>&scale = affine.scale, &shift = affine.shift;
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  scalar_t* yp = y.data_ptr<scalar_t>();
+  const RunOut<scalar_t> yw = run_out<scalar_t>(y, reader);
   dispatch_bool(relu, [&](auto relu_c) {
     dispatch_bool(residual != nullptr, [&](auto res_c) {
       map_runs(
@@ -112,18 +112,19 @@ void bn_apply(const Tensor& x, const Tensor& y, const scalar_t* residual, bool r
             constexpr bool kChannelsLast = decltype(channels_last)::value;
             const scalar_t* __restrict__ xo = xp + off;
             const scalar_t* __restrict__ ro = res_c ? residual + off : nullptr;
-            scalar_t* __restrict__ yo = yp + off;
             const acc_t* __restrict__ k = scale.data() + fi.s * g.C + c0;
             const acc_t* __restrict__ h = shift.data() + fi.s * g.C + c0;
-            FFN_IVDEP
-            for (int64_t i = 0; i < len; ++i) {
-              acc_t v =
-                  static_cast<acc_t>(xo[i]) * k[ch<kChannelsLast>(i)] + h[ch<kChannelsLast>(i)];
-              if constexpr (decltype(res_c)::value) v += static_cast<acc_t>(ro[i]);
-              if constexpr (decltype(relu_c)::value) v = v < acc_t(0) ? acc_t(0) : v;  // keeps NaN
-              yo[i] = static_cast<scalar_t>(v);
-            }
-            then(channels_last, fi, off, len, c0);
+            yw.run(off, len, [&](scalar_t* __restrict__ yo) {
+              FFN_IVDEP
+              for (int64_t i = 0; i < len; ++i) {
+                acc_t v =
+                    static_cast<acc_t>(xo[i]) * k[ch<kChannelsLast>(i)] + h[ch<kChannelsLast>(i)];
+                if constexpr (decltype(res_c)::value) v += static_cast<acc_t>(ro[i]);
+                if constexpr (decltype(relu_c)::value) v = v < acc_t(0) ? acc_t(0) : v;  // keeps NaN
+                yo[i] = static_cast<scalar_t>(v);
+              }
+              then(channels_last, fi, off, len, c0, static_cast<const scalar_t*>(yo));
+            });
           });
     });
   });
@@ -150,6 +151,8 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLay
   const acc_t* mp = mean.data_ptr<acc_t>();
   const acc_t* is = invstd.data_ptr<acc_t>();
   const acc_t* wp = weight.data_ptr<acc_t>();
+  const RunOut<scalar_t> dxw = run_out(dx, g.F * g.chw, Reader::kNextOp),
+                         resw = run_out(dres, g.F * g.chw, Reader::kLater);
   // In eval, dx = g * weight * invstd does not wait for the sums: it is written in the pass that
   // sums, so g and x are read once (the roofline section measured the two-pass form at 0.64 of
   // copy bandwidth, docs/design.md §6)
@@ -171,28 +174,38 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLay
         // keeps the loop scalar
         dispatch_bool(dres != nullptr, [&](auto res_c) {
           constexpr bool kRes = decltype(res_c)::value;
-          scalar_t* __restrict__ dro = kRes ? dres + off : nullptr;
+          // body(dro): the run's loop, dro where its dres goes (nullptr without dres)
+          const auto with_dres = [&](auto&& body) {
+            if constexpr (kRes) resw.run(off, len, body);
+            else body(nullptr);
+          };
           if (training) {
-            FFN_IVDEP
-            for (int64_t i = 0; i < len; ++i) {
-              const acc_t gv = gi(i);
-              acc[i] += gv;
-              acc[w + i] += gv * (static_cast<acc_t>(xo[i]) - mu[ch<kChannelsLast>(i)]);
-              if constexpr (kRes) dro[i] = static_cast<scalar_t>(gv);
-            }
+            with_dres([&](scalar_t* __restrict__ dro) {
+              FFN_IVDEP
+              for (int64_t i = 0; i < len; ++i) {
+                const acc_t gv = gi(i);
+                acc[i] += gv;
+                acc[w + i] += gv * (static_cast<acc_t>(xo[i]) - mu[ch<kChannelsLast>(i)]);
+                if constexpr (kRes) dro[i] = static_cast<scalar_t>(gv);
+              }
+            });
             return;
           }
           const acc_t* __restrict__ k = eval_scale.data() + fi.s * C + c0;
-          scalar_t* __restrict__ dxo = dx + off;
-          FFN_IVDEP
-          for (int64_t i = 0; i < len; ++i) {
-            const int64_t j = ch<kChannelsLast>(i);
-            const acc_t gv = gi(i), xmu = static_cast<acc_t>(xo[i]) - mu[j];
-            acc[i] += gv;
-            acc[w + i] += gv * xmu;
-            dxo[i] = static_cast<scalar_t>(ffn::bn_backward_dx(gv, xmu, {k[j], acc_t(0), acc_t(0)}));
-            if constexpr (kRes) dro[i] = static_cast<scalar_t>(gv);
-          }
+          dxw.run(off, len, [&](scalar_t* __restrict__ dxo) {
+            with_dres([&](scalar_t* __restrict__ dro) {
+              FFN_IVDEP
+              for (int64_t i = 0; i < len; ++i) {
+                const int64_t j = ch<kChannelsLast>(i);
+                const acc_t gv = gi(i), xmu = static_cast<acc_t>(xo[i]) - mu[j];
+                acc[i] += gv;
+                acc[w + i] += gv * xmu;
+                dxo[i] =
+                    static_cast<scalar_t>(ffn::bn_backward_dx(gv, xmu, {k[j], acc_t(0), acc_t(0)}));
+                if constexpr (kRes) dro[i] = static_cast<scalar_t>(gv);
+              }
+            });
+          });
         });
         if constexpr (NX == 1) {
           const auto ei = extra(channels_last, fi, off, c0);
@@ -229,7 +242,6 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLay
       const acc_t* __restrict__ mu = mp + sc;
       const acc_t *__restrict__ k = scale.data() + sc, *__restrict__ mg = mean_g.data() + sc,
                   *__restrict__ pj = proj.data() + sc;
-      scalar_t* __restrict__ dxo = dx + off;
       // g was stored as dres in pass 1 (it is dres): read once instead of recomputed from its inputs
       const auto gi = [&] {
         if constexpr (decltype(res_c)::value) {
@@ -239,14 +251,16 @@ std::vector<at::opmath_type<scalar_t>> bn_backward(const Geom& g, const FrameLay
           return grad(channels_last, fi, off, c0);
         }
       }();
-      FFN_IVDEP
-      for (int64_t i = 0; i < len; ++i) {
-        const int64_t j = ch<kChannelsLast>(i);
-        const acc_t gv = gi(i);
-        const ffn::BnBackwardCoef<acc_t> kc{k[j], mg[j], pj[j]};
-        dxo[i] = static_cast<scalar_t>(
-            ffn::bn_backward_dx(gv, static_cast<acc_t>(xo[i]) - mu[j], kc));
-      }
+      dxw.run(off, len, [&](scalar_t* __restrict__ dxo) {
+        FFN_IVDEP
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t j = ch<kChannelsLast>(i);
+          const acc_t gv = gi(i);
+          const ffn::BnBackwardCoef<acc_t> kc{k[j], mg[j], pj[j]};
+          dxo[i] = static_cast<scalar_t>(
+              ffn::bn_backward_dx(gv, static_cast<acc_t>(xo[i]) - mu[j], kc));
+        }
+      });
     });
   });
   return sums;

@@ -33,24 +33,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_shift_alt
         using acc_t = at::opmath_type<scalar_t>;
         st = bn_stats<scalar_t>(z, g, L, running_mean, running_var, training, momentum, eps);
         const std::vector<acc_t> factor = alter_factors<scalar_t>(L, alter_next, g.C);
-        const scalar_t* op = out.data_ptr<scalar_t>();
-        scalar_t* np = next.data_ptr<scalar_t>();
+        const RunOut<scalar_t> nw = run_out<scalar_t>(next, Reader::kNextOp);
+        // the run's out values `oo` (in L1), scaled into the next_in run they are the source of
         auto scatter = [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len,
-                           int64_t c0) {
+                           int64_t c0, const scalar_t* __restrict__ oo) {
           constexpr bool kChannelsLast = decltype(channels_last)::value;
           const int c = static_cast<int>(c0);
           if (ffn::shift_source_delta(c, g.fold, fi.t, fi.T, false) == ffn::kNoSource)
-            std::fill_n(np + off, len, scalar_t(0));
+            nw.run(off, len, [&](scalar_t* no) { std::fill_n(no, len, scalar_t(0)); });
           const int d = ffn::shift_source_delta(c, g.fold, fi.t, fi.T, true);
           if (d == ffn::kNoSource) return;
-          const scalar_t* __restrict__ oo = op + off;
-          scalar_t* __restrict__ no = np + off + d * g.chw;
           const acc_t* __restrict__ k = factor.data() + fi.s * g.C + c0;
-          FFN_IVDEP
-          for (int64_t i = 0; i < len; ++i)
-            no[i] = static_cast<scalar_t>(static_cast<acc_t>(oo[i]) * k[ch<kChannelsLast>(i)]);
+          nw.run(off + d * g.chw, len, [&](scalar_t* __restrict__ no) {
+            FFN_IVDEP
+            for (int64_t i = 0; i < len; ++i)
+              no[i] = static_cast<scalar_t>(static_cast<acc_t>(oo[i]) * k[ch<kChannelsLast>(i)]);
+          });
         };
-        bn_apply<scalar_t>(z, out, identity.data_ptr<scalar_t>(), true, g, L, weight, bias, st,
+        bn_apply<scalar_t>(z, out, Reader::kLater, identity.data_ptr<scalar_t>(), true, g, L, weight, bias, st,
                            scatter);
       });
   return {out, next, st.mean, st.invstd, st.new_rm, st.new_rv};

@@ -24,10 +24,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "conventions.h"
 #include "cpu/isa.h"
@@ -182,6 +187,81 @@ std::vector<acc_t> alter_factors(const FrameLayout& L, const c10::optional<Tenso
   });
 }
 
+// Streaming stores. An output written through the cache costs a read of each of its lines
+// (write-allocate) before the write; where the output goes to memory anyway, that read is pure
+// loss: a pass reading one 45 MB activation and writing two takes 7.1 ms through the cache and
+// 3.5 ms streamed on the 2-core Xeon (docs/design.md §4.4). But what the next op reads at once (a
+// BN's output, the convolution's input) is better left in the last-level cache. So an output is
+// streamed when it is larger than that cache can keep for its reader: from kStreamLaterBytes up
+// if the model reads it only later (the block's output, kept for the backward and the next
+// block's shortcut; a residual's gradient), from kStreamSoonBytes up if the next op reads it.
+// A streamed output is written run by run into a stack buffer, in L1, and streamed from there
+// with non-temporal stores. FFN_KERNELS_CPU_STREAM=never writes every output in place.
+constexpr int64_t kStageElems = 1024;  // the longest run chunk_runs hands out (a stack buffer's)
+enum class Reader { kNextOp, kLater };
+constexpr int64_t kStreamLaterBytes = int64_t(8) << 20;
+constexpr int64_t kStreamSoonBytes = int64_t(64) << 20;
+
+// dst[0, n) = src[0, n), the 16-byte-aligned middle of dst with non-temporal stores.
+template <typename T>
+inline void stream_copy(T* dst, const T* src, int64_t n) {
+  char* d = reinterpret_cast<char*>(dst);
+  const char* s = reinterpret_cast<const char*>(src);
+  size_t bytes = static_cast<size_t>(n) * sizeof(T);
+#if defined(__SSE2__)
+  const size_t head = std::min(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
+  std::memcpy(d, s, head);
+  d += head, s += head, bytes -= head;
+  for (; bytes >= 16; d += 16, s += 16, bytes -= 16)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d),
+                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+#endif
+  std::memcpy(d, s, bytes);
+}
+
+// Orders this thread's non-temporal stores before whatever it does next (they are weakly ordered).
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// An activation output written run by run: in place, or streamed (see kStreamLaterBytes).
+template <typename scalar_t>
+struct RunOut {
+  scalar_t* base;
+  bool stream;
+
+  // write(p) writes the run [off, off + len) (len <= kStageElems) at p: the output itself, or a
+  // stack buffer streamed to it afterwards.
+  template <typename Write>
+  void run(int64_t off, int64_t len, Write&& write) const {
+    if (!stream) {
+      write(base + off);
+      return;
+    }
+    alignas(64) scalar_t stage[kStageElems];
+    write(stage);
+    stream_copy(base + off, stage, len);
+  }
+};
+
+// The output of `numel` elements at p, read next by `reader`.
+template <typename scalar_t>
+RunOut<scalar_t> run_out(scalar_t* p, int64_t numel, Reader reader) {
+#if defined(__SSE2__)
+  const int64_t from = reader == Reader::kLater ? kStreamLaterBytes : kStreamSoonBytes;
+  return {p, streaming_stores() && numel * static_cast<int64_t>(sizeof(scalar_t)) >= from};
+#else
+  return {p, false};
+#endif
+}
+
+template <typename scalar_t>
+RunOut<scalar_t> run_out(const Tensor& t, Reader reader) {
+  return run_out(t.data_ptr<scalar_t>(), t.numel(), reader);
+}
+
 // The order in which parallel_chunks visits the chunks.
 enum class Walk {
   // frame after frame: each thread streams one contiguous part of memory (what a pass over each
@@ -203,6 +283,7 @@ void parallel_chunks(const Geom& g, const FrameLayout& L, Walk walk, Fn&& fn) {
     const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, chunk_elems));
     at::parallel_for(0, g.F * g.chunks, grain, [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) fn(k / g.chunks, k % g.chunks);
+      stream_fence();
     });
     return;
   }
@@ -216,6 +297,7 @@ void parallel_chunks(const Geom& g, const FrameLayout& L, Walk walk, Fn&& fn) {
                        const int64_t first = clip_start[k % clips], q = k / clips;
                        for (int64_t f = first; f < first + L.frame[first].T; ++f) fn(f, q);
                      }
+                     stream_fence();
                    });
 }
 
@@ -246,9 +328,9 @@ inline std::pair<int64_t, int64_t> chunk_planes(const Geom& g, int64_t q) {
 }
 
 // Calls fn(channels_last, off, len, c0, slot) for the runs of chunk (f, q); NCHW planes are cut
-// into runs of at most `max_run` elements, and element i of a run maps to slot `slot + i` of the
-// chunk's accumulators (NCHW: lane i of the chunk's k-th plane, slot k * lane_count; channels_last:
-// channel c0 + i).
+// into runs of at most `max_run` elements, channels_last pieces into runs of at most kStageElems,
+// and element i of a run maps to slot `slot + i` of the chunk's accumulators (NCHW: lane i of the
+// chunk's k-th plane, slot k * lane_count; channels_last: channel c0 + i).
 template <typename Fn>
 inline void chunk_runs(const Geom& g, int64_t f, int64_t q, int64_t max_run, Fn&& fn) {
   const int64_t base = f * g.chw;
@@ -263,16 +345,15 @@ inline void chunk_runs(const Geom& g, int64_t f, int64_t q, int64_t max_run, Fn&
   const int64_t p1 = std::min(g.HW, (q + 1) * g.block);
   for (int64_t p = q * g.block; p < p1; ++p)
     for (int k = 0; k < 3; ++k)
-      if (g.piece[k + 1] > g.piece[k])
-        fn(std::true_type{}, base + p * g.C + g.piece[k], g.piece[k + 1] - g.piece[k], g.piece[k],
-           g.piece[k]);
+      for (int64_t c = g.piece[k]; c < g.piece[k + 1]; c += kStageElems)
+        fn(std::true_type{}, base + p * g.C + c, std::min(kStageElems, g.piece[k + 1] - c), c, c);
 }
 
 // Elementwise pass: op(channels_last, frame_info, off, len, c0) on every run.
 template <typename Op>
 void map_runs(const Geom& g, const FrameLayout& L, Op&& op, Walk walk = Walk::kFrames) {
   parallel_chunks(g, L, walk, [&](int64_t f, int64_t q) {
-    chunk_runs(g, f, q, g.HW,
+    chunk_runs(g, f, q, kStageElems,
                [&](auto channels_last, int64_t off, int64_t len, int64_t c0, int64_t) {
                  op(channels_last, L.frame[f], off, len, c0);
                });

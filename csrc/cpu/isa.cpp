@@ -1,7 +1,8 @@
 // Registers the CPU kernels of the best instruction set this CPU runs (docs/design.md §4.4):
 // AVX2 + FMA where the CPU has both (csrc/cpu/isa_avx2.cpp), else the baseline build. The choice
-// is made once, when the extension loads; FFN_KERNELS_CPU_ISA=baseline forces the baseline (the
-// Python package checks the variable's value before it loads the extension).
+// is made once, when the extension loads; FFN_KERNELS_CPU_ISA=baseline forces the baseline, as
+// FFN_KERNELS_CPU_STREAM=never turns the streaming stores off (the Python package checks both
+// variables' values before it loads the extension).
 #include <cstdlib>
 #include <string>
 
@@ -55,6 +56,18 @@ const std::string& chosen_isa() {
 }
 
 std::string cpu_isa() { return chosen_isa(); }
+
+}  // namespace
+
+bool streaming_stores() {
+  static const bool on = [] {
+    const char* env = std::getenv("FFN_KERNELS_CPU_STREAM");
+    return env == nullptr || std::string(env) != "never";
+  }();
+  return on;
+}
+
+namespace {
 
 template <class Fwd, class Bwd>
 void register_op(torch::Library& m, const char* fwd_name, const char* bwd_name,

@@ -22,6 +22,8 @@
 #include <utility>
 #include <vector>
 
+#include <emmintrin.h>
+
 #include "conventions.h"
 #include "ffn_math.h"
 #include "ops/bn_add_relu_shift_alter.h"

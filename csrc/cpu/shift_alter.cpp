@@ -19,21 +19,22 @@ Tensor shift_alter_fwd(const Tensor& x, int64_t clips, at::IntArrayRef frames,
     using acc_t = at::opmath_type<scalar_t>;
     const std::vector<acc_t> factor = alter_factors<scalar_t>(L, alter, g.C);
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
+    const RunOut<scalar_t> yw = run_out<scalar_t>(y, Reader::kNextOp);
     map_runs(
         g, L, [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len, int64_t c0) {
           constexpr bool kChannelsLast = decltype(channels_last)::value;
-          scalar_t* __restrict__ yo = yp + off;
           const int d = ffn::shift_source_delta(static_cast<int>(c0), g.fold, fi.t, fi.T, false);
           if (d == ffn::kNoSource) {
-            std::fill_n(yo, len, scalar_t(0));
+            yw.run(off, len, [&](scalar_t* yo) { std::fill_n(yo, len, scalar_t(0)); });
             return;
           }
           const scalar_t* __restrict__ xs = xp + off + d * g.chw;
           const acc_t* __restrict__ k = factor.data() + fi.s * g.C + c0;
-          FFN_IVDEP
-          for (int64_t i = 0; i < len; ++i)
-            yo[i] = static_cast<scalar_t>(static_cast<acc_t>(xs[i]) * k[ch<kChannelsLast>(i)]);
+          yw.run(off, len, [&](scalar_t* __restrict__ yo) {
+            FFN_IVDEP
+            for (int64_t i = 0; i < len; ++i)
+              yo[i] = static_cast<scalar_t>(static_cast<acc_t>(xs[i]) * k[ch<kChannelsLast>(i)]);
+          });
         });
   });
   return y;
@@ -59,25 +60,26 @@ std::tuple<Tensor, Tensor> shift_alter_bwd(const Tensor& dy, const Tensor& x, in
     const std::vector<acc_t> factor = alter_factors<scalar_t>(L, alter, g.C);
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
     const scalar_t* xp = alter_grad ? x.data_ptr<scalar_t>() : nullptr;
-    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    const RunOut<scalar_t> dxw = run_out<scalar_t>(dx, Reader::kNextOp);
     // Writes dx for the run; with kGrad also adds x * dy_src to acc[i].
     auto run = [&](auto channels_last, auto grad, const FrameInfo& fi, int64_t off, int64_t len,
                    int64_t c0, acc_t* __restrict__ acc) {
       constexpr bool kChannelsLast = decltype(channels_last)::value;
-      scalar_t* __restrict__ dxo = dxp + off;
       const int d = ffn::shift_source_delta(static_cast<int>(c0), g.fold, fi.t, fi.T, true);
       if (d == ffn::kNoSource) {
-        std::fill_n(dxo, len, scalar_t(0));
+        dxw.run(off, len, [&](scalar_t* dxo) { std::fill_n(dxo, len, scalar_t(0)); });
         return;
       }
       const scalar_t* __restrict__ ds = dyp + off + d * g.chw;
       const acc_t* __restrict__ k = factor.data() + fi.s * g.C + c0;
-      FFN_IVDEP
-      for (int64_t i = 0; i < len; ++i) {
-        const acc_t v = static_cast<acc_t>(ds[i]);
-        dxo[i] = static_cast<scalar_t>(v * k[ch<kChannelsLast>(i)]);
-        if constexpr (decltype(grad)::value) acc[i] += static_cast<acc_t>(xp[off + i]) * v;
-      }
+      dxw.run(off, len, [&](scalar_t* __restrict__ dxo) {
+        FFN_IVDEP
+        for (int64_t i = 0; i < len; ++i) {
+          const acc_t v = static_cast<acc_t>(ds[i]);
+          dxo[i] = static_cast<scalar_t>(v * k[ch<kChannelsLast>(i)]);
+          if constexpr (decltype(grad)::value) acc[i] += static_cast<acc_t>(xp[off + i]) * v;
+        }
+      });
     };
     if (!alter_grad) {
       map_runs(g, L,

@@ -48,13 +48,15 @@ Tensor temporal_conv_fwd(const Tensor& x, int64_t clips, at::IntArrayRef frames,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "temporal_conv_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
+    const RunOut<scalar_t> yw = run_out<scalar_t>(y, Reader::kNextOp);
     const acc_t* w = weight.data_ptr<acc_t>();
     map_runs(
         g, L,
         [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len, int64_t c0) {
-          stencil<decltype(channels_last)::value>(xp + off, yp + off, len, g.chw, fi.t > 0,
-                                                  fi.t < fi.T - 1, w + 3 * c0, 1, 0, 2);
+          yw.run(off, len, [&](scalar_t* yo) {
+            stencil<decltype(channels_last)::value>(xp + off, yo, len, g.chw, fi.t > 0,
+                                                    fi.t < fi.T - 1, w + 3 * c0, 1, 0, 2);
+          });
         },
         Walk::kClips);
   });
@@ -75,12 +77,14 @@ std::tuple<Tensor, Tensor> temporal_conv_bwd(const Tensor& dy, const Tensor& x, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "temporal_conv_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
-    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    const RunOut<scalar_t> dxw = run_out<scalar_t>(dx, Reader::kNextOp);
     const acc_t* w = weight.data_ptr<acc_t>();
     auto store_dx = [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len,
                         int64_t c0) {
-      stencil<decltype(channels_last)::value>(dyp + off, dxp + off, len, g.chw,
-                                              fi.t > 0, fi.t < fi.T - 1, w + 3 * c0, 1, 2, 0);
+      dxw.run(off, len, [&](scalar_t* dxo) {
+        stencil<decltype(channels_last)::value>(dyp + off, dxo, len, g.chw, fi.t > 0,
+                                                fi.t < fi.T - 1, w + 3 * c0, 1, 2, 0);
+      });
     };
     if (!weight_grad) {
       map_runs(g, L, store_dx, Walk::kClips);
