@@ -18,7 +18,7 @@ from ffn.tea import EagerFFNTEA, FFNTEA
 from ffn.uniformer import EagerFFNUniFormer, FFNUniFormer
 from ffn.export import export_branch
 from ffn.losses import temporal_distillation_loss
-from timing import measure, peak_memory, saved_tensor_bytes
+from timing import SETTLE_STEPS, measure, peak_memory, saved_tensor_bytes
 
 FRAMES = (4, 8, 16)
 # SlowFast's counts are the fast pathway's, multiples of its alpha (4): the official 16/32/64
@@ -118,7 +118,7 @@ def train_steps(args, device, clips, target, models: dict, report, task: str,
             t0 = time.perf_counter()
             step()
             compile_s = time.perf_counter() - t0
-        t = measure(step, device, args.repeats)
+        t = measure(step, device, args.repeats, warmup=SETTLE_STEPS)
         row = {"task": task, "impl": name, "ms": t.ms, "min_ms": t.min_ms, "max_ms": t.max_ms,
                "clips_per_s": args.clips / t.median_s, "compile_s": compile_s}
         if memory:

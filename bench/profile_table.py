@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from timing import SETTLE_STEPS
+
 CATEGORIES = ("convolutions", "FFN ops", "other")
 # the eager ops the fused kernels replace, and the copies, fills and adds of any step
 _EQUIVALENTS = (
@@ -50,15 +52,11 @@ def category(event) -> str:
     return "other"
 
 
-WARMUP_STEPS = 3
-
-
 def profile(device, step) -> tuple[dict, dict]:
-    """Profile one call of ``step`` after ``WARMUP_STEPS`` untimed ones: (ms per category, ms per
-    "other" op). The allocator takes a few steps to settle after the other models ran: a step
-    profiled after one warm-up had single block-op calls at 45-80 ms instead of 15 (no page
-    faults counted; the same calls were 15 ms from the third step on)."""
-    for _ in range(WARMUP_STEPS):
+    """Profile one call of ``step`` after ``SETTLE_STEPS`` untimed ones: (ms per category, ms per
+    "other" op). A step profiled after one warm-up had single block-op calls at 45-80 ms instead
+    of 15: the huge-page faults of a step whose memory has not settled (timing.py)."""
+    for _ in range(SETTLE_STEPS):
         step()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":

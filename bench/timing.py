@@ -37,6 +37,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Untimed training steps before a model's step is timed or profiled. A step's memory settles over
+# the first three: on the 2-core Xeon the fused TSM-R50 step (112 px, channels_last) took 3,954,
+# 1,570, 1,464 and then 1,390-1,410 ms, its second and third steps paying 33 and 17 faults of
+# transparent huge pages (4-5 ms each, direct compaction) as the allocator grew to the step's peak;
+# after one warm-up step the timed median mixed those in.
+SETTLE_STEPS = 3
+
+
 def measure(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1,
             setup: Callable[[], object] | None = None) -> Timing:
     """Median wall time of ``fn()`` over ``repeats`` runs; ``setup()`` runs untimed before each.
