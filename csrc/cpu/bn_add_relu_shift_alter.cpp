@@ -96,6 +96,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_shift_alter_bwd(
           const scalar_t* __restrict__ dn = dnext_src(fi, off, c0);
           const scalar_t* __restrict__ dd = dop + off, * __restrict__ oo = op + off;
           const acc_t* __restrict__ k = factor.data() + fi.s * g.C + c0;
+          if (dn != nullptr) prefetch_shifted(g, dn, g.fold, c0);
           return [=](int64_t i) {
             return ffn::block_grad<scalar_t>(static_cast<acc_t>(dd[i]),
                                              dn ? static_cast<acc_t>(dn[i]) : acc_t(0),

@@ -202,21 +202,24 @@ enum class Reader { kNextOp, kLater };
 constexpr int64_t kStreamLaterBytes = int64_t(8) << 20;
 constexpr int64_t kStreamSoonBytes = int64_t(64) << 20;
 
-// dst[0, n) = src[0, n), the 16-byte-aligned middle of dst with non-temporal stores.
+// dst[0, n) = src[0, n), the 16-byte-aligned middle of dst with non-temporal stores. (Element
+// loops for the ends: a run of a channels_last pixel is often 32 elements, and two memcpy calls
+// per run cost more than its streaming saved.)
 template <typename T>
-inline void stream_copy(T* dst, const T* src, int64_t n) {
-  char* d = reinterpret_cast<char*>(dst);
-  const char* s = reinterpret_cast<const char*>(src);
-  size_t bytes = static_cast<size_t>(n) * sizeof(T);
+inline void stream_copy(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
+  int64_t i = 0;
 #if defined(__SSE2__)
-  const size_t head = std::min(bytes, (16 - reinterpret_cast<uintptr_t>(d) % 16) % 16);
-  std::memcpy(d, s, head);
-  d += head, s += head, bytes -= head;
-  for (; bytes >= 16; d += 16, s += 16, bytes -= 16)
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d),
-                     _mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+  constexpr int64_t kPer = 16 / sizeof(T);
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(dst);
+  if (addr % sizeof(T) == 0) {
+    const int64_t head = std::min<int64_t>(n, (16 - addr % 16) % 16 / sizeof(T));
+    for (; i < head; ++i) dst[i] = src[i];
+    for (; i + kPer <= n; i += kPer)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i),
+                       _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+  }
 #endif
-  std::memcpy(d, s, bytes);
+  for (; i < n; ++i) dst[i] = src[i];
 }
 
 // Orders this thread's non-temporal stores before whatever it does next (they are weakly ordered).
@@ -260,6 +263,27 @@ RunOut<scalar_t> run_out(scalar_t* p, int64_t numel, Reader reader) {
 template <typename scalar_t>
 RunOut<scalar_t> run_out(const Tensor& t, Reader reader) {
   return run_out(t.data_ptr<scalar_t>(), t.numel(), reader);
+}
+
+// A channels_last run of a shifted channel piece read from a neighbouring frame (the TSM shift's
+// source) is a fold of channels per pixel, a few lines every C elements, which the hardware
+// prefetcher does not follow: the block's channels_last backward spent most of its time waiting
+// on those loads. Fetches the same piece `kPrefetchPixels` pixels ahead (past the tensor's end a
+// prefetch is only a hint, and never faults). Runs of NCHW planes and unshifted pieces are long and sequential.
+constexpr int64_t kPrefetchPixels = 8;
+
+template <typename T>
+inline void prefetch_shifted(const Geom& g, const T* run, int64_t len, int64_t c0) {
+  if (!g.channels_last || c0 >= 2 * g.fold) return;
+  const char* ahead = reinterpret_cast<const char*>(run + kPrefetchPixels * g.C);
+  for (int64_t b = 0; b < len * static_cast<int64_t>(sizeof(T)); b += 64) {
+#if defined(__x86_64__) || defined(__i386__)
+    // GCC 12 deletes a loop of __builtin_prefetch once it is inlined, as having no effect
+    __asm__ volatile("prefetcht0 %0" : : "m"(*(ahead + b)));
+#else
+    __builtin_prefetch(ahead + b);
+#endif
+  }
 }
 
 // The order in which parallel_chunks visits the chunks.

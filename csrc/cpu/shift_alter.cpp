@@ -30,6 +30,7 @@ Tensor shift_alter_fwd(const Tensor& x, int64_t clips, at::IntArrayRef frames,
           }
           const scalar_t* __restrict__ xs = xp + off + d * g.chw;
           const acc_t* __restrict__ k = factor.data() + fi.s * g.C + c0;
+          prefetch_shifted(g, xs, len, c0);
           yw.run(off, len, [&](scalar_t* __restrict__ yo) {
             FFN_IVDEP
             for (int64_t i = 0; i < len; ++i)
@@ -72,6 +73,7 @@ std::tuple<Tensor, Tensor> shift_alter_bwd(const Tensor& dy, const Tensor& x, in
       }
       const scalar_t* __restrict__ ds = dyp + off + d * g.chw;
       const acc_t* __restrict__ k = factor.data() + fi.s * g.C + c0;
+      prefetch_shifted(g, ds, len, c0);
       dxw.run(off, len, [&](scalar_t* __restrict__ dxo) {
         FFN_IVDEP
         for (int64_t i = 0; i < len; ++i) {
