@@ -132,6 +132,8 @@ def main(argv=None) -> None:
         "channels_last": args.channels_last, "clips": args.clips, "repeats": args.repeats,
         "allocator": allocator.active(),
         "cpu_kernels": ffn_kernels.backend.cpu_isa() if device.type == "cpu" else None,
+        "cpu_streaming_stores": (os.environ.get(ffn_kernels.backend.CPU_STREAM_ENV) or "auto")
+        if device.type == "cpu" else None,
     })
     report.print_header()
     if args.overhead:

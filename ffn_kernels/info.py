@@ -108,6 +108,7 @@ def report() -> list[tuple[str, str]]:
         ("backends usable here", _usable()),
         ("FFN_KERNELS_BACKEND", os.environ.get("FFN_KERNELS_BACKEND", "auto")),
         (backend.CPU_ISA_ENV, os.environ.get(backend.CPU_ISA_ENV, "auto")),
+        (backend.CPU_STREAM_ENV, os.environ.get(backend.CPU_STREAM_ENV, "auto")),
         ("backend for cpu tensors", _choice("cpu")),
         ("backend for cuda tensors", _choice("cuda")),
     ]
