@@ -21,18 +21,32 @@ FrameLayout shared_layout(const Geom& g, int64_t clips, at::IntArrayRef frames) 
   return make_frame_layout(g.F, clips, frames, std::vector<int64_t>(frames.size(), 0), 1);
 }
 
+// The [C, 3] taps as three contiguous [C] rows (tap j of channel c at j * C + c): along a
+// channels_last run the taps of consecutive channels are then consecutive, where [C, 3] made the
+// element loop read each tap with a stride of 3.
+template <typename acc_t>
+std::vector<acc_t> tap_rows(const Tensor& weight) {
+  const int64_t C = weight.size(0);
+  const acc_t* w = weight.data_ptr<acc_t>();
+  std::vector<acc_t> rows(3 * C);
+  for (int64_t c = 0; c < C; ++c)
+    for (int j = 0; j < 3; ++j) rows[j * C + c] = w[c * 3 + j];
+  return rows;
+}
+
 // out[i] = a*in[i] + b*in[i - chw] (if `before`) + c*in[i + chw] (if `after`) over a run, with
-// (a, b, c) the taps `k` of the run's channel (`k + 3*i` along channels_last runs).
+// a, b, c the taps of the run's channel (of channel c0 + i along channels_last runs).
 template <bool kChannelsLast, typename scalar_t, typename acc_t>
 void stencil(const scalar_t* __restrict__ in, scalar_t* __restrict__ out, int64_t len, int64_t chw,
-             bool before, bool after, const acc_t* __restrict__ k, int ia, int ib, int ic) {
+             bool before, bool after, const acc_t* __restrict__ ka,
+             const acc_t* __restrict__ kb, const acc_t* __restrict__ kc) {
   dispatch_bool(before, [&](auto b) {
     dispatch_bool(after, [&](auto a) {
       for (int64_t i = 0; i < len; ++i) {
-        const acc_t* kc = k + 3 * ch<kChannelsLast>(i);
-        acc_t v = kc[ia] * static_cast<acc_t>(in[i]);
-        if constexpr (decltype(b)::value) v += kc[ib] * static_cast<acc_t>(in[i - chw]);
-        if constexpr (decltype(a)::value) v += kc[ic] * static_cast<acc_t>(in[i + chw]);
+        const int64_t j = ch<kChannelsLast>(i);
+        acc_t v = ka[j] * static_cast<acc_t>(in[i]);
+        if constexpr (decltype(b)::value) v += kb[j] * static_cast<acc_t>(in[i - chw]);
+        if constexpr (decltype(a)::value) v += kc[j] * static_cast<acc_t>(in[i + chw]);
         out[i] = static_cast<scalar_t>(v);
       }
     });
@@ -49,13 +63,16 @@ Tensor temporal_conv_fwd(const Tensor& x, int64_t clips, at::IntArrayRef frames,
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const RunOut<scalar_t> yw = run_out<scalar_t>(y, Reader::kNextOp);
-    const acc_t* w = weight.data_ptr<acc_t>();
+    const std::vector<acc_t> taps = tap_rows<acc_t>(weight);
+    const acc_t* w = taps.data();
     map_runs(
         g, L,
         [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len, int64_t c0) {
           yw.run(off, len, [&](scalar_t* yo) {
+            // y[f] = w1 x[f] + w0 x[f-1] + w2 x[f+1]
             stencil<decltype(channels_last)::value>(xp + off, yo, len, g.chw, fi.t > 0,
-                                                    fi.t < fi.T - 1, w + 3 * c0, 1, 0, 2);
+                                                    fi.t < fi.T - 1, w + g.C + c0, w + c0,
+                                                    w + 2 * g.C + c0);
           });
         },
         Walk::kClips);
@@ -78,12 +95,15 @@ std::tuple<Tensor, Tensor> temporal_conv_bwd(const Tensor& dy, const Tensor& x, 
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* dyp = dy.data_ptr<scalar_t>();
     const RunOut<scalar_t> dxw = run_out<scalar_t>(dx, Reader::kNextOp);
-    const acc_t* w = weight.data_ptr<acc_t>();
+    const std::vector<acc_t> taps = tap_rows<acc_t>(weight);
+    const acc_t* w = taps.data();
     auto store_dx = [&](auto channels_last, const FrameInfo& fi, int64_t off, int64_t len,
                         int64_t c0) {
       dxw.run(off, len, [&](scalar_t* dxo) {
+        // dx[f] = w1 dy[f] + w2 dy[f-1] + w0 dy[f+1]
         stencil<decltype(channels_last)::value>(dyp + off, dxo, len, g.chw, fi.t > 0,
-                                                fi.t < fi.T - 1, w + 3 * c0, 1, 2, 0);
+                                                fi.t < fi.T - 1, w + g.C + c0, w + 2 * g.C + c0,
+                                                w + c0);
       });
     };
     if (!weight_grad) {
