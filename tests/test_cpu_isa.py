@@ -86,9 +86,13 @@ def test_every_pass_of_each_build_matches_the_reference(isa, tmp_path):
                                   f"{'channels_last' if channels_last else 'nchw'} output {k}: {m}")
 
 
-def test_an_unknown_isa_is_refused_naming_the_variable():
-    env = dict(os.environ, **{backend.CPU_ISA_ENV: "avx512"})
+@pytest.mark.parametrize("variable, value, choices", [
+    (backend.CPU_ISA_ENV, "avx512", "auto, baseline"),
+    (backend.CPU_STREAM_ENV, "always", "auto, never"),  # the streaming stores' switch
+])
+def test_an_unknown_cpu_kernel_setting_is_refused_naming_the_variable(variable, value, choices):
+    env = dict(os.environ, **{variable: value})
     run = subprocess.run([sys.executable, "-c", "import ffn_kernels"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
-    assert "FFN_KERNELS_CPU_ISA='avx512': expected one of auto, baseline" in run.stderr
+    assert f"{variable}={value!r}: expected one of {choices}" in run.stderr
