@@ -14,11 +14,13 @@ from conftest import (DEVICE, DTYPES, FLOAT64_BACKENDS, OPCHECK_BACKENDS, RAW_BA
                       pick)
 
 # (layout, tokens per frame (the dims between frames and C), C): several tokens per frame, one
-# token per frame, rows shared by two segments, a C that is not a power of two
+# token per frame, rows shared by two segments, a C that is not a power of two, and tokens longer
+# than the CPU kernels' 1024-element stack buffer (their backward reads a token as one run)
 SHAPES = {
     "tokens": (FrameLayout(clips=2, frames=(2, 4), rows=(0, 2)), (3, 5), 24),
     "one-token": (FrameLayout(clips=3, frames=(1, 2, 3), rows=(1, 2, 0)), (), 16),
     "shared-row": (FrameLayout(clips=1, frames=(3, 5), rows=(1, 1)), (7,), 40),
+    "wide": (FrameLayout(clips=1, frames=(1, 2), rows=(0, 1)), (2,), 1100),
 }
 RESIDUAL = {"plain": False, "residual": True}
 

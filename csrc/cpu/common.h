@@ -197,7 +197,7 @@ std::vector<acc_t> alter_factors(const FrameLayout& L, const c10::optional<Tenso
 // block's shortcut; a residual's gradient), from kStreamSoonBytes up if the next op reads it.
 // A streamed output is written run by run into a stack buffer, in L1, and streamed from there
 // with non-temporal stores. FFN_KERNELS_CPU_STREAM=never writes every output in place.
-constexpr int64_t kStageElems = 1024;  // the longest run chunk_runs hands out (a stack buffer's)
+constexpr int64_t kStageElems = 1024;  // a stack buffer's elements (map_runs' longest NCHW run)
 enum class Reader { kNextOp, kLater };
 constexpr int64_t kStreamLaterBytes = int64_t(8) << 20;
 constexpr int64_t kStreamSoonBytes = int64_t(64) << 20;
@@ -235,11 +235,12 @@ struct RunOut {
   scalar_t* base;
   bool stream;
 
-  // write(p) writes the run [off, off + len) (len <= kStageElems) at p: the output itself, or a
-  // stack buffer streamed to it afterwards.
+  // write(p) writes the run [off, off + len) at p: the output itself, or a stack buffer streamed
+  // to it afterwards (a run longer than the buffer, a channels_last piece of over 1024 channels,
+  // is written in place).
   template <typename Write>
   void run(int64_t off, int64_t len, Write&& write) const {
-    if (!stream) {
+    if (!stream || len > kStageElems) {
       write(base + off);
       return;
     }
@@ -269,7 +270,8 @@ RunOut<scalar_t> run_out(const Tensor& t, Reader reader) {
 // source) is a fold of channels per pixel, a few lines every C elements, which the hardware
 // prefetcher does not follow: the block's channels_last backward spent most of its time waiting
 // on those loads. Fetches the same piece `kPrefetchPixels` pixels ahead (past the tensor's end a
-// prefetch is only a hint, and never faults). Runs of NCHW planes and unshifted pieces are long and sequential.
+// prefetch is only a hint, and never faults). Runs of NCHW planes and unshifted pieces are long
+// and sequential.
 constexpr int64_t kPrefetchPixels = 8;
 
 template <typename T>
@@ -352,9 +354,10 @@ inline std::pair<int64_t, int64_t> chunk_planes(const Geom& g, int64_t q) {
 }
 
 // Calls fn(channels_last, off, len, c0, slot) for the runs of chunk (f, q); NCHW planes are cut
-// into runs of at most `max_run` elements, channels_last pieces into runs of at most kStageElems,
-// and element i of a run maps to slot `slot + i` of the chunk's accumulators (NCHW: lane i of the
-// chunk's k-th plane, slot k * lane_count; channels_last: channel c0 + i).
+// into runs of at most `max_run` elements, and element i of a run maps to slot `slot + i` of the
+// chunk's accumulators (NCHW: lane i of the chunk's k-th plane, slot k * lane_count;
+// channels_last: channel c0 + i). A channels_last run is a whole piece (the LayerNorm's, a whole
+// token).
 template <typename Fn>
 inline void chunk_runs(const Geom& g, int64_t f, int64_t q, int64_t max_run, Fn&& fn) {
   const int64_t base = f * g.chw;
@@ -369,8 +372,9 @@ inline void chunk_runs(const Geom& g, int64_t f, int64_t q, int64_t max_run, Fn&
   const int64_t p1 = std::min(g.HW, (q + 1) * g.block);
   for (int64_t p = q * g.block; p < p1; ++p)
     for (int k = 0; k < 3; ++k)
-      for (int64_t c = g.piece[k]; c < g.piece[k + 1]; c += kStageElems)
-        fn(std::true_type{}, base + p * g.C + c, std::min(kStageElems, g.piece[k + 1] - c), c, c);
+      if (g.piece[k + 1] > g.piece[k])
+        fn(std::true_type{}, base + p * g.C + g.piece[k], g.piece[k + 1] - g.piece[k], g.piece[k],
+           g.piece[k]);
 }
 
 // Elementwise pass: op(channels_last, frame_info, off, len, c0) on every run.
