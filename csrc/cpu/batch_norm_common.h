@@ -120,7 +120,8 @@ void bn_apply(const Tensor& x, const Tensor& y, Reader reader, const scalar_t* r
                 acc_t v =
                     static_cast<acc_t>(xo[i]) * k[ch<kChannelsLast>(i)] + h[ch<kChannelsLast>(i)];
                 if constexpr (decltype(res_c)::value) v += static_cast<acc_t>(ro[i]);
-                if constexpr (decltype(relu_c)::value) v = v < acc_t(0) ? acc_t(0) : v;  // keeps NaN
+                // keeps NaN
+                if constexpr (decltype(relu_c)::value) v = v < acc_t(0) ? acc_t(0) : v;
                 yo[i] = static_cast<scalar_t>(v);
               }
               then(channels_last, fi, off, len, c0, static_cast<const scalar_t*>(yo));

@@ -50,8 +50,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_add_relu_shift_alt
               no[i] = static_cast<scalar_t>(static_cast<acc_t>(oo[i]) * k[ch<kChannelsLast>(i)]);
           });
         };
-        bn_apply<scalar_t>(z, out, Reader::kLater, identity.data_ptr<scalar_t>(), true, g, L, weight, bias, st,
-                           scatter);
+        bn_apply<scalar_t>(z, out, Reader::kLater, identity.data_ptr<scalar_t>(), true, g, L,
+                           weight, bias, st, scatter);
       });
   return {out, next, st.mean, st.invstd, st.new_rm, st.new_rv};
 }

@@ -22,8 +22,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> freq_batch_norm_fwd(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "freq_batch_norm_fwd", [&] {
         st = bn_stats<scalar_t>(x, g, L, running_mean, running_var, training, momentum, eps);
-        bn_apply<scalar_t>(x, y, Reader::kNextOp, residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr,
-                           relu, g, L, weight, bias, st, [](auto&&...) {});
+        const scalar_t* res = residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr;
+        bn_apply<scalar_t>(x, y, Reader::kNextOp, res, relu, g, L, weight, bias, st,
+                           [](auto&&...) {});
       });
   return {y, st.mean, st.invstd, st.new_rm, st.new_rv};
 }

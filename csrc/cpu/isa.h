@@ -23,11 +23,11 @@
 namespace ffn_kernels {
 namespace cpu {
 
-// An op's two CPU kernels, with the types of its contract (csrc/ops/<op>.h).
-// Whether outputs may be streamed (common.h, kStreamLaterBytes): unless FFN_KERNELS_CPU_STREAM=never,
-// read once (isa.cpp).
+// Whether the kernels may stream their outputs (common.h, kStreamLaterBytes): unless
+// FFN_KERNELS_CPU_STREAM=never, read once (isa.cpp).
 bool streaming_stores();
 
+// An op's two CPU kernels, with the types of its contract (csrc/ops/<op>.h).
 template <class Fwd, class Bwd>
 struct KernelPair {
   Kernel<Fwd>* fwd;
